@@ -1,0 +1,1 @@
+"""Lightning callbacks: EMA teacher, prototype momentum, CAM logging. All correct under DDP."""

@@ -1,0 +1,1 @@
+"""Readers turn a dataset on disk into a :class:`datamodules.manifest.Manifest`."""

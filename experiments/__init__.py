@@ -1,0 +1,1 @@
+"""The ``medattn`` runner, configs and benchmark scripts."""

@@ -1,0 +1,5 @@
+"""LightningModules, one file per method. Importing this package registers every method."""
+
+from lightning_modules.registry import METHODS, MethodSpec, list_methods, register_method
+
+__all__ = ["METHODS", "MethodSpec", "list_methods", "register_method"]

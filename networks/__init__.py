@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` networks and blocks. Nothing here imports Lightning modules or callbacks."""
