@@ -1,0 +1,225 @@
+"""``CXRDataModule``: any 2D reader -> leak-free patient splits -> mixed-supervision training batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader
+
+from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
+from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr,
+                                 seed_worker_transform)
+from datamodules.manifest import DataError, Manifest
+from datamodules.splits import assign_streams, kfold_by_patient, split_by_patient, split_summary
+from datamodules.transforms import CXRTransform
+
+_STREAM_BY_NAME = {name: value for value, name in STREAM_NAMES.items()}
+
+
+def _read_id_list(value: Sequence[str] | str | None) -> list[str] | None:
+    """An id list given inline or as a text file with one id per line."""
+    if value is None or not isinstance(value, (str, os.PathLike)):
+        return None if value is None else list(map(str, value))
+    return [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+
+
+class CXRDataModule(pl.LightningDataModule):
+    """Chest X-ray (or any 2D) images with box-annotated, image-label-only and unlabeled training streams.
+
+    The reader (any object with ``load() -> Manifest``: NIH ChestX-ray14, CheXpert, the COVID-19 collection, a
+    generic CSV, the built-in synthetic data) is injected, so the same module serves every dataset.
+
+    Splits are by patient and deterministic for ``seed`` (see ``datamodules.splits``). Inside train, every image is
+    assigned to one stream: ``box`` (boxes + labels), ``label`` (labels only) or ``unlabeled`` (nothing).
+
+    Batches: each training batch holds exactly ``box_batch_size`` + ``labeled_batch_size`` + ``unlabeled_batch_size``
+    images, in that stream order (``batch["stream"]`` tells them apart). Batch sizes are **per rank**: under DDP
+    with W processes the global batch is W times larger and each rank draws a disjoint shard of every stream. The
+    stream named by ``epoch_stream`` defines the epoch; the others cycle.
+
+    Args:
+        reader: dataset reader (``load() -> Manifest``).
+        image_size: square network input side; images are letterboxed (see ``datamodules.transforms``).
+        val_fraction, test_fraction: fractions of patients.
+        hold_out_boxed_for_test: put every patient with a boxed image into test (NIH localisation protocol).
+        use_official_test_split: use the reader's ``official_split`` column (``"test"`` rows) for test.
+        num_folds, fold: patient-level k-fold; when ``num_folds > 1`` the fold is the test split and
+            ``val_fraction`` of the remaining patients is validation.
+        box_fraction: fraction of training images in the box stream (drawn among images with boxes);
+            ``None`` = every training image that has boxes.
+        unlabeled_fraction: fraction of training images whose labels are hidden.
+        box_images, unlabeled_images: explicit image-id lists (inline or a text file), overriding the fractions.
+        box_batch_size, labeled_batch_size, unlabeled_batch_size: per-rank images per stream per training batch.
+            A stream with batch size 0 is left out of training batches (e.g. supervised-only baselines).
+        epoch_stream: ``"box" | "label" | "unlabeled"``; default: ``"label"`` if it has a batch, else ``"box"``.
+        eval_batch_size: batch size of validation, test and predict loaders (all images, labels and boxes).
+        two_views: also return ``image_teacher`` (same geometry, independent photometry) for mean teachers.
+        augment: random geometry/photometry for training; ``augment_kwargs`` go to ``CXRTransform``.
+        num_workers: DataLoader workers. One worker decodes ~75 PNG/s at 512 px, far above what a CPU model
+            consumes, and each worker takes a core from the model: keep it small on small machines.
+        seed: split, stream and sampling seed.
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        image_size: int = 128,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        hold_out_boxed_for_test: bool = False,
+        use_official_test_split: bool = False,
+        num_folds: int = 1,
+        fold: int = 0,
+        box_fraction: float | None = 0.0,
+        unlabeled_fraction: float = 0.0,
+        box_images: list[str] | str | None = None,
+        unlabeled_images: list[str] | str | None = None,
+        box_batch_size: int = 0,
+        labeled_batch_size: int = 16,
+        unlabeled_batch_size: int = 0,
+        epoch_stream: str | None = None,
+        eval_batch_size: int = 32,
+        two_views: bool = False,
+        augment: bool = True,
+        augment_kwargs: dict | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["reader"])
+        self.reader = reader
+        self.manifest: Manifest | None = None
+        self.splits: dict[str, np.ndarray] = {}
+        self.train_streams = np.zeros(0, np.int64)
+        self.summary = None
+
+    # ------------------------------------------------------------------------------------ properties
+    def _ensure_manifest(self) -> Manifest:
+        if self.manifest is None:
+            self.manifest = self.reader.load()
+            if len(self.manifest) == 0:
+                raise DataError(f"{type(self.reader).__name__} returned no images ({self.manifest.source})")
+        return self.manifest
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._ensure_manifest().class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def task(self) -> str:
+        return self._ensure_manifest().task
+
+    @property
+    def in_channels(self) -> int:
+        return 1
+
+    # ------------------------------------------------------------------------------------- splitting
+    def prepare_data(self) -> None:
+        # Readers that write data (the synthetic one) do it here, once per node, before setup on every rank.
+        prepare = getattr(self.reader, "prepare", None)
+        if callable(prepare):
+            prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        manifest = self._ensure_manifest()
+        pids = manifest.records["patient_id"].to_numpy()
+        boxed_ids = set(manifest.boxes["image_id"].astype(str))
+        has_boxes = manifest.records["image_id"].astype(str).isin(boxed_ids).to_numpy()
+        if hp.num_folds > 1:
+            rest, test = kfold_by_patient(pids, hp.num_folds, hp.fold, hp.seed)
+            inner = split_by_patient(pids[rest], hp.val_fraction / max(1e-9, 1 - 1 / hp.num_folds), 0.0, hp.seed)
+            splits = {"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test}
+        else:
+            forced = None
+            if hp.hold_out_boxed_for_test:
+                forced = has_boxes
+            if hp.use_official_test_split:
+                if "official_split" not in manifest.records.columns:
+                    raise DataError(f"use_official_test_split=True but {type(self.reader).__name__} found no "
+                                    "official split lists (e.g. NIH test_list.txt)")
+                official = manifest.records["official_split"].astype(str).eq("test").to_numpy()
+                forced = official if forced is None else forced | official
+            splits = split_by_patient(pids, hp.val_fraction, hp.test_fraction, hp.seed, forced_test=forced)
+        for name, index in splits.items():
+            if len(index) == 0 and (name == "train" or (name == "val" and hp.val_fraction > 0)
+                                    or (name == "test" and (hp.test_fraction > 0 or hp.num_folds > 1))):
+                raise DataError(f"the {name} split is empty: {len(set(pids))} patients, val_fraction="
+                                f"{hp.val_fraction}, test_fraction={hp.test_fraction}. Use more data or other fractions.")
+        train_ids = manifest.records["image_id"].astype(str).to_numpy()[splits["train"]]
+        streams = assign_streams(train_ids, has_boxes[splits["train"]], hp.box_fraction, hp.unlabeled_fraction,
+                                 hp.seed, _read_id_list(hp.box_images), _read_id_list(hp.unlabeled_images))
+        self.splits, self.train_streams = splits, streams
+        self.summary = split_summary(manifest, splits, streams)
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"[medattn] split summary ({type(self.reader).__name__}):\n{self.summary.to_string(index=False)}")
+
+    # ---------------------------------------------------------------------------------- dataloaders
+    def _transform(self, train: bool) -> CXRTransform:
+        hp = self.hparams
+        kwargs = dict(hp.augment_kwargs or {})
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return CXRTransform(hp.image_size, train=train and hp.augment, two_views=hp.two_views and train,
+                            seed=hp.seed + 1000 * rank, **kwargs)
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def batch_sizes(self) -> dict[int, int]:
+        hp = self.hparams
+        return {STREAM_BOX: hp.box_batch_size, STREAM_LABEL: hp.labeled_batch_size,
+                STREAM_UNLABELED: hp.unlabeled_batch_size}
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        hp = self.hparams
+        manifest = self._ensure_manifest().subset(self.splits["train"])
+        sizes = self.batch_sizes()
+        for stream, size in sizes.items():
+            if size > 0 and not np.any(self.train_streams == stream):
+                raise DataError(f"{STREAM_NAMES[stream]}_batch_size={size} but the training split has no "
+                                f"{STREAM_NAMES[stream]}-stream images (check box_fraction / unlabeled_fraction)")
+        if hp.epoch_stream is not None:
+            epoch_stream = _STREAM_BY_NAME[hp.epoch_stream]
+        else:
+            epoch_stream = STREAM_LABEL if sizes[STREAM_LABEL] > 0 else STREAM_BOX
+        world, rank = self._world()
+        sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed)
+        dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams)
+        return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=collate_cxr, num_workers=hp.num_workers, worker_init_fn=seed_worker_transform,
+                          persistent_workers=hp.num_workers > 0, pin_memory=False)
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        self.setup(split)
+        hp = self.hparams
+        manifest = self._ensure_manifest().subset(self.splits[split])
+        # Evaluation images keep their labels and, where annotated, their boxes; they are never augmented.
+        boxed = manifest.records["image_id"].astype(str).isin(set(manifest.boxes["image_id"].astype(str)))
+        streams = np.where(boxed.to_numpy(), STREAM_BOX, STREAM_LABEL)
+        dataset = CXRDataset(manifest, self._transform(train=False), streams)
+        world, rank = self._world()
+        sampler = UnpaddedDistributedSampler(len(dataset), world, rank)
+        return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, collate_fn=collate_cxr,
+                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")

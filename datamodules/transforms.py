@@ -1,0 +1,176 @@
+"""Per-sample 2D transforms that keep boxes, masks and attention masks aligned with the image.
+
+Pipeline (``CXRTransform``):
+
+1. *Letterbox*: resize so the longer side is ``image_size`` (uint8 antialiased resize from torchvision, which
+   is bit-identical to PIL and 8-18x faster than MONAI's antialiased resize on this machine), then pad at the
+   bottom/right to a square. Boxes are scaled by the same factor; padding at the end leaves them in place, so
+   ``to_original_frame`` undoes it exactly with a crop and a resize.
+2. *Geometry* (training only), drawn **once** per sample and shared by both views: MONAI's detection transforms
+   ``RandZoomBoxd`` and ``RandFlipBoxd`` move image, masks and boxes together; ``ClipBoxToImaged`` drops boxes
+   that leave the image.
+3. *Photometry* (training only), drawn **independently** per view: MONAI ``RandAdjustContrast``,
+   ``RandScaleIntensity``, ``RandGaussianNoise``.
+4. Normalisation ``(x / 255 - mean) / std``.
+
+MONAI's box convention follows array axes (for a (C, H, W) tensor the first box coordinate is the row), while
+medattn's boxes are ``xyxy`` with x = column as in every CSV; the swap happens only in ``_to_monai_boxes`` /
+``_from_monai_boxes``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.apps.detection.transforms.dictionary import ClipBoxToImaged, RandFlipBoxd, RandZoomBoxd
+from monai.transforms import Compose, RandAdjustContrast, RandGaussianNoise, RandScaleIntensity
+from torchvision.transforms.v2 import functional as TF
+
+MASK_KEYS = ("mask", "attention_mask")
+
+
+def _to_monai_boxes(boxes_xyxy: torch.Tensor) -> torch.Tensor:
+    return boxes_xyxy[:, [1, 0, 3, 2]]
+
+
+_from_monai_boxes = _to_monai_boxes  # the swap is its own inverse
+
+
+def letterbox(image: torch.Tensor, size: int, *, is_mask: bool = False) -> tuple[torch.Tensor, float]:
+    """Resize (C, H, W) so the longer side is ``size`` and pad bottom/right with zeros to (C, size, size)."""
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        mode = TF.InterpolationMode.NEAREST if is_mask else TF.InterpolationMode.BILINEAR
+        image = TF.resize(image, [new_h, new_w], interpolation=mode, antialias=not is_mask)
+    image = F.pad(image, (0, size - new_w, 0, size - new_h))
+    return image, scale
+
+
+def to_original_frame(heatmap: torch.Tensor, frame: Sequence[float], mode: str = "bilinear") -> torch.Tensor:
+    """Map a (K, h, w) heatmap computed on the letterboxed image back onto the original image (K, H0, W0).
+
+    ``frame`` is the batch's ``(orig_h, orig_w, scale)``. The heatmap is first brought to the padded square size,
+    the padding is cropped off, and the rest is resized to the original size.
+    """
+    orig_h, orig_w, scale = (float(v) for v in frame)
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    side = round(max(orig_h, orig_w) * scale)
+    maps = F.interpolate(heatmap[None].float(), size=(side, side), mode=mode, **corners)[0]
+    maps = maps[:, : max(1, round(orig_h * scale)), : max(1, round(orig_w * scale))]
+    return F.interpolate(maps[None], size=(int(orig_h), int(orig_w)), mode=mode, **corners)[0]
+
+
+class CXRTransform:
+    """Letterbox + shared random geometry + per-view photometry + normalisation for one 2D sample.
+
+    Args:
+        image_size: side of the square network input.
+        train: apply the random geometry and photometry.
+        two_views: also return ``image_teacher`` (same geometry, independent photometry).
+        zoom: (min, max) random zoom; (1, 1) disables it.
+        flip_prob: horizontal-flip probability. 0 by default: on chest X-rays a flip swaps anatomical sides.
+        contrast_gamma / intensity_scale / noise_std: photometric strengths (0 disables each).
+        mean, std: normalisation of the [0, 1] intensities.
+        seed: seed of the transform's random state (the DataModule reseeds per rank and worker).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        train: bool = False,
+        two_views: bool = False,
+        zoom: tuple[float, float] = (0.9, 1.1),
+        flip_prob: float = 0.0,
+        contrast_gamma: tuple[float, float] = (0.8, 1.25),
+        intensity_scale: float = 0.1,
+        noise_std: float = 0.02,
+        mean: float = 0.5,
+        std: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        self.image_size = image_size
+        self.train = train
+        self.two_views = two_views
+        self.mean, self.std = mean, std
+        keys = ["image", *MASK_KEYS]
+        modes = ["bilinear", "nearest", "nearest"]
+        geometric = []
+        if train and tuple(zoom) != (1.0, 1.0):
+            geometric.append(RandZoomBoxd(image_keys=keys, box_keys="boxes", box_ref_image_keys="image", prob=1.0,
+                                          min_zoom=zoom[0], max_zoom=zoom[1], mode=modes, padding_mode="constant",
+                                          keep_size=True))
+        if train and flip_prob > 0:
+            # spatial axis 1 of (C, H, W) is the column axis: a horizontal flip
+            geometric.append(RandFlipBoxd(image_keys=keys, box_keys="boxes", box_ref_image_keys="image",
+                                          prob=flip_prob, spatial_axis=1))
+        if geometric:
+            geometric.append(ClipBoxToImaged(box_keys="boxes", label_keys="box_labels", box_ref_image_keys="image",
+                                             remove_empty=True))
+        self.geometric = Compose(geometric) if geometric else None
+        photometric = []
+        if train and contrast_gamma and tuple(contrast_gamma) != (1.0, 1.0):
+            photometric.append(RandAdjustContrast(prob=0.8, gamma=tuple(contrast_gamma)))
+        if train and intensity_scale > 0:
+            photometric.append(RandScaleIntensity(factors=intensity_scale, prob=0.8))
+        if train and noise_std > 0:
+            photometric.append(RandGaussianNoise(prob=0.5, std=noise_std))
+        self.photometric = Compose(photometric) if photometric else None
+        self.set_random_state(seed)
+
+    def set_random_state(self, seed: int) -> None:
+        rng = np.random.RandomState(seed % (2**32))
+        for compose in (self.geometric, self.photometric):
+            if compose is not None:
+                compose.set_random_state(seed=int(rng.randint(0, 2**31 - 1)))
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        boxes: np.ndarray | None = None,
+        mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Transform one sample.
+
+        Args:
+            image: uint8 (1, H0, W0).
+            boxes: float (N, 5) rows ``x_min, y_min, x_max, y_max, class_index`` in original pixels.
+            mask, attention_mask: uint8 {0, 1} (1, H0, W0) or None.
+        Returns:
+            dict with ``image`` (and ``image_teacher``), ``mask``, ``attention_mask`` (float, zeros when absent),
+            ``boxes`` float (N', 4), ``box_labels`` long (N',), ``frame`` float (3,).
+        """
+        orig_h, orig_w = image.shape[-2:]
+        size = self.image_size
+        sample: dict[str, torch.Tensor] = {}
+        sample["image"], scale = letterbox(image, size)
+        sample["image"] = sample["image"].float().div_(255.0)
+        for key, value in (("mask", mask), ("attention_mask", attention_mask)):
+            # absent masks travel as zeros so every geometric transform sees the same keys
+            sample[key] = (letterbox(value, size, is_mask=True)[0].float() if value is not None
+                           else torch.zeros(1, size, size))
+        boxes = np.zeros((0, 5), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 5)
+        sample["boxes"] = _to_monai_boxes(torch.from_numpy(boxes[:, :4] * scale))
+        sample["box_labels"] = torch.from_numpy(boxes[:, 4]).long()
+
+        if self.geometric is not None:
+            sample = self.geometric(sample)
+        out: dict[str, torch.Tensor] = {}
+        views = ["image", "image_teacher"] if self.two_views else ["image"]
+        base = torch.as_tensor(sample["image"]).as_subclass(torch.Tensor)
+        for view in views:
+            pixels = base.clone()
+            if self.photometric is not None:
+                pixels = torch.as_tensor(self.photometric(pixels)).as_subclass(torch.Tensor)
+            out[view] = pixels.clamp_(0.0, 1.0).sub_(self.mean).div_(self.std)
+        for key in MASK_KEYS:
+            out[key] = torch.as_tensor(sample[key]).as_subclass(torch.Tensor).round().clamp_(0, 1)
+        out["boxes"] = _from_monai_boxes(torch.as_tensor(sample["boxes"]).as_subclass(torch.Tensor).float()).reshape(-1, 4)
+        out["box_labels"] = torch.as_tensor(sample["box_labels"]).as_subclass(torch.Tensor).long().reshape(-1)
+        out["frame"] = torch.tensor([orig_h, orig_w, scale], dtype=torch.float32)
+        return out
