@@ -3,3 +3,4 @@
 from lightning_modules.registry import METHODS, MethodSpec, list_methods, register_method
 
 __all__ = ["METHODS", "MethodSpec", "list_methods", "register_method"]
+import lightning_modules.cam_baseline  # noqa: F401,E402

@@ -1,0 +1,61 @@
+"""``medattn``: the LightningCLI runner (``fit``, ``validate``, ``test``, ``predict``).
+
+Configs compose from small YAML files (``-c`` may be repeated; later files and flags win)::
+
+    medattn fit -c experiments/cam_baseline/synthetic.yaml                 # one complete experiment
+    medattn fit -c experiments/configs/trainer/cpu.yaml -c experiments/configs/logger/wandb.yaml \\
+                -c experiments/configs/model/cam_baseline.yaml -c experiments/configs/data/synthetic.yaml
+    medattn fit -c experiments/pcam/synthetic.yaml --trainer.max_epochs 3 --seed_everything 1
+
+Environment variables override too (``PL_TRAINER__MAX_EPOCHS=3``). ``HF_HUB_OFFLINE`` defaults to 1, so a
+``pretrained`` backbone without a local ``weights_file`` fails at once with instructions instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Write the resolved config into the run's own directory (``trainer.log_dir``, which ``MedAttnLogger``
+    makes unique per run, so a later run never overwrites it) and send it to the loggers as hyperparameters."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            try:
+                import yaml
+
+                logger.log_hyperparams({"config": yaml.safe_load(config)})
+            except Exception:  # noqa: BLE001 - a logger that cannot take nested params must not stop the run
+                pass
+
+
+class MedAttnCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": False},
+            parser_kwargs={"default_env": True},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+
+def main(args=None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    MedAttnCLI(args=args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

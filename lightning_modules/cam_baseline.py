@@ -1,0 +1,116 @@
+"""``CAMClassifierModule``: the GAP + linear-head baseline every attention method must beat.
+
+Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016 (arXiv:1512.04150).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from datamodules.batch import STREAM_UNLABELED
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import (log_metric_collection, masked_bce, masked_ce, metric_scores,
+                                              metric_targets, stage_metrics)
+from lightning_modules.registry import register_method
+
+
+class CAMClassifierModule(MedAttnModule):
+    """Image classifier with class activation maps.
+
+    Args:
+        net: an ``nn.Module`` with ``forward(x) -> logits (B, K)`` and ``attention_maps(x) -> (B, K, h, w)``,
+            e.g. :class:`networks.cam_classifier.CAMNet` (injected from the config).
+        task: ``"multilabel"`` (sigmoid + masked BCE) or ``"multiclass"`` (softmax + cross-entropy).
+        class_names: names for per-class metric keys; default ``class_0..``. The DataModule's names are used
+            when the module is trained through ``medattn``.
+        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+    """
+
+    def __init__(self, net: nn.Module, task: str = "multilabel", class_names: list[str] | None = None,
+                 optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 channels_last: bool = False) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["net"])
+        if task not in ("multilabel", "multiclass"):
+            raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
+        self.net = net
+        self.task = task
+        num_classes = net.num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
+        metrics = stage_metrics(task, num_classes)
+        self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "num_classes"):
+            if datamodule.num_classes != self.net.num_classes:
+                raise ValueError(f"the network has {self.net.num_classes} outputs but the data has "
+                                 f"{datamodule.num_classes} classes {datamodule.class_names}; set "
+                                 f"model.net.init_args.num_classes={datamodule.num_classes}")
+            self.class_names = list(datamodule.class_names)
+            if datamodule.task != self.task:
+                raise ValueError(f"model task {self.task!r} differs from the data task {datamodule.task!r}")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare_image(image))
+
+    def attention_maps(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net.attention_maps(self.prepare_image(image))
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        if self.task == "multilabel":
+            return masked_bce(logits, batch["labels"], batch["label_mask"])
+        return masked_ce(logits, batch["labels"], batch["label_mask"])
+
+    def model_step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch)
+        terms = {"total": loss}
+        if stage == "train":
+            self.check_finite(terms)
+        self.log_losses(stage, terms, batch_size=len(logits))
+        labeled = batch["stream"] != STREAM_UNLABELED
+        getattr(self, f"{stage}_metrics").update(metric_scores(self.task, logits.detach())[labeled],
+                                   metric_targets(self.task, batch["labels"], batch["label_mask"])[labeled])
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.model_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.model_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"image_id": batch["image_id"], "scores": metric_scores(self.task, self(batch["image"]))}
+
+    def on_train_epoch_end(self) -> None:
+        log_metric_collection(self, self.train_metrics, self.class_names)
+
+    def on_validation_epoch_end(self) -> None:
+        log_metric_collection(self, self.val_metrics, self.class_names)
+
+    def on_test_epoch_end(self) -> None:
+        log_metric_collection(self, self.test_metrics, self.class_names)
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.cxr import CXRDataModule
+    from datamodules.synthetic import SyntheticCXR
+    from networks.cam_classifier import CAMNet
+
+    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0),
+                         image_size=32, labeled_batch_size=4, eval_batch_size=8)
+    module = CAMClassifierModule(CAMNet("test_resnet", num_classes=data.num_classes))
+    return module, data
+
+
+register_method("cam_baseline", CAMClassifierModule, _tiny,
+                paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016")

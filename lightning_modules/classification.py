@@ -1,0 +1,77 @@
+"""Shared image-classification logic: masked losses and per-stage AUROC metrics.
+
+Multilabel: binary cross-entropy over the known entries only (``label_mask``), so CheXpert U-Ignore entries
+and unlabeled images contribute nothing. Multiclass: cross-entropy over images whose label is known.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MultilabelAUROC)
+
+IGNORE = -1
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE over known entries; exactly 0 (with a gradient path) when nothing is known."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight, reduction="none")
+    mask = label_mask.float()
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over images with a known one-hot label; 0 when none is known."""
+    known = label_mask.any(dim=1)
+    if not bool(known.any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits[known].float(), labels[known].argmax(dim=1))
+
+
+def classification_metrics(task: str, num_classes: int) -> MetricCollection:
+    """Macro and per-class AUROC (and accuracy for multiclass). ``ignore_index`` drops unknown labels."""
+    if task == "multilabel":
+        return MetricCollection({
+            "auroc": MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE),
+            "auroc_per_class": MultilabelAUROC(num_labels=num_classes, average=None, ignore_index=IGNORE),
+        })
+    return MetricCollection({
+        "auroc": MulticlassAUROC(num_classes=num_classes, average="macro", ignore_index=IGNORE),
+        "auroc_per_class": MulticlassAUROC(num_classes=num_classes, average=None, ignore_index=IGNORE),
+        "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=IGNORE),
+    })
+
+
+def metric_targets(task: str, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Targets for :func:`classification_metrics`: unknown entries become ``IGNORE``."""
+    if task == "multilabel":
+        return torch.where(label_mask, labels.long(), torch.full_like(labels, IGNORE, dtype=torch.long))
+    known = label_mask.any(dim=1)
+    return torch.where(known, labels.argmax(dim=1), torch.full_like(known, IGNORE, dtype=torch.long))
+
+
+def metric_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
+
+
+def stage_metrics(task: str, num_classes: int) -> dict[str, MetricCollection]:
+    """``{"train": ..., "val": ..., "test": ...}`` collections whose keys read ``val/auroc``; assign them to
+    ``self.train_metrics`` / ``self.val_metrics`` / ``self.test_metrics`` (lightning-hydra-template style)."""
+    base = classification_metrics(task, num_classes)
+    return {stage: base.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
+
+
+def log_metric_collection(module, collection: MetricCollection, class_names: list[str]) -> None:
+    """Compute, log scalars (per-class values as ``<key>/<class>``) and reset."""
+    values = collection.compute()
+    flat = {}
+    for key, value in values.items():
+        if value.numel() == 1:
+            flat[key] = value
+        else:
+            for name, item in zip(class_names, value):
+                flat[f"{key}/{name}"] = item
+    module.log_dict(flat, sync_dist=False)  # torchmetrics already synchronised across ranks in compute()
+    collection.reset()
