@@ -1,0 +1,341 @@
+"""Weak-localisation metrics for heatmaps (CAMs, PCAM probability maps, attention maps).
+
+All are torchmetrics ``Metric`` s whose states are sums of counts (or a binned confusion matrix), so they
+synchronise exactly under DDP. Inputs (B = images, K = classes, H, W = image size)::
+
+    heatmaps    float (B, K, H, W) in [0, 1], one map per class, *at the resolution of the boxes*
+    boxes       list of B float tensors (N_i, 4), xyxy in pixels of that image (x = column, y = row)
+    box_labels  list of B long tensors (N_i,), class indices
+
+Conventions (chosen deliberately; each is the one of the protocol's paper unless stated):
+  * Pixel (r, c) covers [c, c+1) × [r, r+1); a connected component spanning columns c0..c1 and rows
+    r0..r1 becomes the box (c0, r0, c1 + 1, r1 + 1). GT boxes are continuous xyxy.
+  * Binarisation is strict, ``heatmap > threshold`` (as cv2.THRESH_BINARY in Choe et al.), so an all-zero
+    map has no foreground at any threshold ≥ 0. Components are 8-connected (scipy.ndimage.label).
+  * Thresholds are *absolute* on the [0, 1] map. For min-max normalised CAMs this equals Choe et al.'s
+    max-relative threshold; for PCAM it is a threshold in probability space (0.5 ⇔ logit 0), which is the
+    point of PCAM.
+  * Unit of evaluation: a GT box for the ChestX-ray14 protocol (Wang et al. 2017: a box is found if some
+    predicted box of its class exceeds the overlap threshold); an (image, class) pair with ≥ 1 GT box of
+    that class for MaxBoxAccV2 and the pointing game (Choe et al.: a pair is correct if some predicted box
+    reaches IoU ≥ δ with some GT box). Class means are macro over classes with ≥ 1 unit; the overall
+    MaxBoxAccV2 pools all pairs so that one CAM threshold serves every class, as Choe et al. pick one
+    operating point for the dataset.
+
+References:
+    X. Wang et al., "ChestX-ray8", CVPR 2017 (T(IoBB), IoBB = intersection / predicted-box area).
+    Z. Li et al., "Thoracic Disease Identification and Localization with Limited Supervision", CVPR 2018
+    (T(IoU) ∈ {0.1, …, 0.7}). J. Choe et al., "Evaluating Weakly Supervised Object Localization Methods
+    Right", CVPR 2020 (MaxBoxAccV2, PxAP). J. Zhang et al., "Top-down Neural Attention by Excitation
+    Backprop", ECCV 2016 (pointing game).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import BinaryAveragePrecision
+
+__all__ = [
+    "IOBB_THRESHOLDS", "IOU_THRESHOLDS", "CAM_THRESHOLDS", "heatmap_to_boxes", "box_iou", "box_iobb",
+    "LocalizationAccuracy", "MaxBoxAccV2", "PixelAP", "PointingGame", "localization_metrics",
+]
+
+IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+CAM_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(100))  # Choe et al.: 0, 0.01, ..., 0.99
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def heatmap_to_boxes(heatmap: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:
+    """Boxes (M, 4) xyxy of the 8-connected components of ``heatmap > threshold`` (a 2D map)."""
+    hm = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    if hm.ndim != 2:
+        raise ValueError(f"heatmap_to_boxes expects a 2D (H, W) map; got shape {hm.shape}")
+    labels, n = ndimage.label(hm > threshold, structure=_EIGHT)
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    return np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels)],
+                    dtype=np.float64)
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    return np.clip(w, 0, None) * np.clip(h, 0, None)
+
+
+def _area(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    return np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+
+
+def box_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(M, N) intersection over union of xyxy boxes (0 where the union is empty)."""
+    inter = _intersection(pred, gt)
+    union = _area(pred)[:, None] + _area(gt)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def box_iobb(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(M, N) intersection over the *predicted* box area (Wang et al.'s IoBB)."""
+    inter = _intersection(pred, gt)
+    area = np.broadcast_to(_area(pred)[:, None], inter.shape)
+    return np.divide(inter, area, out=np.zeros_like(inter), where=area > 0)
+
+
+def _pairs(heatmaps: torch.Tensor, boxes: Sequence[torch.Tensor], box_labels: Sequence[torch.Tensor],
+           num_classes: int):
+    """Yield (class k, heatmap (H, W) numpy, GT boxes (N, 4) numpy) per (image, class) with boxes.
+
+    ``boxes is None`` (a mask-only update through :func:`localization_metrics`) yields nothing."""
+    if boxes is None or box_labels is None:
+        return
+    if heatmaps.dim() != 4 or heatmaps.shape[1] != num_classes:
+        raise ValueError(f"heatmaps must be (B, {num_classes}, H, W); got {tuple(heatmaps.shape)}")
+    if len(boxes) != heatmaps.shape[0] or len(box_labels) != heatmaps.shape[0]:
+        raise ValueError(f"boxes/box_labels must be lists of length B={heatmaps.shape[0]}; "
+                         f"got {len(boxes)} and {len(box_labels)}")
+    maps = None
+    for b, (bx, lb) in enumerate(zip(boxes, box_labels)):
+        bx = torch.as_tensor(bx).detach().reshape(-1, 4).double().cpu().numpy()
+        lb = torch.as_tensor(lb).detach().reshape(-1).long().cpu().numpy()
+        if len(bx) != len(lb):
+            raise ValueError(f"image {b}: {len(bx)} boxes but {len(lb)} box labels")
+        if len(lb) and (lb.min() < 0 or lb.max() >= num_classes):
+            raise ValueError(f"image {b}: box label out of range [0, {num_classes}): {lb.tolist()}")
+        if len(lb) == 0:
+            continue
+        if maps is None:  # one device->host copy for the whole batch
+            maps = heatmaps.detach().float().cpu().numpy()
+        for k in np.unique(lb):
+            yield int(k), maps[b, k], bx[lb == k]
+
+
+class _ClassMetric(Metric):
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+
+    def _per_class(self, out: dict, key: str, values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Add ``key/<class>`` entries and return the macro mean over classes with ≥ 1 unit (NaN if none)."""
+        acc = values / counts.clamp_min(1)
+        for k, name in enumerate(self.class_names):
+            if counts[k] > 0:
+                out[f"{key}/{name}"] = acc[k]
+        has = counts > 0
+        return acc[has].mean() if has.any() else torch.tensor(float("nan"), device=values.device)
+
+
+class LocalizationAccuracy(_ClassMetric):
+    """ChestX-ray14 protocol: the fraction of GT boxes found at T(IoBB) and T(IoU), per class and mean.
+
+    The heatmap of the box's class is binarised at ``cam_threshold``; every connected component gives a
+    predicted box; a GT box counts as found at threshold T when some predicted box has overlap **> T**
+    (strict, as worded by Wang et al. and Li et al.). ``compute()`` returns ``iou@T`` and ``iobb@T`` (macro
+    mean over classes with boxes) plus ``iou@T/<class>``, ``iobb@T/<class>``.
+
+    Example:
+        >>> m = LocalizationAccuracy(1, cam_threshold=0.5)
+        >>> hm = torch.zeros(1, 1, 8, 8); hm[0, 0, 2:6, 2:6] = 1
+        >>> m.update(hm, [torch.tensor([[2., 2., 6., 6.]])], [torch.tensor([0])])
+        >>> float(m.compute()["iou@0.7"])
+        1.0
+    """
+
+    def __init__(self, num_classes: int, iobb_thresholds: Sequence[float] = IOBB_THRESHOLDS,
+                 iou_thresholds: Sequence[float] = IOU_THRESHOLDS, cam_threshold: float = 0.5,
+                 class_names: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(num_classes, class_names, **kwargs)
+        self.iobb_thresholds, self.iou_thresholds = tuple(iobb_thresholds), tuple(iou_thresholds)
+        self.cam_threshold = float(cam_threshold)
+        self.add_state("iou_hits", torch.zeros(len(self.iou_thresholds), num_classes), dist_reduce_fx="sum")
+        self.add_state("iobb_hits", torch.zeros(len(self.iobb_thresholds), num_classes), dist_reduce_fx="sum")
+        self.add_state("n_boxes", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, heatmaps: torch.Tensor, boxes: Sequence[torch.Tensor] | None = None,
+               box_labels: Sequence[torch.Tensor] | None = None) -> None:
+        t_iou, t_iobb = np.array(self.iou_thresholds), np.array(self.iobb_thresholds)
+        iou_hits = np.zeros((len(t_iou), self.num_classes))
+        iobb_hits = np.zeros((len(t_iobb), self.num_classes))
+        n = np.zeros(self.num_classes)
+        for k, hm, gt in _pairs(heatmaps, boxes, box_labels, self.num_classes):
+            pred = heatmap_to_boxes(hm, self.cam_threshold)
+            n[k] += len(gt)
+            if len(pred) == 0:
+                continue
+            best_iou = box_iou(pred, gt).max(0)  # (N,) best predicted box per GT box
+            best_iobb = box_iobb(pred, gt).max(0)
+            iou_hits[:, k] += (best_iou[None, :] > t_iou[:, None]).sum(1)
+            iobb_hits[:, k] += (best_iobb[None, :] > t_iobb[:, None]).sum(1)
+        self.iou_hits += torch.as_tensor(iou_hits, dtype=self.iou_hits.dtype, device=self.device)
+        self.iobb_hits += torch.as_tensor(iobb_hits, dtype=self.iobb_hits.dtype, device=self.device)
+        self.n_boxes += torch.as_tensor(n, dtype=self.n_boxes.dtype, device=self.device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, ts, hits in (("iou", self.iou_thresholds, self.iou_hits), ("iobb", self.iobb_thresholds, self.iobb_hits)):
+            for i, t in enumerate(ts):
+                out[f"{name}@{t:g}"] = self._per_class(out, f"{name}@{t:g}", hits[i], self.n_boxes)
+        return out
+
+
+class MaxBoxAccV2(_ClassMetric):
+    """MaxBoxAccV2 (Choe et al., CVPR 2020): mean over δ of max over CAM thresholds τ of BoxAcc(δ, τ).
+
+    BoxAcc(δ, τ) = fraction of (image, class) pairs for which some connected-component box of
+    ``heatmap > τ`` has IoU ≥ δ with some GT box of that class (V2: all components, not only the largest).
+    ``compute()`` returns ``maxboxacc_v2``, ``maxboxacc@δ``, the best ``threshold@δ`` (all pooled over the
+    pairs of every class) and ``maxboxacc_v2/<class>`` (each class with its own best τ).
+    A perfect map (1 inside the boxes, 0 outside) scores 1; an all-zero map scores 0.
+    """
+
+    def __init__(self, num_classes: int, cam_thresholds: Sequence[float] = CAM_THRESHOLDS,
+                 iou_deltas: Sequence[float] = (0.3, 0.5, 0.7), class_names: Sequence[str] | None = None,
+                 **kwargs) -> None:
+        super().__init__(num_classes, class_names, **kwargs)
+        self.cam_thresholds = tuple(sorted(float(t) for t in cam_thresholds))
+        self.iou_deltas = tuple(iou_deltas)
+        self.add_state("hits", torch.zeros(len(self.iou_deltas), len(self.cam_thresholds), num_classes),
+                       dist_reduce_fx="sum")
+        self.add_state("n_pairs", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, heatmaps: torch.Tensor, boxes: Sequence[torch.Tensor] | None = None,
+               box_labels: Sequence[torch.Tensor] | None = None) -> None:
+        deltas = np.array(self.iou_deltas)
+        hits = np.zeros((len(deltas), len(self.cam_thresholds), self.num_classes))
+        n = np.zeros(self.num_classes)
+        for k, hm, gt in _pairs(heatmaps, boxes, box_labels, self.num_classes):
+            n[k] += 1
+            top = float(hm.max())
+            for j, tau in enumerate(self.cam_thresholds):
+                if tau >= top:  # thresholds are sorted: no foreground from here on
+                    break
+                pred = heatmap_to_boxes(hm, tau)
+                if len(pred) == 0:  # τ rounds to the top value in the map's dtype
+                    break
+                best = box_iou(pred, gt).max()
+                hits[:, j, k] += best >= deltas
+        self.hits += torch.as_tensor(hits, dtype=self.hits.dtype, device=self.device)
+        self.n_pairs += torch.as_tensor(n, dtype=self.n_pairs.dtype, device=self.device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        total = self.n_pairs.sum()
+        curve = self.hits.sum(-1) / total.clamp_min(1)  # (D, T)
+        best, arg = curve.max(1)
+        thresholds = torch.tensor(self.cam_thresholds, device=curve.device)
+        nan = torch.tensor(float("nan"), device=curve.device)
+        out["maxboxacc_v2"] = best.mean() if total > 0 else nan
+        for i, d in enumerate(self.iou_deltas):
+            out[f"maxboxacc@{d:g}"] = best[i] if total > 0 else nan
+            out[f"threshold@{d:g}"] = thresholds[arg[i]] if total > 0 else nan
+        per_class = (self.hits / self.n_pairs.clamp_min(1)).amax(1).mean(0)  # (K,)
+        for k, name in enumerate(self.class_names):
+            if self.n_pairs[k] > 0:
+                out[f"maxboxacc_v2/{name}"] = per_class[k]
+        return out
+
+
+class PixelAP(BinaryAveragePrecision):
+    """PxAP (Choe et al., CVPR 2020): average precision of heatmap pixels against GT masks, all pixels of all
+    evaluated maps pooled, with binned thresholds (``thresholds`` evenly spaced in [0, 1], a constant-size
+    DDP-synchronised confusion-matrix state from torchmetrics).
+
+    ``update(heatmaps, masks, valid=None)``: ``heatmaps`` and ``masks`` of equal shape (B, K, H, W) or
+    (B, H, W); ``valid`` bool (B,) or (B, K) selects the maps that have a real mask. ``compute()`` is NaN
+    when no foreground pixel was seen.
+    """
+
+    def __init__(self, thresholds: int = 101, **kwargs) -> None:
+        super().__init__(thresholds=thresholds, **kwargs)
+        self.add_state("n_foreground", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, heatmaps: torch.Tensor, masks: torch.Tensor | None = None,  # type: ignore[override]
+               valid: torch.Tensor | None = None) -> None:
+        if masks is None:  # a box-only update through localization_metrics
+            return
+        if heatmaps.shape != masks.shape:
+            raise ValueError(f"heatmaps {tuple(heatmaps.shape)} and masks {tuple(masks.shape)} must match")
+        preds, target = heatmaps.detach().float().clamp(0, 1), (masks > 0.5).long()
+        if valid is not None:
+            valid = valid.to(torch.bool).reshape(valid.shape + (1,) * (heatmaps.dim() - valid.dim()))
+            keep = valid.expand_as(heatmaps)
+            preds, target = preds[keep], target[keep]
+        if preds.numel() == 0:
+            return
+        self.n_foreground += target.sum()
+        super().update(preds.reshape(-1), target.reshape(-1))
+
+    def compute(self) -> torch.Tensor:
+        if self.n_foreground == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        return super().compute()
+
+
+class PointingGame(_ClassMetric):
+    """Pointing game (Zhang et al., ECCV 2016): a hit when the heatmap's maximum lies within ``tolerance``
+    pixels of a GT box of that class; accuracy = hits / (image, class) pairs, per class and mean.
+
+    Choices: the point is the centre (c + 0.5, r + 0.5) of the first arg-max pixel; a constant map
+    (max = min, e.g. all zeros) points nowhere and is a miss. ``tolerance`` defaults to 0 (the original
+    used 15 px at 224², scale it with the image size). ``compute()`` returns ``pointing`` and
+    ``pointing/<class>``.
+    """
+
+    def __init__(self, num_classes: int, tolerance: float = 0.0, class_names: Sequence[str] | None = None,
+                 **kwargs) -> None:
+        super().__init__(num_classes, class_names, **kwargs)
+        self.tolerance = float(tolerance)
+        self.add_state("hits", torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("n_pairs", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, heatmaps: torch.Tensor, boxes: Sequence[torch.Tensor] | None = None,
+               box_labels: Sequence[torch.Tensor] | None = None) -> None:
+        hits, n = np.zeros(self.num_classes), np.zeros(self.num_classes)
+        for k, hm, gt in _pairs(heatmaps, boxes, box_labels, self.num_classes):
+            n[k] += 1
+            if hm.max() <= hm.min():
+                continue
+            r, c = np.unravel_index(int(np.argmax(hm)), hm.shape)
+            x, y = c + 0.5, r + 0.5
+            dx = np.maximum(np.maximum(gt[:, 0] - x, x - gt[:, 2]), 0)
+            dy = np.maximum(np.maximum(gt[:, 1] - y, y - gt[:, 3]), 0)
+            hits[k] += bool((np.hypot(dx, dy) <= self.tolerance).any())
+        self.hits += torch.as_tensor(hits, dtype=self.hits.dtype, device=self.device)
+        self.n_pairs += torch.as_tensor(n, dtype=self.n_pairs.dtype, device=self.device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        out["pointing"] = self._per_class(out, "pointing", self.hits, self.n_pairs)
+        return out
+
+
+def localization_metrics(num_classes: int, class_names: Sequence[str] | None = None, cam_threshold: float = 0.5,
+                         cam_thresholds: Sequence[float] = CAM_THRESHOLDS, pointing_tolerance: float = 0.0,
+                         pixel_ap: bool = True, prefix: str | None = None) -> MetricCollection:
+    """All box metrics (and PxAP) in one ``MetricCollection``. Call it with keywords,
+    ``m.update(heatmaps=..., boxes=..., box_labels=...)`` (and ``masks=``, ``valid=`` for PxAP); each
+    metric takes the keywords it needs. ``compute()`` returns one flat dict (``iou@0.3``,
+    ``maxboxacc_v2``, ``pointing``, ``pxap``, per-class entries ...), prefixed by ``prefix``.
+    """
+    metrics: dict[str, Metric] = {
+        "acc": LocalizationAccuracy(num_classes, cam_threshold=cam_threshold, class_names=class_names),
+        "maxboxacc": MaxBoxAccV2(num_classes, cam_thresholds=cam_thresholds, class_names=class_names),
+        "pointing": PointingGame(num_classes, tolerance=pointing_tolerance, class_names=class_names),
+    }
+    if pixel_ap:
+        metrics["pxap"] = PixelAP()
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
