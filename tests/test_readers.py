@@ -408,3 +408,22 @@ def test_csv_manifest_relative_paths_multiclass_and_uncertain(tmp_path):
         np.testing.assert_array_equal(labels[:, 0], [value, 1.0])
     labels = CSVManifest(tmp_path / "u.csv", label_columns=["cat"], uncertain_value="ignore").load().labels
     assert np.isnan(labels[0, 0]) and labels[1, 0] == 1
+
+
+def test_readers_without_box_files(tmp_path):
+    """Box files are optional: absent (NIH, COVID) or header-only (CSV) give an empty box table."""
+    _mini_nih(tmp_path / "nih")
+    (tmp_path / "nih" / "BBox_List_2017.csv").unlink()
+    manifest = NIHChestXray14(tmp_path / "nih", require_images=False).load()
+    assert len(manifest) == 6 and len(manifest.boxes) == 0
+    manifest = NIHChestXray14(tmp_path / "nih", bbox_list=None, require_images=False).load()
+    assert len(manifest.boxes) == 0
+    (tmp_path / "covid").mkdir()
+    (tmp_path / "covid" / "metadata.csv").write_text("patientid,finding,view,modality,filename\n1,COVID-19,PA,X-ray,a.png\n")
+    manifest = COVIDChestXray(tmp_path / "covid", require_images=False).load()
+    assert len(manifest) == 1 and len(manifest.boxes) == 0
+    (tmp_path / "images.csv").write_text("image_path,patient_id,a,w\nx.png,p,1,10\n")
+    (tmp_path / "boxes.csv").write_text("image_id,class_name,x_min,y_min,x_max,y_max\n")
+    manifest = CSVManifest(tmp_path / "images.csv", label_columns=["a"], boxes_csv="boxes.csv", width_column="w",
+                           require_images=False).load()  # fmt: skip
+    assert len(manifest) == 1 and len(manifest.boxes) == 0

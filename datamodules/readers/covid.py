@@ -277,7 +277,7 @@ class COVIDChestXray:
         self.report["boxes_dropped_no_image"] = int((~known).sum())
         boxes = boxes[known]
         # One box row per positive class of its image (exactly one in multiclass).
-        img, cls = np.nonzero(labels[position[boxes["image_id"]].to_numpy()] == 1)
+        img, cls = np.nonzero(labels[boxes["image_id"].map(position).to_numpy(dtype=np.int64)] == 1)
         out = boxes.iloc[img].copy()
         out["class_index"] = cls.astype(np.int64)
         self.report["boxes_dropped_no_class"] = int(len(boxes) - len(np.unique(img)))

@@ -206,11 +206,11 @@ class CSVManifest:
         if "width" in table.columns:
             width = C.numeric_column(table, "width", path)
         elif "width" in records.columns:
-            width = records["width"].to_numpy()[position[boxes["image_id"]].to_numpy()]
+            width = records["width"].to_numpy()[boxes["image_id"].map(position).to_numpy(dtype=np.int64)]
         if "height" in table.columns:
             height = C.numeric_column(table, "height", path)
         elif "height" in records.columns:
-            height = records["height"].to_numpy()[position[boxes["image_id"]].to_numpy()]
+            height = records["height"].to_numpy()[boxes["image_id"].map(position).to_numpy(dtype=np.int64)]
         C.check_boxes(boxes, path, rows, width, height)
         boxes["source_row"] = rows
         return boxes[["image_id", "class_index", *BOX_XY, "source_row"]]

@@ -145,7 +145,7 @@ class NIHChestXray14:
         boxes = boxes[boxes["image_id"].isin(set(records["image_id"]))].reset_index(drop=True)
         # A box should mark a finding the image is labelled with; count (not raise) the exceptions.
         position = pd.Series(np.arange(len(records)), index=records["image_id"].to_numpy())
-        box_label = labels[position[boxes["image_id"]].to_numpy(), boxes["class_index"].to_numpy()]
+        box_label = labels[boxes["image_id"].map(position).to_numpy(dtype=np.int64), boxes["class_index"].to_numpy(dtype=np.int64)]
         self.report["boxes_label_not_positive"] = int((box_label != 1).sum())
         self.report["images"] = len(records)
         self.report["boxes"] = len(boxes)
@@ -195,15 +195,18 @@ class NIHChestXray14:
         if blank.any():
             i = int(entry["_row"].to_numpy()[np.flatnonzero(blank.to_numpy())[0]])
             raise DataError(f"{C.where(source, i)}, column 'Finding Labels': empty (use 'No Finding' for no finding)")
-        dummies = findings.astype(str).str.replace(r"\s*\|\s*", "|", regex=True).str.strip().str.get_dummies(sep="|")
+        # ~800 distinct label strings among 112k rows: parse each distinct string once, then gather.
+        codes, uniques = pd.factorize(findings.astype(str))
+        dummies = pd.Series(uniques).str.replace(r"\s*\|\s*", "|", regex=True).str.strip().str.get_dummies(sep="|")
         unknown = [c for c in dummies.columns if c not in NIH_CLASSES and c != NO_FINDING]
         if unknown:
-            i = int(entry["_row"].to_numpy()[np.flatnonzero(dummies[unknown[0]].to_numpy())[0]])
+            first_code = int(np.flatnonzero(dummies[unknown[0]].to_numpy())[0])
+            i = int(entry["_row"].to_numpy()[np.flatnonzero(codes == first_code)[0]])
             raise DataError(
                 f"{C.where(source, i)}, column 'Finding Labels': unknown finding {unknown[0]!r}; expected "
                 f"'|'-separated values from {list(NIH_CLASSES)} or {NO_FINDING!r}"
             )
-        return dummies.reindex(columns=self.classes, fill_value=0).to_numpy(dtype=np.float32)
+        return dummies.reindex(columns=self.classes, fill_value=0).to_numpy(dtype=np.float32)[codes]
 
     def _boxes(self, records: pd.DataFrame) -> pd.DataFrame:
         self.report.update(boxes_read=0, boxes_dropped_class=0, boxes_dropped_no_image=0)
