@@ -4,3 +4,5 @@ from lightning_modules.registry import METHODS, MethodSpec, list_methods, regist
 
 __all__ = ["METHODS", "MethodSpec", "list_methods", "register_method"]
 import lightning_modules.cam_baseline  # noqa: F401,E402
+import lightning_modules.nonlocal_unet  # noqa: F401,E402
+import lightning_modules.magsd  # noqa: F401,E402

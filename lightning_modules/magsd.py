@@ -1,0 +1,304 @@
+"""MAG-SD: multiscale attention, attention-guided augmentation and soft-distance regularisation.
+
+J. Li, Y. Wang, S. Wang, J. Wang, J. Liu, Q. Jin, L. Sun, "Multiscale Attention Guided Network for COVID-19
+Diagnosis Using Chest X-Ray Images", IEEE JBHI 25(5), 2021 (arXiv:2012.02278). Code: StonHamA/MAG-SD.
+
+One training step (``multi-shot training``), with one shared network in train mode:
+
+1. raw shot ``P = f(I)``, which also yields the M attention maps ``A``;
+2. three maps per image drawn with ``p ∝ sqrt(ΣA)``, and three views built from them: attention mix-up,
+   dimming and patching (``networks.attention_augment``);
+3. three augmented shots ``p_i = f(view_i)``;
+4. ``L = CE(P, y) + Σ_i mean|q − softmax(p_i)|``, where ``q = softmax(P)`` detached, replaced by a smoothed
+   one-hot target when the raw shot is wrong or less confident than 0.7 (:func:`soft_distance_target`).
+   As in the reference code, the augmented shots get no cross-entropy (it is logged only).
+
+Evaluation is deterministic and uses raw images only; prediction = raw logits.
+
+Fixes of the reference code (dossier ``method-magsd.md`` (e)):
+    * 3 attention scales by default (the paper), not the code's 2 (``net.num_scales`` picks 1, 2 or 3).
+    * Validation and test images are never augmented (the DataModule does not augment evaluation images,
+      and this module applies attention augmentation in ``training_step`` only); each image is scored exactly
+      once instead of a fixed number of shuffled, cycled batches.
+    * Specificity is TN / (TN + FP) per class, macro-averaged (torchmetrics); the reference passed the
+      arguments swapped and reported TN / (TN + FN).
+    * Splits are by patient and seeded (``CXRDataModule(seed=..., num_folds=..., fold=...)``); the
+      reference seeded its split with the time of day and drew folds with unseeded ``random.sample``.
+    * The augmentation randomness is a pure function of ``(seed, global_step, batch_idx, rank)``.
+
+Choices where paper and code are silent:
+    * The smoothed target follows the code: ``t_y = 1 − K·ε``, ``t_k = ε``, which sums to ``1 − ε`` (0.99), not 1.
+      ``normalized_target=True`` uses ``t_y = 1 − (K−1)·ε`` so that it sums to 1.
+    * ``augmented_bn_stats=True`` (the reference): all four shots update the BN running statistics.
+      ``False``: the augmented shots are normalised with their own batch statistics but leave the running
+      statistics untouched, so evaluation-time BN reflects raw images only.
+    * ``attention_maps`` (the callback contract, ``(B, K, h, w)`` in [0, 1]): ``attention_mode="mean"``
+      repeats the max-normalised mean attention map (the map the paper uses for localisation) for every
+      class; ``"class"`` weights the M maps by their positive contribution to each class logit
+      (``MAGSDNet.part_logits``).
+    * Macro AUROC is the mean over classes that have both positives and negatives in the evaluated set;
+      a class without positives has an undefined AUROC (logged as NaN) instead of torchmetrics' 0.
+
+Example::
+
+    net = MAGSDNet(num_classes=4, backbone="resnet50", num_scales=3)
+    module = MAGSDModule(net)
+    trainer.fit(module, datamodule=CXRDataModule(SyntheticCXR(single_label=True), image_size=224))
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall, MulticlassSpecificity,
+                                         MulticlassStatScores)
+
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.registry import register_method
+from networks.attention_augment import magsd_augment
+
+VIEW_NAMES = ("mixup", "dim", "patch")
+
+__all__ = ["MAGSDModule", "soft_distance_target", "soft_distance", "frozen_bn_stats", "classification_metrics"]
+
+
+# ------------------------------------------------------------------------------------------- losses
+def soft_distance_target(
+    logits: Tensor, target: Tensor, confidence: float = 0.7, smoothing: float = 0.01, normalized: bool = False
+) -> Tensor:
+    """The detached target the augmented shots are pulled towards, ``(B, K)``.
+
+    ``q = softmax(logits)`` where the raw shot is right and at least ``confidence`` sure; elsewhere a smoothed
+    one-hot ``t_y = 1 − K·ε, t_k = ε`` (sums to ``1 − ε``, as in the reference), or with ``normalized=True``
+    ``t_y = 1 − (K − 1)·ε`` (sums to 1).
+    """
+    q = torch.softmax(logits.detach().float(), dim=1)
+    num_classes = q.shape[1]
+    peak, predicted = q.max(dim=1)
+    replace = (predicted != target) | (peak < confidence)
+    on_value = 1.0 - (num_classes - 1 if normalized else num_classes) * smoothing
+    smooth = torch.full_like(q, smoothing).scatter_(1, target[:, None], on_value)
+    return torch.where(replace[:, None], smooth, q)
+
+
+def soft_distance(target_probs: Tensor, logits: Tensor) -> Tensor:
+    """``mean_{b,k} |t − softmax(p)|`` (``nn.L1Loss`` with mean reduction, as in the reference)."""
+    return (target_probs - torch.softmax(logits.float(), dim=1)).abs().mean()
+
+
+@contextmanager
+def frozen_bn_stats(module: nn.Module):
+    """Inside: BN layers in training mode normalise with batch statistics but do not update running stats."""
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # BN then passes no running buffers to F.batch_norm
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy, macro precision / recall (sensitivity) / specificity / F1, per-class AUROC, per-class support."""
+    k = num_classes
+    return MetricCollection({
+        "accuracy": MulticlassAccuracy(k, average="micro"),
+        "precision": MulticlassPrecision(k, average="macro"),
+        "recall": MulticlassRecall(k, average="macro"),
+        "specificity": MulticlassSpecificity(k, average="macro"),
+        "f1": MulticlassF1Score(k, average="macro"),
+        "auroc": MulticlassAUROC(k, average=None),
+        "stats": MulticlassStatScores(k, average=None),
+    })  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- module
+class MAGSDModule(MedAttnModule):
+    """MAG-SD training and evaluation around an injected :class:`networks.magsd.MAGSDNet` (see module docstring).
+
+    Args:
+        net: a MAG-SD network (``forward_features``, ``forward_head``, ``forward``, ``attention_maps``).
+        class_names: class names for per-class logs; default: the DataModule's.
+        confidence, smoothing, normalized_target: soft-distance target (:func:`soft_distance_target`).
+        sd_weight: weight of each soft-distance term (1 in the reference).
+        augmented_bn_stats: let the augmented shots update the BN running statistics (reference: True).
+        attention_mode: ``"mean"`` or ``"class"`` (see ``attention_maps``).
+        seed: seed of the augmentation randomness.
+        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: list[str] | None = None,
+        confidence: float = 0.7,
+        smoothing: float = 0.01,
+        normalized_target: bool = False,
+        sd_weight: float = 1.0,
+        augmented_bn_stats: bool = True,
+        attention_mode: str = "mean",
+        seed: int = 0,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        if attention_mode not in ("mean", "class"):
+            raise ValueError(f"attention_mode must be 'mean' or 'class', got {attention_mode!r}")
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.num_classes = int(net.num_classes)
+        self.class_names = list(class_names) if class_names else [str(k) for k in range(self.num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for a network with {self.num_classes} classes")
+        self.val_metrics = classification_metrics(self.num_classes)
+        self.test_metrics = classification_metrics(self.num_classes)
+        self._generator: torch.Generator | None = None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        task = getattr(datamodule, "task", "multiclass")
+        if task != "multiclass":
+            raise ValueError(f"MAG-SD is a single-label (multiclass) method; the data is {task!r}. "
+                             "Use a multiclass reader (e.g. SyntheticCXR(single_label=True), COVIDChestXray).")
+        names = list(getattr(datamodule, "class_names", []) or [])
+        if names and len(names) != self.num_classes:
+            raise ValueError(f"the data has {len(names)} classes {names} but the network has {self.num_classes} "
+                             "outputs: set model.net.init_args.num_classes")
+        if names and not self.hparams.class_names:
+            self.class_names = names
+
+    # ---------------------------------------------------------------------------------------- pieces
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(self.prepare_image(image))
+
+    def attention_maps(self, image: Tensor) -> Tensor:
+        per_class = self.hparams.attention_mode == "class"
+        maps = self.net.attention_maps(self.prepare_image(image), per_class=per_class)
+        return maps if per_class else maps.expand(-1, self.num_classes, -1, -1)
+
+    def step_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """The augmentation generator, reseeded every step from (seed, step, batch, rank): reproducible, resumable."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        key = hash((int(self.hparams.seed), int(self.global_step), int(batch_idx), int(self.global_rank)))
+        return self._generator.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+
+    @staticmethod
+    def targets(batch: dict) -> tuple[Tensor, Tensor]:
+        """Class index per image and which images carry a label (rows with no known label are skipped)."""
+        labels = batch["labels"]
+        known = batch["label_mask"].any(dim=1) if "label_mask" in batch else torch.ones_like(labels[:, 0], dtype=torch.bool)
+        return labels.argmax(dim=1), known
+
+    # -------------------------------------------------------------------------------------- training
+    def forward_shots(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+        """Raw logits and the logits of the three attention-guided views."""
+        features, attention = self.net.forward_features(image)
+        logits = self.net.forward_head(features, attention)
+        views = magsd_augment(image, attention, generator)
+        bn = frozen_bn_stats(self.net) if not self.hparams.augmented_bn_stats else nullcontext()
+        with bn:
+            augmented = [self.net(self.prepare_image(v)) for v in views]
+        return logits, augmented
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        target, known = self.targets(batch)
+        image = self.prepare_image(batch["image"])
+        if not bool(known.all()):
+            image, target = image[known], target[known]
+        logits, augmented = self.forward_shots(image, self.step_generator(image.device, batch_idx))
+        hp = self.hparams
+        q = soft_distance_target(logits, target, hp.confidence, hp.smoothing, hp.normalized_target)
+        terms = {"ce": F.cross_entropy(logits.float(), target)}
+        for name, p in zip(VIEW_NAMES, augmented):
+            terms[f"sd_{name}"] = hp.sd_weight * soft_distance(q, p)
+        terms = {"total": sum(terms.values()), **terms}
+        self.check_finite(terms)
+        batch_size = int(target.shape[0])
+        self.log_losses("train", terms, batch_size)
+        with torch.no_grad():  # logged only: the reference puts no cross-entropy on the augmented shots
+            for name, p in zip(VIEW_NAMES, augmented):
+                self.log(f"train/ce_{name}", F.cross_entropy(p.float(), target), on_step=False, on_epoch=True,
+                         batch_size=batch_size)
+            self.log("train/accuracy", (logits.argmax(1) == target).float().mean(), on_step=False, on_epoch=True,
+                     batch_size=batch_size)
+        return terms["total"]
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        target, known = self.targets(batch)
+        image = self.prepare_image(batch["image"])[known]
+        target = target[known]
+        if target.numel() == 0:
+            return
+        logits = self.net(image).float()
+        self.log(f"{stage}/loss", F.cross_entropy(logits, target), on_epoch=True, batch_size=int(target.numel()),
+                 sync_dist=True)
+        getattr(self, f"{stage}_metrics").update(torch.softmax(logits, dim=1), target)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        metrics.reset()
+        support = values.pop("stats")[:, 4].float()  # (tp, fp, tn, fn, support) per class
+        total = support.sum()
+        defined = (support > 0) & (support < total)
+        per_class = torch.where(defined, values.pop("auroc").float(), torch.nan)
+        out = {f"{stage}/{name}": value.float() for name, value in values.items()}
+        out[f"{stage}/auroc"] = per_class[defined].mean() if bool(defined.any()) else torch.tensor(torch.nan)
+        for name, value in zip(self.class_names, per_class):
+            out[f"{stage}/auroc_per_class/{name}"] = value
+        self.log_dict(out)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        logits = self.net(self.prepare_image(batch["image"])).float()
+        return {"image_id": batch.get("image_id"), "probs": torch.softmax(logits, dim=1)}
+
+
+# ------------------------------------------------------------------------------------------ registry
+def tiny(tmp_dir: Path):
+    """A tiny MAG-SD (``test_resnet``, 8 maps, 64 px) on a small single-label synthetic dataset."""
+    from datamodules.cxr import CXRDataModule
+    from datamodules.synthetic import SyntheticCXR
+    from networks.magsd import MAGSDNet
+
+    reader = SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, single_label=True)
+    datamodule = CXRDataModule(reader, image_size=64, labeled_batch_size=4, eval_batch_size=8,
+                               val_fraction=0.2, test_fraction=0.2)
+    module = MAGSDModule(MAGSDNet(num_classes=4, backbone="test_resnet", num_maps=8))
+    return module, datamodule
+
+
+register_method(
+    "magsd",
+    MAGSDModule,
+    tiny,
+    paper="Li et al., Multiscale Attention Guided Network for COVID-19 Diagnosis Using Chest X-Ray Images, "
+    "IEEE JBHI 2021 (arXiv:2012.02278)",
+)
