@@ -1,0 +1,407 @@
+"""Segmentation DataModules: random 3D patches from volumes, and 2D lung masks on chest X-rays.
+
+Batches follow the segmentation contract of ``datamodules/batch.py``: ``image`` float (B, C, *S) and
+``label_map`` long (B, 1, *S), plus ``subject_id`` / ``image_id`` and ``patient_id`` lists, and for evaluation
+volumes ``spacing`` float (B, spatial_dims).
+
+:class:`VolumeSegmentationDataModule` (the Non-local U-Net recipe, Wang et al., AAAI 2020):
+  * training: ``patches_per_epoch`` random patches, each from a random training subject, its corner uniform so
+    that the patch lies inside the bounding box of the foreground (``foreground_channel != 0``: the skull-stripped
+    T1 in the reference); when the box is smaller than the patch along an axis, the patch covers the box.
+    Each patch is z-scored per channel, ``(x - mean) / max(std, 1/sqrt(N))``
+    (``tf.image.per_image_standardization`` of the reference);
+  * evaluation: one item per subject, the foreground box cropped out, **raw** intensities: the sliding-window
+    predictor z-scores every window the same way (``NonLocalUNetModule``), so training and inference see the
+    same normalisation. Metrics are computed on the crop; outside it everything is background;
+  * ``holdout="subject"``: leave-subjects-out (default: the last subject is validation and test, as the
+    reference's ``validation_id``); ``holdout="hemisphere"``: one subject suffices: training patches stay
+    strictly inside the low half of the foreground box along ``split_axis`` (for an RAS-oriented brain on axis
+    0 that is the left hemisphere), and evaluation uses the other half, so no training voxel is evaluated.
+
+:class:`LungSegmentationDataModule`: chest X-rays with lung masks in the covid-chestxray-dataset layout
+(``metadata.csv`` + ``images/`` + ``masks/<stem>.png``), split by patient, letterboxed to ``image_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.io import read_gray_uint8, read_mask
+from datamodules.manifest import DataError, require_columns
+from datamodules.splits import split_by_patient
+from datamodules.transforms import letterbox
+from datamodules.volumes import Volume, VolumeReader
+
+__all__ = ["zscore", "foreground_box", "patch_start_range", "RandomPatchDataset", "CroppedVolumeDataset",
+           "VolumeSegmentationDataModule", "LungSegmentationDataModule"]
+
+Box = tuple[tuple[int, int], ...]  # per axis (lo, hi), hi exclusive
+
+
+def zscore(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """Per-channel standardisation ``(x - mean) / max(std, 1/sqrt(N))`` over all other non-batch dims.
+
+    ``channel_dim=0`` for a sample (C, *S); ``channel_dim=1`` for a batch (B, C, *S) (each sample separately).
+    """
+    dims = tuple(range(channel_dim + 1, x.dim()))
+    n = math.prod(x.shape[channel_dim + 1:])
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True, unbiased=False).clamp_min(1.0 / math.sqrt(n))
+    return (x - mean) / std
+
+
+def foreground_box(mask: np.ndarray, source: str = "") -> Box:
+    """Bounding box ((lo, hi), ...) of the non-zero voxels (hi exclusive)."""
+    nz = np.argwhere(mask)
+    if nz.size == 0:
+        raise DataError(f"{source}: the foreground channel is all zero; no foreground bounding box")
+    return tuple((int(lo), int(hi) + 1) for lo, hi in zip(nz.min(0), nz.max(0)))
+
+
+def patch_start_range(box: tuple[int, int], limit: tuple[int, int], patch: int) -> tuple[int, int]:
+    """Inclusive range of patch starts along one axis: inside ``box`` when it is at least ``patch`` long,
+    else covering it, and always inside ``limit`` (the allowed part of the volume)."""
+    (b_lo, b_hi), (l_lo, l_hi) = box, limit
+    if l_hi - l_lo < patch:
+        raise DataError(f"the allowed extent {l_hi - l_lo} is smaller than the patch size {patch}")
+    lo = max(l_lo, min(b_lo, b_hi - patch))
+    hi = min(l_hi - patch, max(b_lo, b_hi - patch))
+    if lo > hi:
+        lo = hi = min(max(lo, l_lo), l_hi - patch)
+    return lo, hi
+
+
+class RandomPatchDataset(Dataset):
+    """``length`` random patches; a draw is a function of the global torch RNG state and the index, so DDP ranks
+    (disjoint indices) draw different patches and every epoch draws new ones.
+
+    Args:
+        volumes: loaded volumes (image (C, *S), label (*S)).
+        regions: per volume, ``(box, limits)``: the foreground box to sample in and the extent the patch must
+            stay inside.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], regions: Sequence[tuple[Box, Box]], patch_size: Sequence[int],
+                 length: int) -> None:
+        self.volumes, self.patch_size, self.length = list(volumes), tuple(patch_size), int(length)
+        self.ranges = [
+            [patch_start_range(b, l, p) for b, l, p in zip(box, limits, self.patch_size)] for box, limits in regions
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,))), int(index)])
+        v = int(rng.integers(len(self.volumes)))
+        vol = self.volumes[v]
+        starts = [int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[v]]
+        sl = tuple(slice(s, s + p) for s, p in zip(starts, self.patch_size))
+        image = torch.from_numpy(np.ascontiguousarray(vol.image[(slice(None), *sl)]))
+        label = torch.from_numpy(np.ascontiguousarray(vol.label[sl]))[None]
+        return {"image": zscore(image), "label_map": label, "subject_id": vol.subject_id,
+                "patch_start": torch.tensor(starts)}
+
+
+class CroppedVolumeDataset(Dataset):
+    """One item per volume: the ``box`` crop with raw intensities (the predictor normalises its windows)."""
+
+    def __init__(self, volumes: Sequence[Volume], boxes: Sequence[Box]) -> None:
+        self.volumes, self.boxes = list(volumes), list(boxes)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> dict:
+        vol, box = self.volumes[index], self.boxes[index]
+        sl = tuple(slice(lo, hi) for lo, hi in box)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(vol.image[(slice(None), *sl)])),
+            "label_map": torch.from_numpy(np.ascontiguousarray(vol.label[sl]))[None],
+            "subject_id": vol.subject_id,
+            "spacing": torch.tensor(vol.spacing, dtype=torch.float32),
+            "box": torch.tensor(box),
+        }
+
+
+def _collate(samples: Sequence[dict]) -> dict:
+    return {k: [s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples])
+            for k in samples[0]}
+
+
+class VolumeSegmentationDataModule(pl.LightningDataModule):
+    """Random foreground patches for training, whole cropped volumes for sliding-window evaluation.
+
+    Args:
+        reader: a :class:`~datamodules.volumes.VolumeReader` (``NiftiVolumes``, ``ISeg2017``, ``MNI152Tissue``,
+            ``SyntheticVolumes``).
+        patch_size: training patch (int or per-axis); reference 32.
+        batch_size: patches per training batch (reference 5).
+        patches_per_epoch: training patches per epoch (the reference draws one per subject per "epoch").
+        holdout: ``"subject"`` or ``"hemisphere"`` (see the module docstring).
+        val_subjects: held-out subject ids for ``"subject"``; default the last subject.
+        test_subjects: default = ``val_subjects`` (leave-one-subject-out reports the held-out subject).
+        split_axis: axis split by ``"hemisphere"``; ``train_side`` ``"low"`` or ``"high"`` half for training.
+        foreground_channel: the channel whose non-zero voxels define the foreground box.
+        num_workers: DataLoader workers (volumes are held in memory; 0 is fine).
+    """
+
+    def __init__(
+        self,
+        reader: VolumeReader,
+        patch_size: int | Sequence[int] = 32,
+        batch_size: int = 5,
+        patches_per_epoch: int = 250,
+        holdout: str = "subject",
+        val_subjects: list[str] | None = None,
+        test_subjects: list[str] | None = None,
+        split_axis: int = 0,
+        train_side: str = "low",
+        foreground_channel: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if holdout not in ("subject", "hemisphere"):
+            raise ValueError(f"holdout must be 'subject' or 'hemisphere', got {holdout!r}")
+        if train_side not in ("low", "high"):
+            raise ValueError(f"train_side must be 'low' or 'high', got {train_side!r}")
+        self.reader = reader
+        self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+        self.batch_size, self.patches_per_epoch, self.num_workers = batch_size, patches_per_epoch, num_workers
+        self.holdout, self.split_axis, self.train_side = holdout, split_axis, train_side
+        self.val_subjects, self.test_subjects = val_subjects, test_subjects
+        self.foreground_channel = foreground_channel
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.reader.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.reader.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return self.reader.in_channels
+
+    def prepare_data(self) -> None:
+        self.reader.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        volumes = []
+        for subject in self.reader.subjects():
+            vol = self.reader.load(subject)
+            if vol.label is None:
+                raise DataError(f"subject {subject.subject_id} has no label map; segmentation training needs one")
+            if self.foreground_channel >= vol.image.shape[0]:
+                raise DataError(f"foreground_channel={self.foreground_channel} but subject {subject.subject_id} "
+                                f"has {vol.image.shape[0]} channels")
+            small = [s for s, p in zip(vol.image.shape[1:], self.patch_size) if s < p]
+            if small:
+                raise DataError(f"subject {subject.subject_id} ({subject.images[0]}): volume shape "
+                                f"{vol.image.shape[1:]} is smaller than the patch size {self.patch_size}")
+            volumes.append(vol)
+        boxes = [foreground_box(v.image[self.foreground_channel] != 0, v.subject_id) for v in volumes]
+        full = [tuple((0, s) for s in v.image.shape[1:]) for v in volumes]
+        if self.holdout == "hemisphere":
+            train_regions, eval_boxes = [], []
+            for box, limits in zip(boxes, full):
+                low, high = self._halves(box, limits)
+                train_regions.append(low if self.train_side == "low" else high)
+                eval_boxes.append((high if self.train_side == "low" else low)[0])
+            self.datasets["train"] = RandomPatchDataset(volumes, train_regions, self.patch_size, self.patches_per_epoch)
+            self.datasets["val"] = self.datasets["test"] = CroppedVolumeDataset(volumes, eval_boxes)
+            return
+        ids = [v.subject_id for v in volumes]
+        val_ids = list(map(str, self.val_subjects)) if self.val_subjects else ids[-1:]
+        test_ids = list(map(str, self.test_subjects)) if self.test_subjects else val_ids
+        unknown = sorted(set(val_ids + test_ids) - set(ids))
+        if unknown:
+            raise DataError(f"held-out subject ids {unknown} are not among the reader's subjects {ids}")
+        train = [i for i, s in enumerate(ids) if s not in val_ids and s not in test_ids]
+        if not train:
+            raise DataError(f"no training subject left after holding out {sorted(set(val_ids + test_ids))}; with "
+                            "a single subject use holdout='hemisphere'")
+        pick = lambda keep: [i for i, s in enumerate(ids) if s in keep]  # noqa: E731
+        self.datasets["train"] = RandomPatchDataset([volumes[i] for i in train], [(boxes[i], full[i]) for i in train],
+                                                    self.patch_size, self.patches_per_epoch)
+        for stage_name, keep in (("val", val_ids), ("test", test_ids)):
+            idx = pick(keep)
+            self.datasets[stage_name] = CroppedVolumeDataset([volumes[i] for i in idx], [boxes[i] for i in idx])
+
+    def _halves(self, box: Box, limits: Box) -> tuple[tuple[Box, Box], tuple[Box, Box]]:
+        """Split box and limits at the middle of the box along ``split_axis``: ((box, limits) low, high)."""
+        a = self.split_axis
+        mid = (box[a][0] + box[a][1]) // 2
+        def cut(b: Box, lo: int, hi: int) -> Box:
+            return tuple((max(b[i][0], lo), min(b[i][1], hi)) if i == a else b[i] for i in range(len(b)))
+        return (cut(box, 0, mid), cut(limits, 0, mid)), (cut(box, mid, 10**9), cut(limits, mid, 10**9))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=False, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=_collate,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        # Crops differ in size, so evaluation batches hold one volume.
+        return DataLoader(self.datasets[stage], batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+# ============================================================================================== 2D lungs
+class LungDataset(Dataset):
+    """Letterboxed uint8 images and masks held in memory; training adds a random affine + gamma jitter."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, ids: list[str], patients: list[str],
+                 augment: bool) -> None:
+        self.images, self.masks, self.ids, self.patients, self.augment = images, masks, ids, patients, augment
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index].float() / 255.0
+        mask = self.masks[index].float()
+        if self.augment:
+            image, mask = self._augment(image, mask)
+        return {"image": zscore(image), "label_map": (mask > 0.5).long(), "image_id": self.ids[index],
+                "patient_id": self.patients[index]}
+
+    @staticmethod
+    def _augment(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One random similarity transform shared by image and mask (scale 0.85-1.15, +-10 degrees, +-8 % shift),
+        # then a gamma jitter. No flips: the heart makes the two lungs differ.
+        angle = math.radians(float(torch.empty(()).uniform_(-10, 10)))
+        scale = float(torch.empty(()).uniform_(0.85, 1.15))
+        tx, ty = (float(t) for t in torch.empty(2).uniform_(-0.08, 0.08))
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
+        grid = F.affine_grid(theta, (1, 1, *image.shape[-2:]), align_corners=False)
+        image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
+        gamma = float(torch.empty(()).uniform_(0.7, 1.4))
+        return image.clamp(0, 1) ** gamma, mask
+
+
+class LungSegmentationDataModule(pl.LightningDataModule):
+    """2D lung segmentation on frontal chest X-rays with lung masks (covid-chestxray-dataset layout).
+
+    Reads ``metadata.csv`` (``patientid``, ``filename``; ``view`` and ``modality`` filter when present) and keeps
+    the images that have a mask ``<mask_dir>/<stem>.png`` (0/255; ``fallback_mask_dir`` is tried next, e.g.
+    ``masks_lungvae``, whose masks are model-generated). In ``shared/data/covid-cxr-mini`` that is 85 images of
+    48 patients with manual v7labs masks. Images and masks are letterboxed to ``image_size`` (longer side, then
+    zero padding at the bottom/right), held in memory, and split by patient (``datamodules.splits``).
+    Images are z-scored per image (as the volume patches). Classes: background, lung.
+
+    Args:
+        root: dataset folder. image_size: square side (divisible by 4 for the Non-local U-Net).
+        val_fraction, test_fraction: fractions of *patients*. batch_size / eval_batch_size: per step.
+        augment: random similarity transform and gamma for training. seed: split seed.
+    """
+
+    class_names = ["background", "lung"]
+    num_classes = 2
+    in_channels = 1
+
+    def __init__(
+        self,
+        root: str | Path,
+        metadata: str = "metadata.csv",
+        image_dir: str = "images",
+        mask_dir: str = "masks",
+        fallback_mask_dir: str | None = None,
+        views: Sequence[str] | None = ("PA", "AP", "AP Supine"),
+        image_size: int = 128,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        augment: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        self.root, self.metadata, self.image_dir = Path(root), metadata, image_dir
+        self.mask_dirs = [d for d in (mask_dir, fallback_mask_dir) if d]
+        self.views = list(views) if views else None
+        self.image_size, self.val_fraction, self.test_fraction = image_size, val_fraction, test_fraction
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.augment, self.num_workers, self.seed = augment, num_workers, seed
+        self.records: pd.DataFrame | None = None
+        self.datasets: dict[str, LungDataset] = {}
+
+    def read_records(self) -> pd.DataFrame:
+        """One row per usable image: ``image_id``, ``image_path``, ``mask_path``, ``patient_id``."""
+        path = self.root / self.metadata
+        if not path.is_file():
+            raise DataError(f"metadata file not found: {path} (covid-chestxray-dataset layout expected)")
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        require_columns(frame, ["patientid", "filename"], path)
+        if "modality" in frame.columns:
+            frame = frame[frame["modality"].isin(["X-ray", ""])]
+        if self.views is not None and "view" in frame.columns:
+            frame = frame[frame["view"].isin(self.views)]
+        frame = frame.drop_duplicates("filename")
+        rows = []
+        for r in frame.itertuples(index=False):
+            stem = Path(r.filename).stem
+            mask = next((self.root / d / f"{stem}.png" for d in self.mask_dirs
+                         if (self.root / d / f"{stem}.png").is_file()), None)
+            if mask is None:
+                continue
+            rows.append({"image_id": r.filename, "image_path": str(self.root / self.image_dir / r.filename),
+                         "mask_path": str(mask), "patient_id": str(r.patientid)})
+        if not rows:
+            raise DataError(f"{path}: no frontal X-ray has a lung mask in {self.mask_dirs} under {self.root}")
+        return pd.DataFrame(rows)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.records = records = self.read_records()
+        images, masks = [], []
+        for r in records.itertuples(index=False):
+            image = read_gray_uint8(r.image_path)
+            mask = read_mask(r.mask_path, tuple(image.shape[1:]))
+            images.append(letterbox(image, self.image_size)[0])
+            masks.append(letterbox(mask, self.image_size, is_mask=True)[0])
+        images_t, masks_t = torch.stack(images), torch.stack(masks)
+        split = split_by_patient(records["patient_id"].tolist(), self.val_fraction, self.test_fraction, self.seed)
+        for name, idx in split.items():
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            self.datasets[name] = LungDataset(
+                images_t[idx], masks_t[idx], records["image_id"].iloc[idx.numpy()].tolist(),
+                records["patient_id"].iloc[idx.numpy()].tolist(), augment=self.augment and name == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=_collate, persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        return DataLoader(self.datasets[stage], batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=_collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
