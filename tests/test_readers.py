@@ -427,3 +427,79 @@ def test_readers_without_box_files(tmp_path):
     manifest = CSVManifest(tmp_path / "images.csv", label_columns=["a"], boxes_csv="boxes.csv", width_column="w",
                            require_images=False).load()  # fmt: skip
     assert len(manifest) == 1 and len(manifest.boxes) == 0
+
+
+# ------------------------------------------------------------------------------------------------------- VinBig
+VINBIG_ROWS = """image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max
+img1,Cardiomegaly,3,R1,100,200,300,260
+img1,Cardiomegaly,3,R2,110,210,310,270
+img1,No finding,14,R3,,,,
+img2,No finding,14,R1,,,,
+img2,No finding,14,R2,,,,
+img2,No finding,14,R3,,,,
+img3,Nodule/Mass,8,R1,10,10,20,20
+img3,Nodule/Mass,8,R2,12,12,22,22
+img3,Nodule/Mass,8,R3,14,14,24,24
+img3,Aortic enlargement,0,R1,50,50,90,100
+"""
+
+
+def test_vinbig_labels_and_all_boxes(tmp_path):
+    from datamodules.readers.vinbig import VINBIG_CLASSES, VinBigData
+
+    (tmp_path / "train.csv").write_text(VINBIG_ROWS)
+    reader = VinBigData(tmp_path, require_images=False)
+    manifest = reader.load()
+    assert manifest.records["image_id"].tolist() == ["img1", "img2", "img3"]
+    assert manifest.records["patient_id"].tolist() == ["img1", "img2", "img3"]
+    assert manifest.records["image_path"].iloc[0] == str(tmp_path / "train" / "img1.png")
+    k = {c: i for i, c in enumerate(VINBIG_CLASSES)}
+    positives = {(i, c) for i, c in zip(*np.nonzero(manifest.labels))}
+    assert positives == {(0, k["Cardiomegaly"]), (2, k["Nodule/Mass"]), (2, k["Aortic enlargement"])}
+    assert len(manifest.boxes) == 6 and set(manifest.boxes["rad_id"]) == {"R1", "R2", "R3"}
+    # Majority: Cardiomegaly 2 of 3 readers (kept), Aortic enlargement 1 of 3 (dropped), Nodule/Mass 3 of 3.
+    majority = VinBigData(tmp_path, label_rule="majority", require_images=False).load()
+    positives = {(i, c) for i, c in zip(*np.nonzero(majority.labels))}
+    assert positives == {(0, k["Cardiomegaly"]), (2, k["Nodule/Mass"])}
+    sub = VinBigData(tmp_path, classes=["Nodule/Mass"], require_images=False).load()
+    assert sub.labels[:, 0].tolist() == [0, 0, 1] and len(sub.boxes) == 3
+
+
+def test_vinbig_wbf(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from datamodules.readers.vinbig import VinBigData
+
+    (tmp_path / "train.csv").write_text(VINBIG_ROWS)
+    monkeypatch.setitem(sys.modules, "ensemble_boxes", None)  # not installed
+    with pytest.raises(ImportError, match="pip install ensemble-boxes"):
+        VinBigData(tmp_path, merge="wbf")
+
+    calls = []
+
+    def fake_wbf(boxes_list, scores_list, labels_list, iou_thr, skip_box_thr):
+        """Stand-in for ensemble_boxes: one mean box per label (enough to test normalisation and plumbing)."""
+        boxes, labels = np.concatenate(boxes_list), np.concatenate(labels_list)
+        assert boxes.min() >= 0 and boxes.max() <= 1 and len(boxes_list) == len(scores_list)
+        calls.append((len(boxes_list), iou_thr))
+        out = sorted(set(labels.tolist()))
+        return np.stack([boxes[labels == c].mean(0) for c in out]), np.ones(len(out)), np.array(out, dtype=float)
+
+    module = types.ModuleType("ensemble_boxes")
+    module.__spec__ = importlib.machinery.ModuleSpec("ensemble_boxes", None)
+    module.weighted_boxes_fusion = fake_wbf
+    monkeypatch.setitem(sys.modules, "ensemble_boxes", module)
+    manifest = VinBigData(tmp_path, merge="wbf", wbf_iou=0.5, require_images=False).load()
+    assert calls == [(2, 0.5), (3, 0.5)]  # img1: 2 radiologists with boxes; img3: 3
+    boxes = manifest.boxes.set_index(["image_id", "class_index"])
+    np.testing.assert_allclose(boxes.loc[("img1", 3), ["x_min", "y_min", "x_max", "y_max"]].to_numpy(float), [105, 205, 305, 265])
+    np.testing.assert_allclose(boxes.loc[("img3", 8), ["x_min", "y_min", "x_max", "y_max"]].to_numpy(float), [12, 12, 22, 22])
+    assert len(manifest.boxes) == 3
+    (tmp_path / "sizes.csv").write_text("image_id,dim0,dim1\nimg1,300,400\nimg2,300,400\nimg3,300,400\n")
+    sized = VinBigData(tmp_path, merge="wbf", size_csv="sizes.csv", require_images=False).load()
+    pd.testing.assert_frame_equal(sized.boxes, manifest.boxes)
+    (tmp_path / "sizes.csv").write_text("image_id,width,height\nimg1,200,300\nimg2,300,400\nimg3,300,400\n")
+    with pytest.raises(DataError, match=r"train.csv: row 1 \(line 2\): bad box .*x_max is beyond the image width for an image of width 200"):
+        VinBigData(tmp_path, size_csv="sizes.csv", require_images=False).load()

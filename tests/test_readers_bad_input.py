@@ -354,3 +354,24 @@ def test_csv_bad_arguments(tmp_path):
     write(tmp_path / "bad.csv", 'image_path,patient_id,a', '"img/a.png,p1,1')
     with raises(r"CSV manifest: cannot parse .*bad.csv"):
         CSVManifest(tmp_path / "bad.csv", label_columns=["a"]).load()
+
+
+# ------------------------------------------------------------------------------------------------------- VinBig
+def test_vinbig_bad_input(tmp_path):
+    from datamodules.readers.vinbig import VinBigData
+
+    header = "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"
+    write(tmp_path / "train.csv", header, "a,Cardiomegaly,3,R1,1,2,30,40", "a,Heart,3,R2,1,2,30,40")
+    with raises(r"train.csv: row 2 \(line 3\), column 'class_name': unknown class 'Heart'"):
+        VinBigData(tmp_path, require_images=False).load()
+    write(tmp_path / "train.csv", header, "a,Cardiomegaly,3,R1,1,2,30,40", "a,Cardiomegaly,3,R2,50,2,30,40")
+    with raises(r"train.csv: row 2 \(line 3\): bad box .*inverted"):
+        VinBigData(tmp_path, require_images=False).load()
+    write(tmp_path / "train.csv", "image_id,class_name,x_min,y_min,x_max,y_max", "a,No finding,,,,")
+    with raises(r"missing column\(s\) \['rad_id'\].*found \['image_id', 'class_name', 'x_min'"):
+        VinBigData(tmp_path, require_images=False).load()
+    write(tmp_path / "train.csv", header, "a,No finding,14,R1,,,,")
+    with raises(rf"image file not found: {re.escape(str(tmp_path / 'train' / 'a.png'))}"):
+        VinBigData(tmp_path).load()
+    with pytest.raises(ValueError, match="merge must be"):
+        VinBigData(tmp_path, merge="mean")
