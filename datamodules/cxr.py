@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
 from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr,
                                  seed_worker_transform)
-from datamodules.manifest import DataError, Manifest
+from datamodules.manifest import DataError, Manifest, Reader
 from datamodules.splits import assign_streams, kfold_by_patient, split_by_patient, split_summary
 from datamodules.transforms import CXRTransform
 
@@ -66,7 +66,7 @@ class CXRDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        reader: Any,
+        reader: Reader,
         image_size: int = 128,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,

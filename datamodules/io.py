@@ -27,9 +27,9 @@ def read_gray_uint8(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
-    data = read_file(str(path))
-    if data.numel() == 0:
+    if path.stat().st_size == 0:
         raise DataError(f"image file is empty (0 bytes): {path}")
+    data = read_file(str(path))
     head = bytes(data[: _DICOM_MAGIC_OFFSET + 4].tolist())
     if head[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
         raise DataError(f"{path} is a DICOM file; medattn's 2D readers expect PNG or JPEG. Convert it first "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -91,3 +92,13 @@ def require_columns(frame: pd.DataFrame, required: list[str] | tuple[str, ...], 
         raise DataError(
             f"{source}: missing column(s) {missing}. Expected columns {list(required)}; found {list(frame.columns)}"
         )
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Anything that turns a dataset on disk into a :class:`Manifest` (NIH, CheXpert, COVID, CSV, synthetic).
+
+    An optional ``prepare()`` method (e.g. writing the synthetic data) is called once per node before ``load()``.
+    """
+
+    def load(self) -> Manifest: ...

@@ -114,7 +114,11 @@ class MedAttnLogger(WandbLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        self._csv.log_metrics(metrics, step)
+        # log_image/log_table also arrive here with media objects: only scalars go to the CSV
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) or (hasattr(v, "numel") and v.numel() == 1)}
+        if scalars:
+            self._csv.log_metrics(scalars, step)
         self._safe_wandb_metrics(metrics, step)
 
     @_safe
