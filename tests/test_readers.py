@@ -235,7 +235,7 @@ def test_chexpert_records_frontal_patients(chexpert):
     first = manifest.records.iloc[0]
     assert first["image_id"] == "train/patient00001/study1/view1_frontal.jpg"
     assert first["image_path"] == str(chexpert / "train/patient00001/study1/view1_frontal.jpg")
-    assert first["study_id"] == "patient00001/study1" and first["official_split"] == "train"
+    assert first["study_id"] == "patient00001/study1" and first["official_split"] == "train_val"
     frontal = CheXpert(chexpert, csv=CSV, frontal_only=True, require_images=False)
     assert len(frontal.load()) == 71 and frontal.report["dropped_lateral"] == 29
     other = CheXpert(chexpert, csv=CSV, image_root="/data", require_images=False).load()
@@ -251,7 +251,8 @@ def test_chexpert_two_csvs(chexpert, tmp_path):
     valid.to_csv(tmp_path / "valid.csv", index=False)
     manifest = CheXpert(tmp_path, csv=["train.csv", "valid.csv"], require_images=False).load()
     assert len(manifest) == 100
-    assert manifest.records["official_split"].value_counts().to_dict() == {"train": 60, "valid": 40}
+    assert manifest.records["folder"].value_counts().to_dict() == {"train": 60, "valid": 40}
+    assert manifest.records["official_split"].value_counts().to_dict() == {"train_val": 60, "test": 40}
 
 
 # --------------------------------------------------------------------------------------------------------- COVID

@@ -114,7 +114,10 @@ def check_boxes(
     problems = [
         (~np.isfinite(xy).all(axis=1), "a coordinate is missing or not finite"),
         ((xy < -tolerance).any(axis=1), "a coordinate is negative"),
-        ((xy[:, 2] <= xy[:, 0]) | (xy[:, 3] <= xy[:, 1]), "the box is empty or inverted (needs x_max > x_min and y_max > y_min)"),
+        (
+            (xy[:, 2] <= xy[:, 0]) | (xy[:, 3] <= xy[:, 1]),
+            "the box is empty or inverted (needs x_max > x_min and y_max > y_min)",
+        ),
     ]
     if width is not None:
         w = np.broadcast_to(np.asarray(width, dtype=np.float64), (len(xy),))

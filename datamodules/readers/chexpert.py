@@ -61,8 +61,10 @@ class CheXpert:
           starting with ``CheXpert`` is replaced by ``root`` (so a renamed dataset folder still works); other
           paths are taken relative to ``root``. With ``image_root`` set, images are ``image_root / Path``.
         * ``patient_id`` is the ``patientNNNNN`` component of ``Path``; ``study_id`` is ``patientNNNNN/studyN``;
-          ``image_id`` is ``Path`` without its first component (unique across train and valid);
-          ``official_split`` is ``train`` or ``valid`` (the second component).
+          ``image_id`` is ``Path`` without its first component (unique across train and valid); ``folder`` is
+          its first component (``train``/``valid``) and ``official_split`` is ``train_val`` for ``train/`` and
+          ``test`` for ``valid/`` (the official test set is not public and papers report on ``valid``), so
+          ``CXRDataModule(use_official_test_split=True)`` with ``csv=["train.csv", "valid.csv"]`` tests on it.
         * ``uncertainty`` (a policy for every class, a dict ``class -> policy``, or the preset ``"pcam"``):
           U-Ones -> 1, U-Zeros -> 0, U-Ignore -> NaN (masked out of the loss). Default ``"ignore"``: it invents
           no label. Classes missing from a dict use U-Ignore; the ``"pcam"`` preset covers its five classes only.
@@ -193,9 +195,12 @@ class CheXpert:
                 "image_path": image_path,
                 "patient_id": parts["patient"],
                 "study_id": parts["patient"] + "/" + parts["study"],
-                "official_split": image_id.str.split("/", n=1).str[0].where(image_id.str.contains("/"), ""),
             }
         )
+        folder = image_id.str.split("/", n=1).str[0].where(image_id.str.contains("/"), "")
+        records["folder"] = folder.to_numpy()
+        # The official test set is hidden; papers report on valid/, so it plays the official test split here.
+        records["official_split"] = folder.map({"train": "train_val", "valid": "test"}).fillna("").to_numpy()
         for column, name in {"Frontal/Lateral": "view", "AP/PA": "ap_pa", "Sex": "sex", "Age": "age"}.items():
             if column in table.columns:
                 records[name] = table[column].to_numpy()

@@ -100,7 +100,8 @@ class COVIDChestXray:
           CSV's ``width``/``height`` when present (1 px tolerance).
 
     Example:
-        >>> manifest = COVIDChestXray("/data/covid-chestxray-dataset", fallback_mask_dir="masks_lungvae").load()  # doctest: +SKIP
+        >>> reader = COVIDChestXray("/data/covid-chestxray-dataset", fallback_mask_dir="masks_lungvae")  # doctest: +SKIP
+        >>> manifest = reader.load(); reader.report["dropped_unmapped"]                                 # doctest: +SKIP
     """
 
     def __init__(
@@ -127,7 +128,9 @@ class COVIDChestXray:
         self.image_dir = image_dir
         if isinstance(finding_map, str):
             if finding_map not in FINDING_PRESETS:
-                raise ValueError(f"COVIDChestXray: unknown finding_map preset {finding_map!r}; use {list(FINDING_PRESETS)} or a dict")
+                raise ValueError(
+                    f"COVIDChestXray: unknown finding_map preset {finding_map!r}; use {list(FINDING_PRESETS)} or a dict"
+                )
             preset_classes, mapping = FINDING_PRESETS[finding_map]
             self.classes = list(preset_classes) if classes is None else list(classes)
         else:

@@ -111,7 +111,8 @@ class CSVManifest:
 
         blank_image = table[self.image_column].isna()
         if blank_image.any():
-            raise DataError(f"{C.where(source, int(np.flatnonzero(blank_image.to_numpy())[0]))}, column {self.image_column!r}: empty image path")
+            i = int(np.flatnonzero(blank_image.to_numpy())[0])
+            raise DataError(f"{C.where(source, i)}, column {self.image_column!r}: empty image path")
         labels = self._labels(table, rows, source)
 
         image_id = table[self.image_id_column if self.image_id_column else self.image_column].astype(str).str.strip()
@@ -119,7 +120,8 @@ class CSVManifest:
             {
                 "image_id": image_id,
                 "image_path": self._absolute(table[self.image_column]),
-                "patient_id": image_id if self.patient_column is None else table[self.patient_column].fillna("").astype(str).str.strip(),
+                "patient_id": image_id if self.patient_column is None
+                else table[self.patient_column].fillna("").astype(str).str.strip(),
                 "mask_path": self._absolute(table[self.mask_column]) if self.mask_column else "",
                 "attention_mask_path": self._absolute(table[self.attention_mask_column]) if self.attention_mask_column else "",
             }
@@ -143,7 +145,8 @@ class CSVManifest:
                 missing = given.to_numpy() & ~C.existing(records[column])
                 if missing.any():
                     i = int(np.flatnonzero(missing)[0])
-                    raise DataError(f"{C.where(source, i)}: {column.replace('_path', '')} file not found: {records[column].iloc[i]}")
+                    kind = column.replace("_path", "")
+                    raise DataError(f"{C.where(source, i)}: {kind} file not found: {records[column].iloc[i]}")
         keep = C.check_images(
             records.assign(_pos=rows), source, self.require_images, self.skip_missing, self.report
         )["_pos"].to_numpy()
@@ -194,14 +197,18 @@ class CSVManifest:
             index = index.where(index.isin(range(len(self.label_columns))))
         if index.isna().any():
             i = int(np.flatnonzero(index.isna().to_numpy())[0])
-            raise DataError(f"{C.where(path, i)}, column {klass!r}: {table[klass].iloc[i]!r} is not one of the classes {self.label_columns}")
+            raise DataError(
+                f"{C.where(path, i)}, column {klass!r}: {table[klass].iloc[i]!r} is not one of the classes {self.label_columns}"
+            )
         boxes["class_index"] = index.to_numpy().astype(np.int64)
 
         position = pd.Series(np.arange(len(records)), index=records["image_id"].to_numpy())
         unknown = ~boxes["image_id"].isin(position.index).to_numpy()
         if unknown.any():
             i = int(np.flatnonzero(unknown)[0])
-            raise DataError(f"{C.where(path, i)}, column {key!r}: image {boxes['image_id'].iloc[i]!r} is not in {self.csv_path}")
+            raise DataError(
+                f"{C.where(path, i)}, column {key!r}: image {boxes['image_id'].iloc[i]!r} is not in {self.csv_path}"
+            )
         width = height = None
         if "width" in table.columns:
             width = C.numeric_column(table, "width", path)

@@ -106,7 +106,9 @@ class NIHChestXray14:
         self.skip_missing = skip_missing
         self.box_images_only = box_images_only
         if isinstance(image_size, str) and image_size != "original":
-            raise ValueError(f"NIHChestXray14: image_size must be an int, (width, height), 'original' or None; got {image_size!r}")
+            raise ValueError(
+                f"NIHChestXray14: image_size must be an int, (width, height), 'original' or None; got {image_size!r}"
+            )
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.train_val_list = train_val_list
         self.test_list = test_list
@@ -145,7 +147,8 @@ class NIHChestXray14:
         boxes = boxes[boxes["image_id"].isin(set(records["image_id"]))].reset_index(drop=True)
         # A box should mark a finding the image is labelled with; count (not raise) the exceptions.
         position = pd.Series(np.arange(len(records)), index=records["image_id"].to_numpy())
-        box_label = labels[boxes["image_id"].map(position).to_numpy(dtype=np.int64), boxes["class_index"].to_numpy(dtype=np.int64)]
+        box_row = boxes["image_id"].map(position).to_numpy(dtype=np.int64)
+        box_label = labels[box_row, boxes["class_index"].to_numpy(dtype=np.int64)]
         self.report["boxes_label_not_positive"] = int((box_label != 1).sum())
         self.report["images"] = len(records)
         self.report["boxes"] = len(boxes)
@@ -254,4 +257,5 @@ class NIHChestXray14:
         boxes = boxes[in_class & in_records].copy()
         boxes["class_index"] = boxes["class_name"].map({c: i for i, c in enumerate(self.classes)}).astype(np.int64)
         boxes["source_row"] = rows[in_class & in_records]
-        return boxes[["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "class_name", "source_row"]].reset_index(drop=True)
+        columns = ["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "class_name", "source_row"]
+        return boxes[columns].reset_index(drop=True)
