@@ -15,7 +15,9 @@ from datamodules.batch import STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import (log_metric_collection, masked_bce, masked_ce, metric_scores,
                                               metric_targets, stage_metrics)
+from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.registry import register_method
+from lightning_modules.weak_localization import update_localization
 
 
 class CAMClassifierModule(MedAttnModule):
@@ -27,10 +29,14 @@ class CAMClassifierModule(MedAttnModule):
         task: ``"multilabel"`` (sigmoid + masked BCE) or ``"multiclass"`` (softmax + cross-entropy).
         class_names: names for per-class metric keys; default ``class_0..``. The DataModule's names are used
             when the module is trained through ``medattn``.
+        localization: evaluate weak localisation at test time (``test/loc/*``: T(IoU), T(IoBB), MaxBoxAccV2,
+            pointing game, PxAP) on images with boxes or lesion masks, with the same metrics as PCAM.
+        cam_threshold: heatmap threshold of the ChestX-ray14 box protocol (on min-max normalised CAMs).
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
     def __init__(self, net: nn.Module, task: str = "multilabel", class_names: list[str] | None = None,
+                 localization: bool = True, cam_threshold: float = 0.5,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  channels_last: bool = False) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
@@ -41,8 +47,15 @@ class CAMClassifierModule(MedAttnModule):
         self.task = task
         num_classes = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
-        metrics = stage_metrics(task, num_classes)
-        self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
+        if task == "multilabel":  # masked AUROC that leaves classes without both outcomes out of the macro mean
+            self.train_metrics, self.val_metrics, self.test_metrics = (
+                MaskedMultilabelAUROC(num_classes, self.class_names) for _ in range(3))
+        else:
+            metrics = stage_metrics(task, num_classes)
+            self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
+        self.localization = localization
+        self.test_localization = localization_metrics(num_classes, self.class_names, cam_threshold=cam_threshold,
+                                                      prefix="test/loc/")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -53,6 +66,9 @@ class CAMClassifierModule(MedAttnModule):
                                  f"{datamodule.num_classes} classes {datamodule.class_names}; set "
                                  f"model.net.init_args.num_classes={datamodule.num_classes}")
             self.class_names = list(datamodule.class_names)
+            for metric in (self.train_metrics, self.val_metrics, self.test_metrics, *self.test_localization.values()):
+                if hasattr(metric, "class_names"):
+                    metric.class_names = list(self.class_names)
             if datamodule.task != self.task:
                 raise ValueError(f"model task {self.task!r} differs from the data task {datamodule.task!r}")
 
@@ -68,15 +84,24 @@ class CAMClassifierModule(MedAttnModule):
         return masked_ce(logits, batch["labels"], batch["label_mask"])
 
     def model_step(self, batch: dict, stage: str) -> torch.Tensor:
-        logits = self(batch["image"])
+        if stage == "test" and self.localization:
+            features = self.net.forward_features(self.prepare_image(batch["image"]))
+            logits = self.net.forward_head(features)
+            update_localization(self.test_localization, batch, self.net.maps_from_features(features))
+        else:
+            logits = self(batch["image"])
         loss = self.loss(logits, batch)
         terms = {"total": loss}
         if stage == "train":
             self.check_finite(terms)
         self.log_losses(stage, terms, batch_size=len(logits))
-        labeled = batch["stream"] != STREAM_UNLABELED
-        getattr(self, f"{stage}_metrics").update(metric_scores(self.task, logits.detach())[labeled],
-                                   metric_targets(self.task, batch["labels"], batch["label_mask"])[labeled])
+        metrics = getattr(self, f"{stage}_metrics")
+        if self.task == "multilabel":
+            metrics.update(logits.detach(), batch["labels"], batch["label_mask"])
+        else:
+            labeled = batch["stream"] != STREAM_UNLABELED
+            metrics.update(metric_scores(self.task, logits.detach())[labeled],
+                           metric_targets(self.task, batch["labels"], batch["label_mask"])[labeled])
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -92,13 +117,15 @@ class CAMClassifierModule(MedAttnModule):
         return {"image_id": batch["image_id"], "scores": metric_scores(self.task, self(batch["image"]))}
 
     def on_train_epoch_end(self) -> None:
-        log_metric_collection(self, self.train_metrics, self.class_names)
+        log_metric_collection(self, self.train_metrics, self.class_names, "train")
 
     def on_validation_epoch_end(self) -> None:
-        log_metric_collection(self, self.val_metrics, self.class_names)
+        log_metric_collection(self, self.val_metrics, self.class_names, "val")
 
     def on_test_epoch_end(self) -> None:
-        log_metric_collection(self, self.test_metrics, self.class_names)
+        log_metric_collection(self, self.test_metrics, self.class_names, "test")
+        if self.localization:
+            log_metric_collection(self, self.test_localization, self.class_names, "test")
 
 
 def _tiny(tmp_dir: Path):

@@ -63,15 +63,21 @@ def stage_metrics(task: str, num_classes: int) -> dict[str, MetricCollection]:
     return {stage: base.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
 
 
-def log_metric_collection(module, collection: MetricCollection, class_names: list[str]) -> None:
-    """Compute, log scalars (per-class values as ``<key>/<class>``) and reset."""
-    values = collection.compute()
+def log_metric_collection(module, collection, class_names: list[str], stage: str) -> None:
+    """Compute, log and reset a metric (collection).
+
+    Keys are prefixed ``stage/`` unless they already are; vector values are logged per class as
+    ``<key>/<class>``; NaN scalars (e.g. a metric with nothing to evaluate) are dropped. torchmetrics has already
+    synchronised the states across ranks in ``compute()``, so no further ``sync_dist`` is needed.
+    """
     flat = {}
-    for key, value in values.items():
+    for key, value in collection.compute().items():
+        key = key if key.startswith(f"{stage}/") else f"{stage}/{key}"
         if value.numel() == 1:
-            flat[key] = value
+            if not torch.isnan(value):
+                flat[key] = value
         else:
             for name, item in zip(class_names, value):
                 flat[f"{key}/{name}"] = item
-    module.log_dict(flat, sync_dist=False)  # torchmetrics already synchronised across ranks in compute()
+    module.log_dict(flat, sync_dist=False)
     collection.reset()

@@ -68,6 +68,10 @@ class CAMNet(nn.Module):
         features = self.forward_features(x)
         return self.forward_head(features), self.cam_logits(features)
 
+    def maps_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Min-max normalised CAMs (B, K, h, w) in [0, 1] from a feature map."""
+        return minmax_normalise(self.cam_logits(features.detach()).float())
+
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
-        return minmax_normalise(self.cam_logits(self.forward_features(x)).float())
+        return self.maps_from_features(self.forward_features(x))
