@@ -6,3 +6,4 @@ __all__ = ["METHODS", "MethodSpec", "list_methods", "register_method"]
 import lightning_modules.cam_baseline  # noqa: F401,E402
 import lightning_modules.nonlocal_unet  # noqa: F401,E402
 import lightning_modules.magsd  # noqa: F401,E402
+import lightning_modules.pcam  # noqa: F401,E402

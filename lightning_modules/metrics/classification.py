@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -40,7 +41,9 @@ class MaskedMultilabelAUROC(MultilabelAUROC):
         nan = torch.tensor(float("nan"), device=target.device)
         if not bool(defined.any()):
             return {"auroc": nan}
-        per_class = super().compute()
+        with warnings.catch_warnings():  # classes without positives are handled above
+            warnings.filterwarnings("ignore", message=".*samples in targets.*")
+            per_class = super().compute()
         out = {f"auroc/{n}": per_class[k] for k, n in enumerate(self.class_names) if defined[k]}
         out["auroc"] = per_class[defined].mean()
         return out

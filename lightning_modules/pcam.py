@@ -1,0 +1,267 @@
+"""``PCAMModule``: multi-task classifier with Probabilistic-CAM pooling (or any pool of the zoo).
+
+W. Ye, J. Yao, H. Xue, Y. Li, "Weakly Supervised Lesion Localization With Probabilistic-CAM Pooling",
+arXiv:2005.14480. Reference code: ``jfhealthcare/Chexpert`` (read, not copied; see
+``../shared/research/method-pcam.md``).
+
+The network is injected (:class:`networks.cam_heads.PoolingClassifier`: backbone by config, one 1×1 head per
+task, selectable pooling). The module adds the loss, AUROC and, at test time, weak localisation on the
+images that have boxes (and PxAP where lesion masks exist).
+
+Choices where the reference is wrong or silent (dossier section e):
+  * **Loss** (b, e.7): per-task BCE-with-logits, **summed** over tasks (``task_reduction="sum"``, as the
+    reference; "mean" divides by K). With ``batch_weight=True`` each task's positives are weighted by
+    pos_weight_k = (N_k − P_k) / P_k, counted over the batch entries whose label is known (``label_mask``:
+    CheXpert U-Ignore and unlabeled images never count). A task with **no positive** in the batch
+    (``no_positive="zero"``, the reference) contributes exactly 0 and no gradient that step; "unweighted"
+    uses pos_weight 1 instead. A task whose batch entries are all positive gets pos_weight 0, so also 0.
+    ``batch_weight=False`` uses the static ``pos_weight`` list (default 1).
+  * **Validation/test loss is unweighted** masked BCE: the batch weight would make it depend on batch
+    composition and size (e.7), which is useless for model selection.
+  * **Heatmaps** (a.6): σ(logit map) for PCAM, an absolute probability thresholded directly
+    (``cam_threshold=0.5`` ⇔ logit 0); min-max normalised CAMs for the other pools (the net's
+    ``heatmap`` setting). They are upsampled bilinearly to the network input, the letterbox padding is
+    zeroed (``frame``), and boxes are compared in that frame: IoU and IoBB are invariant to the uniform
+    letterbox scale, so this equals the original frame up to interpolation.
+  * **PxAP** uses the class-agnostic lesion mask (``attention_mask``): the heatmap is the max over the
+    image's positive classes; images without a positive or without a mask are skipped.
+  * Checkpoint selection in the reference keeps the "last 3 improvements" (e.8); use Lightning's
+    ``ModelCheckpoint(monitor="val/auroc", save_top_k=k)`` for a true top-k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
+from lightning_modules.registry import register_method
+
+__all__ = ["PCAMModule", "pcam_bce", "heatmaps_at_input"]
+
+
+def pcam_bce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_mask: torch.Tensor | None = None,
+    batch_weight: bool = True,
+    pos_weight: torch.Tensor | Sequence[float] | None = None,
+    no_positive: str = "zero",
+    task_reduction: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task (masked) BCE with an optional per-batch positive weight. Returns (total, per-task (K,)).
+
+    Oracle (dossier g.6): targets [1, 0, 0, 0], logits 0 → pos_weight 3, loss 1.5·ln 2 = 1.039721.
+    """
+    if no_positive not in ("zero", "unweighted"):
+        raise ValueError(f"no_positive must be 'zero' or 'unweighted', got {no_positive!r}")
+    if task_reduction not in ("sum", "mean"):
+        raise ValueError(f"task_reduction must be 'sum' or 'mean', got {task_reduction!r}")
+    logits, labels = logits.float(), labels.float()
+    valid = torch.ones_like(labels) if label_mask is None else label_mask.float()
+    n = valid.sum(0)
+    positives = (labels * valid).sum(0)
+    active = n > 0
+    if batch_weight:
+        pw = (n - positives) / positives.clamp_min(1)
+        has_positive = positives > 0
+        if no_positive == "zero":
+            active = active & has_positive
+        else:
+            pw = torch.where(has_positive, pw, torch.ones_like(pw))
+    elif pos_weight is not None:
+        pw = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device).expand(labels.shape[1])
+    else:
+        pw = None
+    raw = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pw, reduction="none")
+    per_task = (raw * valid).sum(0) / n.clamp_min(1) * active  # inactive tasks: exactly 0, zero gradient
+    total = per_task.sum() if task_reduction == "sum" else per_task.mean()
+    return total, per_task.detach()
+
+
+def heatmaps_at_input(heatmaps: torch.Tensor, image_size: Sequence[int], frame: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K, h, w) heatmaps -> (B, K, H, W) at the network input, bilinear, letterbox padding set to 0."""
+    out = F.interpolate(heatmaps.float(), size=tuple(image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    if frame is not None:
+        h_valid = (frame[:, 0] * frame[:, 2]).round().long().clamp(1, out.shape[-2])
+        w_valid = (frame[:, 1] * frame[:, 2]).round().long().clamp(1, out.shape[-1])
+        rows = torch.arange(out.shape[-2], device=out.device)[None, :, None] < h_valid[:, None, None].to(out.device)
+        cols = torch.arange(out.shape[-1], device=out.device)[None, None, :] < w_valid[:, None, None].to(out.device)
+        out = out * (rows & cols)[:, None].to(out.dtype)
+    return out
+
+
+class PCAMModule(MedAttnModule):
+    """Weakly supervised multi-label classification with (P)CAM pooling heads.
+
+    Args:
+        net: network with ``forward_with_maps(x) -> (logits (B, K), logit maps (B, K, h, w))`` and
+            ``maps_to_heatmaps(logit maps) -> [0, 1] maps``, e.g. :class:`networks.cam_heads.PoolingClassifier`.
+        class_names: names for metric keys; replaced by the DataModule's names when trained through it.
+        batch_weight, pos_weight, no_positive, task_reduction: the loss, see :func:`pcam_bce`.
+        cam_threshold: heatmap threshold for the ChestX-ray14 box protocol (probability space for PCAM).
+        localization: evaluate weak localisation at test time (images with boxes / lesion masks).
+        pointing_tolerance: pointing-game tolerance in input pixels.
+        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+
+    Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes) and
+    ``auroc/<class>``; at test ``test/loc/iou@T``, ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``,
+    ``test/loc/maxboxacc@δ``, ``test/loc/pointing``, ``test/loc/pxap`` (and per class).
+
+    Example::
+
+        net = PoolingClassifier("resnet34", num_classes=14, pool="pcam")
+        module = PCAMModule(net, class_names=names)
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: list[str] | None = None,
+        batch_weight: bool = True,
+        pos_weight: list[float] | None = None,
+        no_positive: str = "zero",
+        task_reduction: str = "sum",
+        cam_threshold: float = 0.5,
+        localization: bool = True,
+        pointing_tolerance: float = 0.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["net"])
+        pcam_bce(torch.zeros(1, 1), torch.zeros(1, 1), no_positive=no_positive, task_reduction=task_reduction)
+        self.net = net
+        k = int(net.num_classes)
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+        if len(self.class_names) != k:
+            raise ValueError(f"{len(self.class_names)} class names for a network with {k} outputs")
+        self.loss_kwargs = dict(batch_weight=batch_weight, pos_weight=pos_weight, no_positive=no_positive,
+                                task_reduction=task_reduction)
+        self.train_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.val_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.test_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.localization = localization
+        self.test_localization = localization_metrics(k, self.class_names, cam_threshold=cam_threshold,
+                                                      pointing_tolerance=pointing_tolerance, prefix="test/loc/")
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "num_classes"):
+            return
+        if datamodule.num_classes != self.net.num_classes:
+            raise ValueError(f"the network has {self.net.num_classes} outputs but the data has {datamodule.num_classes} "
+                             f"classes {datamodule.class_names}; set model.net.init_args.num_classes="
+                             f"{datamodule.num_classes}")
+        if getattr(datamodule, "task", "multilabel") != "multilabel":
+            raise ValueError(f"PCAMModule is multi-label (one binary head per task); the data task is {datamodule.task!r}")
+        self.class_names = list(datamodule.class_names)
+        for metric in (self.train_auroc, self.val_auroc, self.test_auroc, *self.test_localization.values()):
+            if hasattr(metric, "class_names"):
+                metric.class_names = list(self.class_names)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare_image(image))
+
+    def forward_with_maps(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.forward_with_maps(self.prepare_image(image))
+
+    @torch.no_grad()
+    def attention_maps(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) in [0, 1]: σ(logit map) for PCAM, min-max normalised CAMs for other pools."""
+        return self.net.maps_to_heatmaps(self.forward_with_maps(image)[1])
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss, _ = pcam_bce(logits, batch["labels"], batch["label_mask"], **self.loss_kwargs)
+        self.check_finite({"total": loss})
+        self.log_losses("train", {"total": loss}, batch_size=len(logits))
+        self.train_auroc.update(logits, batch["labels"], batch["label_mask"])
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, logit_maps = self.forward_with_maps(batch["image"])
+        loss, _ = pcam_bce(logits, batch["labels"], batch["label_mask"], batch_weight=False)
+        self.log_losses(stage, {"total": loss}, batch_size=len(logits))
+        getattr(self, f"{stage}_auroc").update(logits, batch["labels"], batch["label_mask"])
+        return logits, logit_maps
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        _, logit_maps = self._eval_step(batch, "test")
+        if self.localization:
+            self.update_localization(batch, self.net.maps_to_heatmaps(logit_maps))
+
+    def update_localization(self, batch: dict, heatmaps: torch.Tensor) -> None:
+        """Feed the test localisation metrics with (B, K, h, w) heatmaps of ``batch``."""
+        boxed = batch.get("has_boxes")
+        with_mask = batch.get("has_attention_mask")
+        has_box = boxed is not None and bool(boxed.any())
+        positive = (batch["labels"] * batch["label_mask"].float()) > 0
+        has_mask = with_mask is not None and bool((with_mask & positive.any(1)).any())
+        if not (has_box or has_mask):
+            return
+        maps = heatmaps_at_input(heatmaps, batch["image"].shape[-2:], batch.get("frame"))
+        if has_box:
+            idx = boxed.nonzero().flatten().tolist()
+            self.test_localization.update(heatmaps=maps[idx], boxes=[batch["boxes"][i] for i in idx],
+                                          box_labels=[batch["box_labels"][i] for i in idx])
+        if has_mask:
+            keep = with_mask & positive.any(1)
+            agnostic = maps.masked_fill(~positive[:, :, None, None], 0).amax(1, keepdim=True)
+            self.test_localization.update(heatmaps=agnostic[keep], masks=batch["attention_mask"][keep])
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"image_id": batch["image_id"], "probabilities": torch.sigmoid(self(batch["image"]).float())}
+
+    # ---------------------------------------------------------------------------------- epoch ends
+    def _log_metric(self, values: dict[str, torch.Tensor], stage: str, keep_nan: tuple[str, ...] = ()) -> None:
+        flat = {f"{stage}/{k}" if not k.startswith(f"{stage}/") else k: v for k, v in values.items()}
+        flat = {k: v for k, v in flat.items() if k in keep_nan or not torch.isnan(v)}
+        # torchmetrics already synchronised the states across ranks in compute()
+        self.log_dict(flat, sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metric(self.train_auroc.compute(), "train", keep_nan=("train/auroc",))
+        self.train_auroc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric(self.val_auroc.compute(), "val", keep_nan=("val/auroc",))
+        self.val_auroc.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric(self.test_auroc.compute(), "test", keep_nan=("test/auroc",))
+        self.test_auroc.reset()
+        if self.localization:
+            self._log_metric(self.test_localization.compute(), "test")
+            self.test_localization.reset()
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.cxr import CXRDataModule
+    from datamodules.synthetic import SyntheticCXR
+    from networks.cam_heads import PoolingClassifier
+
+    data = CXRDataModule(SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, seed=0),
+                         image_size=32, labeled_batch_size=4, eval_batch_size=8)
+    module = PCAMModule(PoolingClassifier("test_resnet", num_classes=data.num_classes, pool="pcam"),
+                        class_names=data.class_names)
+    return module, data
+
+
+register_method("pcam", PCAMModule, _tiny,
+                paper="Ye et al., Weakly supervised lesion localization with probabilistic-CAM pooling, "
+                      "arXiv:2005.14480")
