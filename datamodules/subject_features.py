@@ -1,0 +1,202 @@
+"""DC-MT stage 2 data: one fixed-length sequence of slice features per subject.
+
+Input: the ``.npz`` written by ``callbacks.feature_export.SliceFeatureWriter`` during ``medattn predict``
+with the stage-1 model (features, probabilities and names of every slice of every subject). Each subject's
+slices are ordered by ``slice_index`` and centre-cropped or zero-padded to ``seq_len``
+(:func:`networks.aggregation.center_crop_or_pad`, dossier a.10).
+
+Subjects are split with :func:`datamodules.slices.split_subjects` and the *same* arguments as stage 1
+(``num_folds``, ``fold``, ``val_fraction``, ``label_ratio``, ``seed``), so the held-out and the labeled
+subjects are the ones of stage 1. Unlabeled training subjects carry zero labels and an all-False
+``label_mask``. Note (dossier b.2): the training subjects' features come from a model that was trained on
+those slices.
+
+Batch keys: ``features`` (B, T, D), ``features_teacher`` (same, independent noise when
+``feature_noise > 0``, else identical, as the reference), ``sequence_mask`` bool (B, T), ``labels`` /
+``label_mask`` (B, K), ``stream`` (B,), ``mean_probabilities`` (B, K) (the mean of the subject's slice
+probabilities over all its slices: the mean-pooling baseline), ``subject_id`` list, ``num_slices`` (B,).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
+from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
+from datamodules.manifest import DataError
+from datamodules.slices import collate_slices, split_subjects
+from networks.aggregation import center_crop_or_pad
+
+__all__ = ["read_slice_features", "SubjectFeatureDataset", "SubjectFeatureDataModule"]
+
+REQUIRED = ("features", "probabilities", "subject_id", "slice_index", "subject_label", "class_names")
+
+
+def read_slice_features(path: str | Path) -> dict[str, np.ndarray]:
+    """Load a slice-feature file (no pickle) and check its arrays."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"slice-feature file not found: {path}. Write it with `medattn predict` and "
+                        "callbacks.feature_export.SliceFeatureWriter on the stage-1 checkpoint.")
+    with np.load(path, allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}; found {sorted(data)}")
+    n = len(data["subject_id"])
+    bad = [k for k in REQUIRED[:-1] if len(data[k]) != n]
+    if bad:
+        raise DataError(f"{path}: arrays {bad} do not have one row per slice ({n})")
+    return data
+
+
+class SubjectFeatureDataset(Dataset):
+    def __init__(self, sequences: list[torch.Tensor], masks: list[torch.Tensor], labels: np.ndarray,
+                 mean_probabilities: np.ndarray, subject_ids: Sequence[str], num_slices: np.ndarray,
+                 streams: np.ndarray, num_classes: int, feature_noise: float = 0.0, two_views: bool = False) -> None:
+        self.sequences, self.masks = sequences, masks
+        self.labels, self.mean_probabilities = labels, mean_probabilities
+        self.subject_ids, self.num_slices = list(subject_ids), num_slices
+        self.streams, self.k = np.asarray(streams), num_classes
+        self.feature_noise, self.two_views = feature_noise, two_views
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def _view(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.feature_noise <= 0:
+            return seq
+        return seq + self.feature_noise * torch.randn_like(seq) * mask[:, None]
+
+    def __getitem__(self, i: int) -> dict:
+        stream = int(self.streams[i])
+        known = stream != STREAM_UNLABELED and self.labels[i] >= 0
+        labels = torch.zeros(self.k)
+        if known:
+            labels[int(self.labels[i])] = 1.0
+        seq, mask = self.sequences[i], self.masks[i]
+        sample = {"features": self._view(seq, mask), "sequence_mask": mask, "labels": labels,
+                  "label_mask": torch.full((self.k,), bool(known)), "stream": torch.tensor(stream),
+                  "mean_probabilities": torch.from_numpy(self.mean_probabilities[i]),
+                  "num_slices": torch.tensor(int(self.num_slices[i])), "subject_id": self.subject_ids[i]}
+        if self.two_views:
+            sample["features_teacher"] = self._view(seq, mask)
+        return sample
+
+
+class SubjectFeatureDataModule(pl.LightningDataModule):
+    """Subjects as slice-feature sequences, with labeled and unlabeled training streams.
+
+    Args:
+        features_file: the stage-1 export (``.npz``).
+        seq_len: sequence length T (24).
+        num_folds, fold, val_fraction, label_ratio, labeled_subjects, seed: as stage 1 (see
+            :func:`datamodules.slices.split_subjects`); keep them equal to stage 1's.
+        labeled_batch_size, unlabeled_batch_size: per-rank subjects per training batch (16 + 48 in DC-MT).
+        eval_batch_size: validation/test/predict batch size.
+        feature_noise: σ of Gaussian noise added to each view's real slices in training (0: the reference,
+            whose student and teacher see identical inputs and differ by dropout only).
+    """
+
+    def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int = 5, fold: int = 0,
+                 val_fraction: float = 0.0, label_ratio: float = 0.25, labeled_subjects: list[str] | None = None,
+                 labeled_batch_size: int = 16, unlabeled_batch_size: int = 48, eval_batch_size: int = 64,
+                 feature_noise: float = 0.0, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data: dict[str, np.ndarray] | None = None
+        self.split: dict[str, list[str]] = {}
+        self._subjects: pd.DataFrame | None = None
+
+    def _ensure(self) -> dict[str, np.ndarray]:
+        if self.data is None:
+            self.data = read_slice_features(self.hparams.features_file)
+        return self.data
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self._ensure()["class_names"]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_features(self) -> int:
+        return int(self._ensure()["features"].shape[1])
+
+    @property
+    def task(self) -> str:
+        return "multiclass"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split:
+            return
+        hp, data = self.hparams, self._ensure()
+        frame = pd.DataFrame({"subject_id": data["subject_id"].astype(str), "slice_index": data["slice_index"],
+                              "subject_label": data["subject_label"], "row": np.arange(len(data["subject_id"]))})
+        frame = frame.sort_values(["subject_id", "slice_index"])
+        self.groups = {sid: g["row"].to_numpy() for sid, g in frame.groupby("subject_id", sort=True)}
+        labels = frame.groupby("subject_id")["subject_label"].max()
+        self._subjects = pd.DataFrame({"subject_id": labels.index, "subject_label": labels.to_numpy().astype(float),
+                                       "fold": np.nan})
+        self._subjects.loc[self._subjects["subject_label"] < 0, "subject_label"] = np.nan
+        self.split = split_subjects(self._subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio, hp.seed,
+                                    hp.labeled_subjects)
+
+    def _dataset(self, subject_ids: Sequence[str], streams: np.ndarray, train: bool) -> SubjectFeatureDataset:
+        hp, data = self.hparams, self._ensure()
+        features = torch.from_numpy(data["features"].astype(np.float32))
+        sequences, masks, mean_probs, counts = [], [], [], []
+        for sid in subject_ids:
+            rows = self.groups[sid]
+            seq, mask = center_crop_or_pad(features[torch.from_numpy(rows.copy())], hp.seq_len)
+            sequences.append(seq)
+            masks.append(mask)
+            mean_probs.append(data["probabilities"][rows].astype(np.float32).mean(0))
+            counts.append(len(rows))
+        labels = self._subjects.set_index("subject_id").loc[list(subject_ids), "subject_label"].fillna(-1).to_numpy()
+        return SubjectFeatureDataset(sequences, masks, labels.astype(np.int64), np.stack(mean_probs), subject_ids,
+                                     np.asarray(counts), streams, self.num_classes,
+                                     hp.feature_noise if train else 0.0, two_views=train)
+
+    def _world(self) -> tuple[int, int]:
+        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        hp = self.hparams
+        ids = self.split["train"]
+        streams = np.where(np.isin(ids, self.split["labeled"]), STREAM_LABEL, STREAM_UNLABELED)
+        sizes = {STREAM_LABEL: hp.labeled_batch_size, STREAM_UNLABELED: hp.unlabeled_batch_size}
+        epoch_stream = STREAM_UNLABELED if hp.unlabeled_batch_size > 0 else STREAM_LABEL
+        world, rank = self._world()
+        sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed)
+        return DataLoader(self._dataset(ids, streams, True), batch_size=sampler.batch_size, sampler=sampler,
+                          drop_last=True, collate_fn=collate_slices, num_workers=hp.num_workers)
+
+    def _eval_loader(self, ids: Sequence[str]) -> DataLoader:
+        streams = np.full(len(ids), STREAM_LABEL)
+        world, rank = self._world()
+        return DataLoader(self._dataset(ids, streams, False), batch_size=self.hparams.eval_batch_size,
+                          sampler=UnpaddedDistributedSampler(len(ids), world, rank), collate_fn=collate_slices,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(self.split["val"])
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(self.split["test"])
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._eval_loader(sorted(self.groups))

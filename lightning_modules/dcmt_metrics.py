@@ -1,0 +1,144 @@
+"""DC-MT metrics: per-slice mask localisation rates (TIoU/TIoR) and subject-level one-vs-rest scores.
+
+Dossier ``../shared/research/method-dcmt.md`` §c. Both are torchmetrics ``Metric`` s whose states are sums
+(or torchmetrics' own exact states), so they synchronise exactly under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (MulticlassAUROC, MulticlassF1Score, MulticlassRecall,
+                                         MulticlassStatScores)
+
+TIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+TIOR_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+__all__ = ["MaskLocalisationRate", "SliceMetrics", "SubjectMetrics", "TIOU_THRESHOLDS", "TIOR_THRESHOLDS"]
+
+
+class MaskLocalisationRate(Metric):
+    """TIoU@t and TIoR@t **per slice**: the fraction of slices of class k whose binarised attention map P
+    has IoU = |P∩C|/|P∪C| ≥ t (resp. IoR = |P∩C|/|P| ≥ t) with the target mask C.
+
+    The reference computed one IoU over the whole validation batch and counted each class once per batch
+    (dossier e.7); here every slice is one unit. Slices whose target mask is empty are skipped (nothing to
+    localise); an empty prediction has IoU = IoR = 0. ``compute()`` returns ``tiou`` (K, T1) and ``tior``
+    (K, T2) rates, NaN for a class without slices.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, tiou_thresholds: Sequence[float] = TIOU_THRESHOLDS,
+                 tior_thresholds: Sequence[float] = TIOR_THRESHOLDS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.register_buffer("tiou_t", torch.tensor(list(tiou_thresholds)), persistent=False)
+        self.register_buffer("tior_t", torch.tensor(list(tior_thresholds)), persistent=False)
+        self.add_state("iou_hits", torch.zeros(num_classes, len(tiou_thresholds)), dist_reduce_fx="sum")
+        self.add_state("ior_hits", torch.zeros(num_classes, len(tior_thresholds)), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor, classes: torch.Tensor) -> None:
+        """``prediction``, ``target``: bool (N, H, W) (or (N, 1, H, W)); ``classes``: long (N,)."""
+        p, c = prediction.flatten(1).bool(), target.flatten(1).bool()
+        keep = c.any(1)
+        p, c, classes = p[keep], c[keep], classes[keep].long()
+        inter = (p & c).sum(1).float()
+        iou = inter / (p | c).sum(1).clamp_min(1).float()
+        ior = inter / p.sum(1).clamp_min(1).float()
+        self.iou_hits.index_add_(0, classes, (iou[:, None] >= self.tiou_t.to(iou)).float())
+        self.ior_hits.index_add_(0, classes, (ior[:, None] >= self.tior_t.to(ior)).float())
+        self.count.index_add_(0, classes, torch.ones_like(iou))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count[:, None]
+        nan = torch.full_like(n, float("nan"))
+        return {"tiou": torch.where(n > 0, self.iou_hits / n.clamp_min(1), nan),
+                "tior": torch.where(n > 0, self.ior_hits / n.clamp_min(1), nan)}
+
+
+def _keys(values: dict[str, torch.Tensor], prefix: str, suffix: str) -> dict[str, torch.Tensor]:
+    """``auroc/grade_0`` -> ``val/auroc_teacher/grade_0``: the suffix names the metric, not the class."""
+    out = {}
+    for key, value in values.items():
+        name, sep, rest = key.partition("/")
+        out[f"{prefix}{name}{suffix}{sep}{rest}"] = value
+    return out
+
+
+def _nanmean(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return torch.nanmean(x) if dim is None else torch.nanmean(x, dim=dim)
+
+
+class SliceMetrics(nn.Module):
+    """Slice-level metrics of one network in one stage: macro and per-class AUROC, balanced accuracy
+    (macro recall; classes absent from the targets are left out, as the reference), macro F1, and
+    TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean)."""
+
+    def __init__(self, num_classes: int, tiou_thresholds: Sequence[float] = TIOU_THRESHOLDS,
+                 tior_thresholds: Sequence[float] = TIOR_THRESHOLDS) -> None:
+        super().__init__()
+        self.classification = MetricCollection({
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+            "auroc_per_class": MulticlassAUROC(num_classes, average=None),
+            "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        })
+        self.localisation = MaskLocalisationRate(num_classes, tiou_thresholds, tior_thresholds)
+        self.tiou_thresholds, self.tior_thresholds = list(tiou_thresholds), list(tior_thresholds)
+
+    def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
+        """Flat ``{f"{prefix}{name}{suffix}": scalar}`` and reset."""
+        out: dict[str, torch.Tensor] = {}
+        values = self.classification.compute()
+        out["auroc"], out["balanced_accuracy"], out["f1"] = values["auroc"], values["balanced_accuracy"], values["f1"]
+        for name, value in zip(class_names, values["auroc_per_class"]):
+            out[f"auroc/{name}"] = value
+        loc = self.localisation.compute()
+        for key, thresholds in (("tiou", self.tiou_thresholds), ("tior", self.tior_thresholds)):
+            rates = loc[key]
+            for j, t in enumerate(thresholds):
+                out[f"{key}@{t:g}"] = _nanmean(rates[:, j])
+            out[f"m{key}"] = _nanmean(rates)
+            for name, row in zip(class_names, rates):
+                out[f"m{key}/{name}"] = _nanmean(row)
+        self.classification.reset()
+        self.localisation.reset()
+        return _keys(out, prefix, suffix)
+
+
+class SubjectMetrics(nn.Module):
+    """Subject-level one-vs-rest metrics (dossier c, ``valid.py``): AUROC, accuracy ((TP+TN)/N per class,
+    the reference's subject "ACC"), sensitivity, specificity and F1, per class and macro (unweighted)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.auroc = MulticlassAUROC(num_classes, average=None)
+        self.stats = MulticlassStatScores(num_classes, average=None)
+
+    def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
+        self.auroc.update(probabilities, target)
+        self.stats.update(probabilities, target)
+
+    def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
+        auroc = self.auroc.compute()
+        tp, fp, tn, fn, _ = self.stats.compute().float().unbind(-1)
+        per_class = {
+            "auroc": auroc,
+            "accuracy": (tp + tn) / (tp + fp + tn + fn).clamp_min(1),
+            "sensitivity": tp / (tp + fn).clamp_min(1),
+            "specificity": tn / (tn + fp).clamp_min(1),
+            "f1": 2 * tp / (2 * tp + fp + fn).clamp_min(1),
+        }
+        out = {}
+        for key, values in per_class.items():
+            out[key] = values.mean()
+            for name, v in zip(class_names, values):
+                out[f"{key}/{name}"] = v
+        self.auroc.reset()
+        self.stats.reset()
+        return _keys(out, prefix, suffix)

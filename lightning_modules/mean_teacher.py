@@ -1,0 +1,308 @@
+"""``MeanTeacherModule``: DC-MT, a self-ensembling mean teacher with dual (classification + attention)
+consistency and attention supervision from masks.
+
+J. Huo et al., "Automatic Grading Assessments for Knee MRI Cartilage Defects via Self-ensembling
+Semi-supervised Learning with Dual-Consistency", Medical Image Analysis 80:102508 (2022), arXiv:2108.02476.
+Maths and defaults: ``../shared/research/method-dcmt.md`` (§a.6–a.8, §b.1, oracle values §g).
+
+Loss of one batch (L = labeled slices, U = unlabeled, B = all; A = refined CAM of one class, see
+:mod:`networks.dcmt`; C = the batch's ``attention_mask``)::
+
+    L = 1·CE_L + 0.5·nMSE(C, A_gt)_L + 0.001·Bound(C, A_gt)_L            (every epoch)
+        + ω_cls(e)·MSE(softmax_S, softmax_T)_B + ω_att(e)·nMSE(A_S, A_T)_U   (from the switch epoch on)
+
+Fixes of the reference's defects (dossier e), each deliberate:
+
+* **No label leakage.** Attention consistency on unlabeled slices uses the class the *teacher predicts*,
+  never the ground truth (the reference indexed the CAMs with the unlabeled slices' true grades, e.4).
+  Unlabeled slices reach this module with zero labels and an all-False ``label_mask`` anyway.
+* **Aligned views.** The DataModule draws geometry once per slice for both views (photometry
+  independently), so the pixel-wise consistency compares maps in one frame (e.5).
+* **EMA by step.** :class:`callbacks.ema_teacher.EMATeacher` (added by :meth:`configure_callbacks`) uses
+  α_t = min(1 − 1/(t + 1), decay) with t the global step, not the epoch (e.6). The teacher runs in eval mode
+  (EMA'd BN statistics, no dropout; ``teacher_train_mode=True`` restores the reference's behaviour).
+* **Per-slice TIoU/TIoR** (:class:`lightning_modules.dcmt_metrics.MaskLocalisationRate`, e.7).
+
+Kept as in the reference: MSE of softmaxes (not KL), the normalised attention MSE, the bound loss divided by
+the *full* batch size, the epoch-20 switch (the ramps are pure functions of the 1-based epoch, or of the
+step with ``ramp_unit="step"``) and the attention ramp that caps at 0.2865 (``att_ramp="reference"``;
+``"shifted"`` ramps fully to ``consistency_att``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import masked_ce
+from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
+from lightning_modules.registry import register_method
+from networks.dcmt import select_class
+
+__all__ = ["MeanTeacherModule", "sigmoid_rampup", "offset_sigmoid_rampup", "consistency_weights",
+           "normalised_mse", "bound_loss", "softmax_mse"]
+
+
+# ------------------------------------------------------------------------------- pure functions
+def sigmoid_rampup(t: float, length: float) -> float:
+    """exp(−5 (1 − clip(t, 0, T)/T)²), the mean-teacher ramp; 1 when ``length`` is 0."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(t, 0.0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def offset_sigmoid_rampup(t: float, start: float, length: float) -> float:
+    """The reference's "att" ramp: exp(−5 (1 − (clip(t, start, T) − start)/T)²).
+
+    0-phase at ``start`` and capped at ``T``: for start 20, T 40 it rises from 0.006738 to 0.286505 (never
+    1); for T 100 it caps at 0.818731 (dossier a.8, a.10)."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - (min(max(t, start), length) - start) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def consistency_weights(t: float, consistency_cls: float = 5.0, consistency_att: float = 1.0, start: float = 20,
+                        cls_rampup: float = 40, att_rampup: float = 40, att_ramp: str = "reference") -> tuple[float, float]:
+    """(ω_cls, ω_att) at time ``t`` (1-based epoch, or step): both 0 before ``start``; then
+    ω_cls = c·sigmoid_rampup(t, cls_rampup) and ω_att = a·offset_sigmoid_rampup(t, start, att_rampup)
+    (``att_ramp="reference"``) or a·sigmoid_rampup(t − start, att_rampup) (``"shifted"``)."""
+    if t < start:
+        return 0.0, 0.0
+    w_cls = consistency_cls * sigmoid_rampup(t, cls_rampup)
+    if att_ramp == "reference":
+        w_att = consistency_att * offset_sigmoid_rampup(t, start, att_rampup)
+    elif att_ramp == "shifted":
+        w_att = consistency_att * sigmoid_rampup(t - start, att_rampup)
+    else:
+        raise ValueError(f"att_ramp must be 'reference' or 'shifted', got {att_ramp!r}")
+    return w_cls, w_att
+
+
+def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Σ (a − b)² / max(Σ (a + b), eps) over everything given (dossier a.6/a.7); 0 for empty inputs."""
+    a, b = a.float(), b.float()
+    return ((a - b) ** 2).sum() / (a + b).sum().clamp_min(eps)
+
+
+def bound_loss(target: torch.Tensor, attention: torch.Tensor, batch_size: int, eps: float = 1e-5) -> torch.Tensor:
+    """(1/batch_size) Σ_i [1 − Σ min(C_i, A_i) / max(Σ A_i, eps)]: attention mass outside the target.
+
+    0 when A ≤ C pointwise, 1 per sample when they are disjoint. The sum runs over the samples given (the
+    labeled ones) but divides by ``batch_size`` (the whole batch, as the reference)."""
+    c, a = target.float().flatten(1), attention.float().flatten(1)
+    inside = torch.minimum(c, a).sum(1) / a.sum(1).clamp_min(eps)
+    return (1.0 - inside).sum() / max(batch_size, 1)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Σ_i ‖softmax(s_i) − softmax(t_i)‖² / (K·B), i.e. the mean squared difference of probabilities."""
+    return F.mse_loss(student_logits.float().softmax(-1), teacher_logits.float().softmax(-1))
+
+
+# ------------------------------------------------------------------------------------------ module
+class MeanTeacherModule(MedAttnModule):
+    """DC-MT on slice batches (``datamodules.slices.SliceStackDataModule`` or any batch-contract DataModule
+    with ``two_views=True`` and one-hot multiclass labels).
+
+    Args:
+        net: the student, e.g. :class:`networks.dcmt.DCMTNet` (needs ``forward_all``, ``cams``, ``refine``);
+            the teacher is a frozen copy made here.
+        class_names: for per-class log keys (the DataModule's names replace them in ``setup``).
+        cls_weight, mse_weight, bound_weight: supervised weights (1, 0.5, 0.001).
+        consistency_cls, consistency_att: maxima of ω_cls (5) and ω_att (1).
+        consistency_start: the switch (epoch 20): no consistency term before it.
+        cls_rampup, att_rampup: ramp lengths (40, 40). ``ramp_unit``: ``"epoch"`` (1-based) or ``"step"``.
+        att_ramp: ``"reference"`` (caps at 0.2865 for the defaults) or ``"shifted"``.
+        attention_losses: use nMSE + bound (off = the "without attention losses" ablation).
+        attention_consistency: use the attention-consistency term.
+        ema_decay: α cap of the teacher EMA (0.99).
+        teacher_train_mode: run the teacher in train mode (BN batch statistics, dropout), as the reference.
+        eval_model: ``"student"``, ``"teacher"`` or ``"both"`` in validation/test (``both``: teacher keys get
+            a ``_teacher`` suffix). ``predict_model``: the network whose features ``predict`` exports.
+        cam_threshold: A ≥ this counts as attended in TIoU/TIoR (0.999 ⇔ M̂ ≥ 0.469).
+        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+    """
+
+    def __init__(self, net: nn.Module, class_names: list[str] | None = None, cls_weight: float = 1.0,
+                 mse_weight: float = 0.5, bound_weight: float = 0.001, consistency_cls: float = 5.0,
+                 consistency_att: float = 1.0, consistency_start: float = 20, cls_rampup: float = 40,
+                 att_rampup: float = 40, ramp_unit: str = "epoch", att_ramp: str = "reference",
+                 attention_losses: bool = True, attention_consistency: bool = True, ema_decay: float = 0.99,
+                 teacher_train_mode: bool = False, eval_model: str = "both", predict_model: str = "teacher",
+                 cam_threshold: float = 0.999, tiou_thresholds: tuple[float, ...] = TIOU_THRESHOLDS,
+                 tior_thresholds: tuple[float, ...] = TIOR_THRESHOLDS, optimizer: OptimizerCallable = default_optimizer,
+                 scheduler: LRSchedulerCallable | None = None, channels_last: bool = False) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["net"])
+        if ramp_unit not in ("epoch", "step"):
+            raise ValueError(f"ramp_unit must be 'epoch' or 'step', got {ramp_unit!r}")
+        consistency_weights(consistency_start, att_ramp=att_ramp)  # validates att_ramp
+        self.eval_names = eval_model_names(eval_model)
+        eval_model_names(predict_model)
+        if predict_model == "both":
+            raise ValueError("predict_model must be 'student' or 'teacher'")
+        self.student = net
+        self.teacher = make_teacher(net, train_mode=teacher_train_mode)
+        k = net.num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+        self.metrics = nn.ModuleDict({f"{stage}_{name}": SliceMetrics(k, tiou_thresholds, tior_thresholds)
+                                      for stage in ("val", "test") for name in self.eval_names})
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def configure_callbacks(self):
+        return [EMATeacher(decay=self.hparams.ema_decay)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.train(mode and self.hparams.teacher_train_mode)
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "num_classes"):
+            if dm.num_classes != self.student.num_classes:
+                raise ValueError(f"the network has {self.student.num_classes} outputs but the data has "
+                                 f"{dm.num_classes} classes {dm.class_names}; set model.net.init_args.num_classes")
+            self.class_names = list(dm.class_names)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.student(self.prepare_image(image))
+
+    def forward_student(self, image: torch.Tensor):
+        return self.student.forward_all(self.prepare_image(image))
+
+    @torch.no_grad()
+    def forward_teacher(self, image: torch.Tensor):
+        return self.teacher.forward_all(self.prepare_image(image))
+
+    def attention_maps(self, image: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.eval_names[-1]).attention_maps(self.prepare_image(image))
+
+    def ramp_time(self) -> float:
+        return float(self.current_epoch + 1) if self.hparams.ramp_unit == "epoch" else float(self.global_step)
+
+    def consistency_weights(self) -> tuple[float, float]:
+        hp = self.hparams
+        return consistency_weights(self.ramp_time(), hp.consistency_cls, hp.consistency_att, hp.consistency_start,
+                                   hp.cls_rampup, hp.att_rampup, hp.att_ramp)
+
+    # -------------------------------------------------------------------------------------- losses
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """All loss terms of one training batch, and ``total`` (weighted by the current ramp)."""
+        hp = self.hparams
+        image = batch["image"]
+        size = image.shape[-2:]
+        out_s = self.forward_student(image)
+        labeled = batch["label_mask"].any(1)
+        target = batch["labels"].argmax(1)
+        terms = {"cls": masked_ce(out_s.logits, batch["labels"], batch["label_mask"])}
+        total = hp.cls_weight * terms["cls"]
+        cams_s = self.student.cams(out_s.feature_map)
+        if hp.attention_losses:
+            sup = labeled & batch.get("has_attention_mask", torch.ones_like(labeled))
+            attention = self.student.refine(select_class(cams_s[sup], target[sup]), size)
+            mask = batch["attention_mask"][sup]
+            terms["mse"] = normalised_mse(mask, attention)
+            terms["bound"] = bound_loss(mask, attention, len(labeled))
+            total = total + hp.mse_weight * terms["mse"] + hp.bound_weight * terms["bound"]
+        w_cls, w_att = self.consistency_weights()
+        if w_cls > 0 or w_att > 0:
+            out_t = self.forward_teacher(batch.get("image_teacher", image))
+            terms["cons_cls"] = softmax_mse(out_s.logits, out_t.logits)
+            total = total + w_cls * terms["cons_cls"]
+            unlabeled = ~labeled
+            if hp.attention_consistency and w_att > 0 and bool(unlabeled.any()):
+                # the teacher's predicted class, never the ground truth (dossier e.4)
+                predicted = out_t.logits[unlabeled].argmax(1)
+                a_s = self.student.refine(select_class(cams_s[unlabeled], predicted), size)
+                with torch.no_grad():
+                    cams_t = self.teacher.cams(out_t.feature_map[unlabeled])
+                    a_t = self.teacher.refine(select_class(cams_t, predicted), size)
+                terms["cons_att"] = normalised_mse(a_s, a_t)
+                total = total + w_att * terms["cons_att"]
+        terms["total"] = total
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.compute_losses(batch)
+        self.check_finite(terms)
+        self.log_losses("train", terms, batch_size=len(batch["image"]))
+        w_cls, w_att = self.consistency_weights()
+        self.log_dict({"train/w_cls": w_cls, "train/w_att": w_att}, on_step=True, on_epoch=False, batch_size=1)
+        return terms["total"]
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        image = self.prepare_image(batch["image"])
+        known = batch["label_mask"].any(1)
+        target = batch["labels"].argmax(1)
+        for i, name in enumerate(self.eval_names):
+            net = getattr(self, name)
+            out = net.forward_all(image)
+            if i == 0:
+                self.log(f"{stage}/loss", masked_ce(out.logits, batch["labels"], batch["label_mask"]),
+                         batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
+            if not bool(known.any()):
+                continue
+            metrics = self.metrics[f"{stage}_{name}"]
+            metrics.classification.update(out.logits[known].float().softmax(-1), target[known])
+            has_mask = known & batch.get("has_attention_mask", torch.ones_like(known))
+            if bool(has_mask.any()):
+                cams = net.cams(out.feature_map[has_mask])
+                attention = net.refine(select_class(cams, target[has_mask]), image.shape[-2:])
+                metrics.localisation.update(attention >= self.hparams.cam_threshold,
+                                            batch["attention_mask"][has_mask] > 0.5, target[has_mask])
+
+    def _log_metrics(self, stage: str) -> None:
+        for i, name in enumerate(self.eval_names):
+            suffix = "" if i == 0 else f"_{name}"
+            values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
+            self.log_dict(values, sync_dist=False)  # torchmetrics synchronised the states already
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One pooled feature and the class probabilities per slice, with names (for stage 2)."""
+        out = getattr(self, self.hparams.predict_model).forward_all(self.prepare_image(batch["image"]))
+        result = {"features": out.features.float(), "probabilities": out.logits.float().softmax(-1)}
+        for key in ("image_id", "subject_id", "slice_index", "subject_label", "labels", "label_mask"):
+            if key in batch:
+                result[key] = batch[key]
+        return result
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.slices import SliceStackDataModule
+    from datamodules.synthetic_slices import SyntheticSlices
+    from networks.dcmt import DCMTNet
+
+    data = SliceStackDataModule(SyntheticSlices(cache_dir=Path(tmp_dir) / "synthetic", n_subjects=10, image_size=32,
+                                                min_slices=4, max_slices=6),
+                                image_size=32, labeled_batch_size=2, unlabeled_batch_size=4, eval_batch_size=8,
+                                label_ratio=0.5, cache=True)
+    net = DCMTNet("test_resnet", num_classes=3, fa_channels=16, head_channels=16)
+    return MeanTeacherModule(net, consistency_start=0), data
+
+
+register_method("dcmt", MeanTeacherModule, _tiny,
+                paper="Huo et al., Self-ensembling semi-supervised learning with dual-consistency, MedIA 2022")

@@ -1,0 +1,200 @@
+"""``SubjectAggregationModule``: DC-MT stage 2, a mean-teacher bi-GRU that grades subjects from their
+slice features (Huo et al., MedIA 2022; dossier ``../shared/research/method-dcmt.md`` §a.10, §b.3).
+
+Loss: CE on the labeled subjects + ω(e)·MSE(softmax_S, softmax_T) over all subjects, with the
+reference's stage-2 weight ω(e) = c·exp(−5 (1 − (clip(e, 20, 100) − 20)/100)²) from epoch 20 on (0 before;
+0.086294 at e = 50, capped at 0.818731 for e ≥ 100). As in stage 1 the EMA teacher is updated by
+:class:`callbacks.ema_teacher.EMATeacher` per optimiser step (the reference used the epoch index), and runs
+in eval mode. The student's only perturbation is its dropout (plus ``feature_noise`` if the DataModule adds
+it); the reference's teacher also used dropout (``teacher_train_mode=True``).
+
+Metrics, per class and macro (one-vs-rest): AUROC, accuracy, sensitivity, specificity, F1
+(:class:`lightning_modules.dcmt_metrics.SubjectMetrics`). The same metrics of the *mean-pooling baseline*
+(the subject's mean slice probability from stage 1) are logged under ``<stage>/meanpool_*``, so every run
+reports how much the aggregator adds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import masked_ce
+from lightning_modules.dcmt_metrics import SubjectMetrics
+from lightning_modules.mean_teacher import offset_sigmoid_rampup, sigmoid_rampup, softmax_mse
+from lightning_modules.registry import register_method
+
+__all__ = ["SubjectAggregationModule", "subject_consistency_weight"]
+
+
+def subject_consistency_weight(t: float, consistency: float = 1.0, start: float = 20, rampup: float = 100,
+                               ramp: str = "reference") -> float:
+    """ω(t): 0 before ``start``; then ``consistency`` × the reference ramp (``offset_sigmoid_rampup``) or,
+    with ``ramp="shifted"``, ``sigmoid_rampup(t − start, rampup)`` which reaches the maximum."""
+    if t < start:
+        return 0.0
+    if ramp == "reference":
+        return consistency * offset_sigmoid_rampup(t, start, rampup)
+    if ramp == "shifted":
+        return consistency * sigmoid_rampup(t - start, rampup)
+    raise ValueError(f"ramp must be 'reference' or 'shifted', got {ramp!r}")
+
+
+class SubjectAggregationModule(MedAttnModule):
+    """Mean-teacher subject classifier on :class:`datamodules.subject_features.SubjectFeatureDataModule` batches.
+
+    Args:
+        net: the student aggregator, e.g. :class:`networks.aggregation.BiGRUAggregator`.
+        class_names: per-class log keys (replaced by the DataModule's).
+        consistency, consistency_start, consistency_rampup, ramp: ω(t) (1, 20, 100, ``"reference"``).
+        ramp_unit: ``"epoch"`` (1-based, the reference) or ``"step"``.
+        ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.mean_teacher.MeanTeacherModule`.
+        optimizer, scheduler: see :class:`lightning_modules.base.MedAttnModule`.
+    """
+
+    def __init__(self, net: nn.Module, class_names: list[str] | None = None, consistency: float = 1.0,
+                 consistency_start: float = 20, consistency_rampup: float = 100, ramp: str = "reference",
+                 ramp_unit: str = "epoch", ema_decay: float = 0.99, teacher_train_mode: bool = False,
+                 eval_model: str = "both", optimizer: OptimizerCallable = default_optimizer,
+                 scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["net"])
+        subject_consistency_weight(consistency_start, ramp=ramp)  # validates ramp
+        if ramp_unit not in ("epoch", "step"):
+            raise ValueError(f"ramp_unit must be 'epoch' or 'step', got {ramp_unit!r}")
+        self.eval_names = eval_model_names(eval_model)
+        self.student = net
+        self.teacher = make_teacher(net, train_mode=teacher_train_mode)
+        k = net.num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+        self.metrics = nn.ModuleDict({f"{stage}_{name}": SubjectMetrics(k)
+                                      for stage in ("val", "test") for name in (*self.eval_names, "meanpool")})
+
+    def configure_callbacks(self):
+        return [EMATeacher(decay=self.hparams.ema_decay)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.train(mode and self.hparams.teacher_train_mode)
+        return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "num_classes"):
+            if dm.num_classes != self.student.num_classes:
+                raise ValueError(f"the aggregator has {self.student.num_classes} outputs but the data has "
+                                 f"{dm.num_classes} classes; set model.net.init_args.num_classes")
+            self.class_names = list(dm.class_names)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.student(features)
+
+    def forward_student(self, features: torch.Tensor) -> torch.Tensor:
+        return self.student(features)
+
+    @torch.no_grad()
+    def forward_teacher(self, features: torch.Tensor) -> torch.Tensor:
+        return self.teacher(features)
+
+    def consistency_weight(self) -> float:
+        hp = self.hparams
+        t = float(self.current_epoch + 1) if hp.ramp_unit == "epoch" else float(self.global_step)
+        return subject_consistency_weight(t, hp.consistency, hp.consistency_start, hp.consistency_rampup, hp.ramp)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.forward_student(batch["features"])
+        terms = {"cls": masked_ce(logits, batch["labels"], batch["label_mask"])}
+        weight = self.consistency_weight()
+        total = terms["cls"]
+        if weight > 0:
+            teacher_logits = self.forward_teacher(batch.get("features_teacher", batch["features"]))
+            terms["cons_cls"] = softmax_mse(logits, teacher_logits)
+            total = total + weight * terms["cons_cls"]
+        terms["total"] = total
+        self.check_finite(terms)
+        self.log_losses("train", terms, batch_size=len(logits))
+        self.log("train/w_cons", weight, on_step=True, on_epoch=False, batch_size=1)
+        return total
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        known = batch["label_mask"].any(1)
+        target = batch["labels"].argmax(1)
+        for i, name in enumerate(self.eval_names):
+            logits = getattr(self, name)(batch["features"])
+            if i == 0:
+                self.log(f"{stage}/loss", masked_ce(logits, batch["labels"], batch["label_mask"]),
+                         batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
+            if bool(known.any()):
+                self.metrics[f"{stage}_{name}"].update(logits[known].float().softmax(-1), target[known])
+        if bool(known.any()):
+            self.metrics[f"{stage}_meanpool"].update(batch["mean_probabilities"][known].float(), target[known])
+
+    def _log_metrics(self, stage: str) -> None:
+        for i, name in enumerate((*self.eval_names, "meanpool")):
+            if name == "meanpool":
+                values = self.metrics[f"{stage}_meanpool"].compute(f"{stage}/meanpool_", self.class_names)
+            else:
+                suffix = "" if i == 0 else f"_{name}"
+                values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
+            self.log_dict(values, sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        net = getattr(self, self.eval_names[-1])
+        return {"subject_id": batch["subject_id"], "probabilities": net(batch["features"]).float().softmax(-1)}
+
+
+def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int = 3, seed: int = 0) -> Path:
+    """A small slice-feature file with a learnable signal, in the SliceFeatureWriter format."""
+    rng = np.random.default_rng(seed)
+    rows = {k_: [] for k_ in ("features", "probabilities", "image_id", "subject_id", "slice_index", "slice_label",
+                              "subject_label")}
+    for s in range(n_subjects):
+        grade, n = s % k, int(rng.integers(4, 9))
+        for i in range(n):
+            f = rng.standard_normal(dim).astype(np.float32)
+            f[grade] += 2.0
+            rows["features"].append(f)
+            rows["probabilities"].append(np.eye(k, dtype=np.float32)[grade] * 0.5 + 0.5 / k)
+            rows["image_id"].append(f"s{s:03d}_{i:03d}")
+            rows["subject_id"].append(f"s{s:03d}")
+            rows["slice_index"].append(i)
+            rows["slice_label"].append(grade)
+            rows["subject_label"].append(grade)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, class_names=np.array([f"grade_{i}" for i in range(k)]),
+             **{key: np.asarray(v) for key, v in rows.items()})
+    return path
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.subject_features import SubjectFeatureDataModule
+    from networks.aggregation import BiGRUAggregator
+
+    path = _write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz")
+    data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, label_ratio=0.5, labeled_batch_size=2,
+                                    unlabeled_batch_size=2, eval_batch_size=8)
+    net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8)
+    return SubjectAggregationModule(net, consistency_start=0), data
+
+
+register_method("dcmt_subject", SubjectAggregationModule, _tiny,
+                paper="Huo et al., Self-ensembling semi-supervised learning with dual-consistency, MedIA 2022 (stage 2)")
