@@ -67,16 +67,17 @@ class CAMLogger(pl.Callback):
         gathered = pl_module.all_gather({"image": tensors[0], "maps": tensors[1], "scores": tensors[2],
                                          "attention": tensors[3], "labels": tensors[4], "boxes": boxes,
                                          "valid": valid})
+        log_dir = trainer.log_dir  # a collective under DDP (it broadcasts): never call it inside the rank-0 branch
         if trainer.is_global_zero:
-            self._log(trainer, pl_module, gathered)
+            self._log(trainer, pl_module, gathered, Path(log_dir or trainer.default_root_dir))
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict, log_dir: Path) -> None:
         flat = {k: (v.flatten(0, 1) if trainer.world_size > 1 else v).cpu() for k, v in gathered.items()}
         keep = flat["valid"].bool()
         flat = {k: v[keep][: self.num_images] for k, v in flat.items()}
         names = list(getattr(pl_module, "class_names", [str(k) for k in range(flat["maps"].shape[1])]))
         overlays, captions, wandb_boxes, wandb_masks = [], [], [], []
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "cams" / f"epoch_{trainer.current_epoch:03d}"
+        out_dir = log_dir / "cams" / f"epoch_{trainer.current_epoch:03d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         for i in range(len(flat["image"])):
             k = int(flat["scores"][i].argmax())

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
 from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr,
                                  seed_worker_transform)
+from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
 from datamodules.splits import assign_streams, kfold_by_patient, split_by_patient, split_summary
 from datamodules.transforms import CXRTransform
@@ -62,6 +63,8 @@ class CXRDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers. One worker decodes ~75 PNG/s at 512 px, far above what a CPU model
             consumes, and each worker takes a core from the model: keep it small on small machines.
         seed: split, stream and sampling seed.
+        skip_corrupt: decode every image (and mask) once at setup, drop the unreadable ones and count them in
+            ``self.report`` (without it, an unreadable image raises a ``DataError`` naming its path when loaded).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class CXRDataModule(pl.LightningDataModule):
         augment_kwargs: dict | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["reader"])
@@ -96,14 +100,37 @@ class CXRDataModule(pl.LightningDataModule):
         self.splits: dict[str, np.ndarray] = {}
         self.train_streams = np.zeros(0, np.int64)
         self.summary = None
+        self.report: dict[str, list[str]] = {"skipped_corrupt": []}
 
     # ------------------------------------------------------------------------------------ properties
     def _ensure_manifest(self) -> Manifest:
         if self.manifest is None:
-            self.manifest = self.reader.load()
-            if len(self.manifest) == 0:
-                raise DataError(f"{type(self.reader).__name__} returned no images ({self.manifest.source})")
+            manifest = self.reader.load()
+            if len(manifest) == 0:
+                raise DataError(f"{type(self.reader).__name__} returned no images ({manifest.source})")
+            if self.hparams.skip_corrupt:
+                manifest = self._drop_corrupt(manifest)
+            self.manifest = manifest
         return self.manifest
+
+    def _drop_corrupt(self, manifest: Manifest) -> Manifest:
+        keep = []
+        for i, row in enumerate(manifest.records.itertuples(index=False)):
+            try:
+                hw = tuple(read_gray_uint8(row.image_path).shape[1:])
+                for path in (row.mask_path, row.attention_mask_path):
+                    if path:
+                        read_mask(path, hw)
+                keep.append(i)
+            except DataError as err:
+                self.report["skipped_corrupt"].append(str(err))
+        if self.report["skipped_corrupt"]:
+            print(f"[medattn] skipped {len(self.report['skipped_corrupt'])} unreadable image(s); first: "
+                  f"{self.report['skipped_corrupt'][0]}")
+        if not keep:
+            raise DataError(f"every image of {type(self.reader).__name__} is unreadable; first: "
+                            f"{self.report['skipped_corrupt'][0]}")
+        return manifest.subset(keep)
 
     @property
     def class_names(self) -> list[str]:

@@ -19,6 +19,8 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from callbacks.run_info import SplitSummaryLogger
+
 
 class RunConfigSaver(SaveConfigCallback):
     """Write the resolved config into the run's own directory (``trainer.log_dir``, which ``MedAttnLogger``
@@ -47,6 +49,8 @@ class MedAttnCLI(LightningCLI):
             parser_kwargs={"default_env": True},
             seed_everything_default=0,
             auto_configure_optimizers=False,
+            # added to every run, on top of the callbacks a config lists
+            trainer_defaults={"callbacks": [SplitSummaryLogger()]},
             args=args,
             run=run,
         )

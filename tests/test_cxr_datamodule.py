@@ -82,3 +82,22 @@ def test_missing_image_names_its_path(reader, tmp_path):
 
     with pytest.raises(DataError, match="gone.png"):
         CXRDataset(manifest, CXRTransform(32), STREAM_LABEL)[0]
+
+
+def test_skip_corrupt_drops_and_counts_unreadable_images(reader, tmp_path):
+    manifest = reader.load()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    manifest.records.loc[3, "image_path"] = str(broken)
+    manifest.records.loc[5, "image_path"] = str(tmp_path / "absent.png")
+
+    class Fixed:
+        def load(self):
+            return manifest
+
+    dm = CXRDataModule(Fixed(), image_size=32, skip_corrupt=True)
+    dm.setup("fit")
+    assert len(dm.manifest) == len(manifest) - 2
+    assert len(dm.report["skipped_corrupt"]) == 2
+    assert any("broken.png" in m for m in dm.report["skipped_corrupt"])
+    assert any("absent.png" in m for m in dm.report["skipped_corrupt"])
