@@ -42,8 +42,9 @@ from torch import nn
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.registry import register_method
+from lightning_modules.weak_localization import update_localization
 
-__all__ = ["PCAMModule", "pcam_bce", "heatmaps_at_input"]
+__all__ = ["PCAMModule", "pcam_bce"]
 
 
 def pcam_bce(
@@ -83,18 +84,6 @@ def pcam_bce(
     per_task = (raw * valid).sum(0) / n.clamp_min(1) * active  # inactive tasks: exactly 0, zero gradient
     total = per_task.sum() if task_reduction == "sum" else per_task.mean()
     return total, per_task.detach()
-
-
-def heatmaps_at_input(heatmaps: torch.Tensor, image_size: Sequence[int], frame: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, K, h, w) heatmaps -> (B, K, H, W) at the network input, bilinear, letterbox padding set to 0."""
-    out = F.interpolate(heatmaps.float(), size=tuple(image_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    if frame is not None:
-        h_valid = (frame[:, 0] * frame[:, 2]).round().long().clamp(1, out.shape[-2])
-        w_valid = (frame[:, 1] * frame[:, 2]).round().long().clamp(1, out.shape[-1])
-        rows = torch.arange(out.shape[-2], device=out.device)[None, :, None] < h_valid[:, None, None].to(out.device)
-        cols = torch.arange(out.shape[-1], device=out.device)[None, None, :] < w_valid[:, None, None].to(out.device)
-        out = out * (rows & cols)[:, None].to(out.dtype)
-    return out
 
 
 class PCAMModule(MedAttnModule):
@@ -206,23 +195,9 @@ class PCAMModule(MedAttnModule):
             self.update_localization(batch, self.net.maps_to_heatmaps(logit_maps))
 
     def update_localization(self, batch: dict, heatmaps: torch.Tensor) -> None:
-        """Feed the test localisation metrics with (B, K, h, w) heatmaps of ``batch``."""
-        boxed = batch.get("has_boxes")
-        with_mask = batch.get("has_attention_mask")
-        has_box = boxed is not None and bool(boxed.any())
-        positive = (batch["labels"] * batch["label_mask"].float()) > 0
-        has_mask = with_mask is not None and bool((with_mask & positive.any(1)).any())
-        if not (has_box or has_mask):
-            return
-        maps = heatmaps_at_input(heatmaps, batch["image"].shape[-2:], batch.get("frame"))
-        if has_box:
-            idx = boxed.nonzero().flatten().tolist()
-            self.test_localization.update(heatmaps=maps[idx], boxes=[batch["boxes"][i] for i in idx],
-                                          box_labels=[batch["box_labels"][i] for i in idx])
-        if has_mask:
-            keep = with_mask & positive.any(1)
-            agnostic = maps.masked_fill(~positive[:, :, None, None], 0).amax(1, keepdim=True)
-            self.test_localization.update(heatmaps=agnostic[keep], masks=batch["attention_mask"][keep])
+        """Feed the test localisation metrics with (B, K, h, w) heatmaps of ``batch`` (the procedure shared by
+        every classification method, :func:`lightning_modules.weak_localization.update_localization`)."""
+        update_localization(self.test_localization, batch, heatmaps)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"image_id": batch["image_id"], "probabilities": torch.sigmoid(self(batch["image"]).float())}

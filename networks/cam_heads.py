@@ -27,31 +27,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.backbones import create_backbone
 from networks.pooling import GlobalPool, PCAMPool, create_pool
 
-__all__ = ["CAMHeads", "PoolingClassifier", "create_backbone", "minmax_normalize"]
-
-
-def create_backbone(name: str, in_chans: int = 1, pretrained_file: str | Path | None = None, **kwargs) -> nn.Module:
-    """A timm model without classifier and global pool; ``forward_features`` gives (B, C, h, w).
-
-    Pretrained weights come only from a local file (``pretrained_cfg_overlay=dict(file=...)``), never from
-    the hub; timm drops the classifier weights and adapts the stem to ``in_chans``.
-    """
-    if pretrained_file is not None:
-        path = Path(pretrained_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained_file {str(path)!r} does not exist. Give a local timm/torchvision state_dict for "
-                f"{name!r} (weights are never downloaded), or set pretrained_file: null for random init."
-            )
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    return timm.create_model(name, num_classes=0, global_pool="", in_chans=in_chans, **kwargs)
+__all__ = ["CAMHeads", "PoolingClassifier", "minmax_normalize"]
 
 
 def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -140,7 +123,8 @@ class PoolingClassifier(nn.Module):
         pool: pool name (``avg``, ``max``, ``lse``, ``exp``, ``linear``, ``pcam``, ``avg_max``) or module.
         pool_kwargs: constructor arguments of the pool (``gamma`` for LSE).
         in_chans: image channels (1 for grey CXRs; timm adapts pretrained stems).
-        pretrained_file: local weights file for the backbone, or None (random init).
+        pretrained, weights_file: ImageNet weights from a local file (``pretrained_cfg_overlay=dict(file=...)``),
+            never the hub by default; see :func:`networks.backbones.create_backbone`.
         fc_bn, drop_rate: see :class:`CAMHeads` (both break the identity; off by default).
     """
 
@@ -151,7 +135,8 @@ class PoolingClassifier(nn.Module):
         pool: str | GlobalPool = "pcam",
         pool_kwargs: dict | None = None,
         in_chans: int = 1,
-        pretrained_file: str | None = None,
+        pretrained: bool = False,
+        weights_file: str | Path | None = None,
         backbone_kwargs: dict | None = None,
         attn_layer: Callable[[int], nn.Module] | None = None,
         fc_bn: bool = False,
@@ -160,7 +145,8 @@ class PoolingClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
-            backbone = create_backbone(backbone, in_chans, pretrained_file, **(backbone_kwargs or {}))
+            backbone = create_backbone(backbone, pretrained=pretrained, weights_file=weights_file, in_chans=in_chans,
+                                       num_classes=0, global_pool="", **(backbone_kwargs or {}))
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
         self.attn = attn_layer(self.num_features) if attn_layer is not None else nn.Identity()

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lightning_modules import METHODS
-from lightning_modules.pcam import PCAMModule, heatmaps_at_input, pcam_bce
+from lightning_modules.pcam import PCAMModule, pcam_bce
+from lightning_modules.weak_localization import heatmaps_at_input
 from networks.cam_heads import PoolingClassifier
 
 LN2 = math.log(2)

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from networks.cam_heads import CAMHeads, PoolingClassifier, create_backbone, minmax_normalize
+from networks.cam_heads import CAMHeads, PoolingClassifier, minmax_normalize
 from networks.pooling import (
     AvgPool, ConcatPool, LSEPool, NormalizedAttentionPool, PCAMPool, create_pool, pcam_weights,
 )
@@ -222,11 +222,13 @@ def test_backbone_from_local_file_only(tmp_path):
     ref = timm.create_model("test_resnet", num_classes=0, global_pool="", in_chans=3)
     path = tmp_path / "w.pth"
     torch.save(ref.state_dict(), path)
-    net = PoolingClassifier("test_resnet", num_classes=2, in_chans=3, pretrained_file=str(path))
+    net = PoolingClassifier("test_resnet", num_classes=2, in_chans=3, weights_file=str(path))
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(net.backbone.state_dict()[name], value)
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
-        create_backbone("test_resnet", pretrained_file=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PoolingClassifier("test_resnet", weights_file=tmp_path / "missing.pth")
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):  # pretrained without a file never hits the hub
+        PoolingClassifier("test_resnet", pretrained=True)
 
 
 def test_densenet121_shapes_small():
