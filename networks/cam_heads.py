@@ -112,7 +112,9 @@ class PoolingClassifier(nn.Module):
         ``backbone_kwargs`` go to ``timm.create_model`` (e.g. ``output_stride=16`` for finer CAMs on a
         ResNet). A ready ``nn.Module`` with ``forward_features`` and ``num_features`` is accepted too.
       * ``attn_layer`` (e.g. an SE or position-attention block class, built as ``attn_layer(C)``) is applied
-        **once** to the features before the heads, not K times in series inside the task loop (e.2).
+        **once** to the features before the heads, not K times in series inside the task loop (e.2). There is
+        no string registry of attention modules, so an unknown name cannot silently become ``None`` (e.4).
+      * logit maps are always (B, K, h, w), never squeezed, also for a batch of one (e.10).
       * heatmaps: ``heatmap="auto"`` gives σ(logit map) for PCAM (an absolute probability, no
         renormalisation) and per-map min-max normalised CAMs for the other pools; "sigmoid"/"minmax"
         force one.

@@ -205,6 +205,19 @@ def test_pooling_classifier_forward_backward(pool):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("pool", ["pcam", "lse"])
+def test_bf16_autocast_and_channels_last(pool):
+    net = PoolingClassifier("test_resnet", num_classes=3, pool=pool).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        net_cl = net.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, s = net_cl.forward_with_maps(x.contiguous(memory_format=torch.channels_last))
+    assert torch.isfinite(z.float()).all() and torch.isfinite(s.float()).all()
+    torch.testing.assert_close(z.float(), ref, atol=0.05, rtol=0.05)
+
+
 def test_pooling_classifier_attention_layer_is_applied_once():
     calls = []
 
