@@ -24,7 +24,7 @@ Fixes of the reference code (dossier ``method-magsd.md`` (e)):
       arguments swapped and reported TN / (TN + FN).
     * Splits are by patient and seeded (``CXRDataModule(seed=..., num_folds=..., fold=...)``); the
       reference seeded its split with the time of day and drew folds with unseeded ``random.sample``.
-    * The augmentation randomness is a pure function of ``(seed, global_step, batch_idx, rank)``.
+    * The augmentation randomness is a pure function of ``(augment_seed, global_step, batch_idx, rank)``.
 
 Choices where paper and code are silent:
     * The smoothed target follows the code: ``t_y = 1 − K·ε``, ``t_k = ε``, which sums to ``1 − ε`` (0.99), not 1.
@@ -133,7 +133,8 @@ class MAGSDModule(MedAttnModule):
         sd_weight: weight of each soft-distance term (1 in the reference).
         augmented_bn_stats: let the augmented shots update the BN running statistics (reference: True).
         attention_mode: ``"mean"`` or ``"class"`` (see ``attention_maps``).
-        seed: seed of the augmentation randomness.
+        augment_seed: seed of the augmentation randomness; default ``torch.initial_seed()`` at construction, i.e. the
+            ``seed_everything`` seed when built by the CLI.
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
@@ -147,7 +148,7 @@ class MAGSDModule(MedAttnModule):
         sd_weight: float = 1.0,
         augmented_bn_stats: bool = True,
         attention_mode: str = "mean",
-        seed: int = 0,
+        augment_seed: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
@@ -156,6 +157,9 @@ class MAGSDModule(MedAttnModule):
         if attention_mode not in ("mean", "class"):
             raise ValueError(f"attention_mode must be 'mean' or 'class', got {attention_mode!r}")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        if augment_seed is None:
+            augment_seed = torch.initial_seed() % 2**31
+        self.augment_seed = self.hparams.augment_seed = int(augment_seed)
         self.net = net
         self.num_classes = int(net.num_classes)
         self.class_names = list(class_names) if class_names else [str(k) for k in range(self.num_classes)]
@@ -194,7 +198,7 @@ class MAGSDModule(MedAttnModule):
         """The augmentation generator, reseeded every step from (seed, step, batch, rank): reproducible, resumable."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        key = hash((int(self.hparams.seed), int(self.global_step), int(batch_idx), int(self.global_rank)))
+        key = hash((self.augment_seed, int(self.global_step), int(batch_idx), int(self.global_rank)))
         return self._generator.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
 
     @staticmethod

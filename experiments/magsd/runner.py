@@ -1,0 +1,64 @@
+"""Run one ``medattn`` experiment in-process (fit, then test on the final weights) and return its numbers.
+
+Shared by :mod:`experiments.magsd.crossval` and :mod:`experiments.magsd.acceptance`. The arguments are exactly
+those of ``medattn fit`` (``-c file.yaml``, ``--data.init_args.fold 2`` ...), so every run is also reproducible
+from the command line, and each run logs to its own run directory like any other ``medattn`` run.
+
+Test uses the weights at the end of training (not the best validation checkpoint): the validation splits
+here are small, and selecting on them would add noise and an optimistic bias.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def run_experiment(args: Sequence[str]) -> dict:
+    """``medattn fit <args>`` then ``test``; returns split sizes, fit time, steps and every ``test/*`` metric."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from experiments.cli import MedAttnCLI
+
+    cli = MedAttnCLI(args=list(args), run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    out = {f"n_{name}": int(len(index)) for name, index in getattr(data, "splits", {}).items()}
+    out.update(fit_seconds=round(fit_seconds, 1), epochs=int(trainer.current_epoch), steps=int(trainer.global_step),
+               run_dir=str(getattr(trainer, "log_dir", "")))
+    out.update({key: float(value) for key, value in metrics.items()})
+    return out
+
+
+def summary_table(rows: list[dict], key: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run plus ``mean`` and ``std`` rows (NaN-aware) over the numeric columns."""
+    frame = pd.DataFrame(rows)
+    if columns is not None:
+        frame = frame[[key] + [c for c in columns if c in frame.columns]]
+    numeric = frame.drop(columns=[key]).apply(pd.to_numeric, errors="coerce")
+    stats = pd.DataFrame([numeric.mean(skipna=True), numeric.std(skipna=True, ddof=1)])
+    stats.insert(0, key, ["mean", "std"])
+    return pd.concat([frame.astype({key: str}), stats], ignore_index=True)
+
+
+def to_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub markdown table (no ``tabulate`` dependency)."""
+
+    def cell(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            if math.isnan(value):
+                return "nan"
+            return f"{value:.{digits}f}".rstrip("0").rstrip(".")  # 23.000 -> 23, 0.280 -> 0.28
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
