@@ -182,3 +182,20 @@ def test_learns_tiny_synthetic_volumes(tmp_path):
     trainer.fit(module, data)
     after = float(trainer.callback_metrics["val/dice"])
     assert before < 0.4 and after > 0.7, (before, after)
+
+
+def test_registered_tiny_fits_validates_and_tests(tmp_path):
+    from lightning_modules import METHODS
+
+    spec = METHODS["nonlocal_unet"]
+    assert "1812.04103" in spec.paper
+    module, data = spec.tiny(tmp_path)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
+    assert {"train/loss", "val/loss", "val/dice", "val/dice_GM", "val/hd95", "val/mhd"} <= set(trainer.callback_metrics)
+    results = trainer.test(module, data, verbose=False)[0]
+    assert {"test/dice", "test/dice_WM", "test/hd95_CSF", "test/mhd"} <= set(results)
+    assert module.class_names == data.class_names
