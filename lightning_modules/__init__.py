@@ -9,3 +9,5 @@ import lightning_modules.magsd  # noqa: F401,E402
 import lightning_modules.pcam  # noqa: F401,E402
 import lightning_modules.mean_teacher  # noqa: F401,E402
 import lightning_modules.subject_aggregation  # noqa: F401,E402
+import lightning_modules.retinanet  # noqa: F401,E402
+import lightning_modules.oxnet  # noqa: F401,E402

@@ -1,0 +1,333 @@
+"""``OXnetModule``: omni-supervised detection from box-annotated, image-labelled and unlabeled chest X-rays.
+
+L. Luo, H. Chen, Y. Zhou, H. Lin, P.-A. Heng, "OXnet: Deep Omni-supervised Thoracic Disease Detection from Chest
+X-rays", MICCAI 2021 (arXiv:2104.03218). Stage 2 of the recipe: the student (:class:`networks.oxnet.OXnet`) starts
+from a stage-1 :class:`~lightning_modules.retinanet.RetinaNetModule` checkpoint, the teacher is its EMA
+(``callbacks.ema_teacher.EMATeacher``), and the class prototypes are updated by
+``callbacks.prototype_momentum.PrototypeMomentum``. Maths: :mod:`networks.oxnet`.
+
+One training batch holds three streams (``datamodules/batch.py``), each with a fixed count per rank:
+
+==============  ============================================================================================
+stream          losses
+==============  ============================================================================================
+box             focal + smooth-L1 on the boxes; DAA; GPA; label-filtered distillation (``distill_box_stream``)
+label           DAA; GPA; label-filtered distillation (pseudo-boxes of classes the image is labelled with)
+unlabeled       distillation filtered by teacher confidence only (``unlabeled_score_thresh``), no label filter
+==============  ============================================================================================
+
+The label filter is one rule for every stream: a pseudo-box of class c is dropped when c is *known negative* for
+the image (``label_mask`` and label 0), so a fully labelled image keeps only its labelled classes and an unlabeled
+image (nothing known) keeps everything above the confidence threshold. The reference code had two streams only,
+fed its "unlabeled" stream with image labels, and left box images out of distillation; the issue asks for box images
+to take part in "everything else", which ``distill_box_stream=True`` does (``False`` restores the reference).
+
+Normalisation (why the numbers decompose under DDP): focal/regression are per-image means over the box images, DAA
+is divided by the number of labelled images, distillation is a per-image mean over the distillation images, and the
+GPA batch means F̄_c are sums all-reduced over ranks with a differentiable all-reduce. With per-rank stream counts fixed
+by the sampler, a W-process run therefore has the same loss and gradients as one process on the W-times batch.
+
+Loss weights default to 1 (the reference; its ramped "consistency weight" was computed but never used).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from callbacks.ema_teacher import eval_model_names, make_teacher
+from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.registry import register_method
+from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_
+from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes)
+from networks.retina import RetinaNet, detection_losses
+
+__all__ = ["OXnetModule", "load_stage1_weights"]
+
+LOSS_NAMES = ("focal", "box", "daa", "intra", "inter", "sfl", "consistency")
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward also sums over ranks (every rank computes the same loss from the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def load_stage1_weights(retina: RetinaNet, checkpoint: str | Path) -> None:
+    """Load a stage-1 checkpoint into ``retina``: a Lightning checkpoint of ``RetinaNetModule`` (``net.*`` keys) or
+    a plain RetinaNet ``state_dict``. Strict, so a mismatched architecture fails with the offending keys."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_checkpoint {path} does not exist (train stage 1 first: "
+                                "medattn fit -c experiments/retinanet/synthetic.yaml)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    if any(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    retina.load_state_dict(state, strict=True)
+
+
+class OXnetModule(MedAttnModule):
+    """OXnet stage 2.
+
+    Args:
+        net: an :class:`networks.oxnet.OXnet` (the student); the teacher is a frozen copy of it.
+        init_checkpoint: stage-1 checkpoint loaded into ``net.retina`` before the teacher is copied (the global
+            head stays zero-initialised). ``None`` starts from the network's own initialisation.
+        class_names: per-class key names (replaced by the DataModule's when trained through ``medattn``).
+        focal_weight, box_weight, daa_weight, intra_weight, inter_weight, sfl_weight, consistency_weight: loss
+            weights (all 1, as in the reference).
+        gpa_margin: δ of the inter-class hinge. gpa_global_batch: under DDP, form F̄_c over the global batch.
+        sfl_alpha0, sfl_alpha1, sfl_gamma: soft focal loss (0.05, 0.95, 2).
+        pseudo_score_thresh: teacher confidence for pseudo-boxes of labelled images (0.5); unlabeled_score_thresh:
+            the same for unlabeled images (0.5). pseudo_nms_thresh: their class-agnostic NMS IoU (0.5).
+        distill_box_stream: also distil on box-stream images (see the module docstring).
+        focal_alpha, focal_gamma, smooth_l1_beta, fg_iou, bg_iou, empty_image_loss: supervised loss settings.
+        score_thresh, nms_thresh, topk_per_level, max_detections: inference.
+        freeze_bn: keep the student's BatchNorm statistics at their stage-1 values (reference); also what makes
+            DDP and single-process runs agree.
+        eval_model: ``"student"``, ``"teacher"`` or ``"both"`` (teacher keys get a ``_teacher`` suffix).
+    """
+
+    def __init__(
+        self,
+        net: OXnet,
+        init_checkpoint: str | None = None,
+        class_names: list[str] | None = None,
+        focal_weight: float = 1.0,
+        box_weight: float = 1.0,
+        daa_weight: float = 1.0,
+        intra_weight: float = 1.0,
+        inter_weight: float = 1.0,
+        sfl_weight: float = 1.0,
+        consistency_weight: float = 1.0,
+        gpa_margin: float = 1.0,
+        gpa_global_batch: bool = True,
+        sfl_alpha0: float = 0.05,
+        sfl_alpha1: float = 0.95,
+        sfl_gamma: float = 2.0,
+        pseudo_score_thresh: float = 0.5,
+        unlabeled_score_thresh: float = 0.5,
+        pseudo_nms_thresh: float = 0.5,
+        distill_box_stream: bool = True,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        smooth_l1_beta: float = 1.0 / 9.0,
+        fg_iou: float = 0.5,
+        bg_iou: float = 0.4,
+        empty_image_loss: str = "negative",
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        topk_per_level: int = 1000,
+        max_detections: int = 100,
+        freeze_bn: bool = True,
+        eval_model: str = "student",
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["net"])
+        if init_checkpoint:
+            load_stage1_weights(net.retina, init_checkpoint)
+        self.student = net
+        self.teacher = make_teacher(net)
+        k, d = net.num_classes, net.feature_dim
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
+        # Prototype state: persistent buffers, so checkpoints carry it (see callbacks.prototype_momentum).
+        self.register_buffer("prototypes", torch.zeros(k, d))
+        self.register_buffer("prototype_updates", torch.zeros(k))
+        self.prototype_stats: tuple[Tensor, Tensor] | None = None
+        self.eval_names = eval_model_names(eval_model)
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_detection", nn.ModuleDict({
+                name: DetectionEvaluation(k, global_scores=True, suffix="" if i == 0 else f"_{name}")
+                for i, name in enumerate(self.eval_names)}))
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "num_classes"):
+            if datamodule.num_classes != self.student.num_classes:
+                raise ValueError(f"the network has {self.student.num_classes} classes but the data has "
+                                 f"{datamodule.num_classes} {datamodule.class_names}")
+            self.class_names = list(datamodule.class_names)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is never in train mode (fixed BN, no dropout)
+        if mode and self.hparams.freeze_bn:
+            freeze_batchnorm_(self.student)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.6 keeps the modules' modes as it finds them (it never calls train() at fit start), so the
+        # frozen-BN / eval-teacher modes are (re)applied here; the evaluation loop restores them afterwards.
+        self.train(True)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Image-level probabilities (B, K) from the global head."""
+        return torch.sigmoid(self.student(self.prepare_image(image))["global_logits"])
+
+    def forward_student(self, image: Tensor) -> dict:
+        return self.student(self.prepare_image(image))
+
+    @torch.no_grad()
+    def forward_teacher(self, image: Tensor) -> dict:
+        return self.teacher.forward_detection(self.prepare_image(image))
+
+    def attention_maps(self, image: Tensor) -> Tensor:
+        return self.student.attention_maps(self.prepare_image(image))
+
+    def postprocess(self, out: dict, image: Tensor) -> list[dict]:
+        hp = self.hparams
+        return self.student.retina.postprocess(out, image.shape[-2:], hp.score_thresh, hp.nms_thresh,
+                                               hp.topk_per_level, hp.max_detections)
+
+    @torch.no_grad()
+    def detect(self, image: Tensor) -> list[dict]:
+        """Student detections per image: ``boxes`` (M, 4) ``xyxy`` in input pixels, ``scores``, ``labels``."""
+        return self.postprocess(self.forward_student(image), image)
+
+    # ------------------------------------------------------------------------------------------ training
+    def _global_sum(self, tensor: Tensor) -> Tensor:
+        if self.hparams.gpa_global_batch and _distributed():
+            return _AllReduceSum.apply(tensor)
+        return tensor
+
+    def supervised_terms(self, out: dict, anchors: Tensor, batch: dict, rows: list[int]) -> tuple[Tensor, Tensor]:
+        hp = self.hparams
+        if not rows:
+            zero = out["cls_logits"].sum() * 0.0 + out["box_deltas"].sum() * 0.0
+            return zero, zero
+        cls, reg = detection_losses(out["cls_logits"][rows], out["box_deltas"][rows], anchors,
+                                    [batch["boxes"][i] for i in rows], [batch["box_labels"][i] for i in rows],
+                                    self.student.retina.box_coder, hp.focal_alpha, hp.focal_gamma,
+                                    hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou, hp.empty_image_loss)
+        return cls.mean(), reg.mean()
+
+    def gpa_terms(self, out: dict, positive: Tensor) -> tuple[Tensor, Tensor]:
+        """Intra/inter losses against the current prototypes; stores the prototype-update statistics."""
+        features = out["category_features"]
+        sums, counts = class_feature_sums(features, positive)
+        # Under DDP, F̄_c is the global-batch mean: sums and counts are all-reduced (one collective, differentiable).
+        reduced = self._global_sum(torch.cat([sums, counts[:, None]], dim=1))
+        sums, counts = reduced[:, :-1], reduced[:, -1]
+        class_mean = sums / counts.clamp(min=1.0)[:, None]
+        intra, inter = gpa_losses(class_mean, counts.detach() > 0, self.prototypes, self.prototype_updates > 0,
+                                  self.hparams.gpa_margin)
+        # Local statistics for PrototypeMomentum (it all-reduces them): weights y · σ(s), detached.
+        probs = torch.sigmoid(out["global_logits"].detach())
+        self.prototype_stats = class_feature_sums(features.detach(), positive * probs)
+        return intra, inter
+
+    def distillation_terms(self, out: dict, anchors: Tensor, batch: dict, rows: list[int],
+                           image_hw) -> tuple[Tensor, Tensor]:
+        hp = self.hparams
+        zero = out["cls_logits"].sum() * 0.0 + out["box_deltas"].sum() * 0.0
+        if not rows:
+            return zero, zero
+        teacher_image = batch.get("image_teacher", batch["image"])[rows]
+        teacher = self.forward_teacher(teacher_image)
+        teacher_probs = torch.sigmoid(teacher["cls_logits"].float())
+        retina = self.student.retina
+        known_negative = batch["label_mask"] & (batch["labels"] < 0.5)
+        sfl, reg = [], []
+        for j, i in enumerate(rows):
+            unlabeled = int(batch["stream"][i]) == STREAM_UNLABELED
+            thresh = hp.unlabeled_score_thresh if unlabeled else hp.pseudo_score_thresh
+            pseudo = pseudo_boxes(teacher_probs[j], teacher["box_deltas"][j], anchors,
+                                  lambda d, a: retina.decode(d, a, image_hw), thresh, hp.pseudo_nms_thresh,
+                                  allowed_classes=~known_negative[i])
+            s, r = distillation_losses(out["cls_logits"][i], out["box_deltas"][i], teacher_probs[j], anchors,
+                                       pseudo["boxes"], retina.box_coder, hp.sfl_alpha0, hp.sfl_alpha1, hp.sfl_gamma,
+                                       hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou)
+            sfl.append(s)
+            reg.append(r)
+        return torch.stack(sfl).mean() + zero, torch.stack(reg).mean() + zero
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        image = self.prepare_image(batch["image"])
+        out = self.student(image)
+        anchors = self.student.retina.anchors(image.shape[-2:], out["cls_maps"])
+        stream = batch["stream"].tolist()
+        box_rows = [i for i, s in enumerate(stream) if s == STREAM_BOX]
+        distil_rows = [i for i, s in enumerate(stream) if s != STREAM_BOX or hp.distill_box_stream]
+        positive = ((batch["labels"] > 0.5) & batch["label_mask"]).float()
+
+        terms = {}
+        terms["focal"], terms["box"] = self.supervised_terms(out, anchors, batch, box_rows)
+        terms["daa"] = daa_loss(out["global_logits"], batch["labels"], batch["label_mask"])
+        terms["intra"], terms["inter"] = self.gpa_terms(out, positive)
+        terms["sfl"], terms["consistency"] = self.distillation_terms(out, anchors, batch, distil_rows,
+                                                                     image.shape[-2:])
+        terms["total"] = sum(getattr(hp, f"{name}_weight") * terms[name] for name in LOSS_NAMES)
+        self.check_finite(terms)
+        self.log_losses("train", terms, batch_size=len(stream))
+        return terms["total"]
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def eval_step(self, batch: dict, stage: str) -> None:
+        image = self.prepare_image(batch["image"])
+        for name, evaluation in getattr(self, f"{stage}_detection").items():
+            out = getattr(self, name)(image)
+            local = torch.sigmoid(out["cls_logits"].float()).amax(dim=1)
+            evaluation.update(self.postprocess(out, image), batch, local, torch.sigmoid(out["global_logits"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"image_id": batch["image_id"], "detections": self.detect(batch["image"]),
+                "scores": self(batch["image"])}
+
+    def on_validation_epoch_end(self) -> None:
+        for evaluation in self.val_detection.values():
+            evaluation.log(self, "val", self.class_names)
+
+    def on_test_epoch_end(self) -> None:
+        for evaluation in self.test_detection.values():
+            evaluation.log(self, "test", self.class_names)
+
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.cxr import CXRDataModule
+    from datamodules.synthetic import SyntheticCXR
+
+    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=60, image_size=64, seed=0,
+                                      box_fraction=0.5),
+                         image_size=64, box_fraction=0.2, unlabeled_fraction=0.3, box_batch_size=1,
+                         labeled_batch_size=1, unlabeled_batch_size=1, two_views=True, eval_batch_size=8)
+    net = OXnet(RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5),
+                          fpn_channels=16, head_depth=1, anchor_size_factor=2.0))
+    return OXnetModule(net, freeze_bn=False), data
+
+
+register_method("oxnet", OXnetModule, _tiny,
+                paper="Luo et al., OXnet: Deep Omni-supervised Thoracic Disease Detection from Chest X-rays, "
+                      "MICCAI 2021")

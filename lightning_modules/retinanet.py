@@ -1,0 +1,242 @@
+"""``RetinaNetModule``: supervised RetinaNet on the box stream (OXnet stage 1), plus the detection evaluation that
+OXnet reuses.
+
+T.-Y. Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017; configured as in OXnet's stage 1 (dossier
+``method-oxnet.md`` b.1). The network, anchors and losses are in :mod:`networks.retina`.
+
+Evaluation (validation and test), shared with :mod:`lightning_modules.oxnet`:
+    * torchmetrics ``MeanAveragePrecision`` (``faster_coco_eval`` backend, maxDets 100, all areas):
+      ``<stage>/map`` (AP@[.5:.95]), ``map_50``, ``map_75``, ``map_40`` (AP at IoU 0.4, the reference's "AP40"),
+      and per-class ``<stage>/ap/<class>`` (AP@[.5:.95]) and ``<stage>/ap40/<class>``.
+    * Which images enter mAP: those whose box annotation is complete, i.e. box-stream images (``has_boxes``) and
+      images known to be normal (every label known and 0), which have no lesion to box. An image with a finding
+      but no boxes is left out (its missing boxes would count as false positives).
+    * ``<stage>/auroc_local``: image-level AUROC of the highest anchor probability per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MultilabelAUROC
+from torchmetrics.detection import MeanAveragePrecision
+
+from datamodules.batch import STREAM_BOX
+from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import IGNORE, metric_targets
+from lightning_modules.registry import register_method
+from networks.retina import RetinaNet, detection_losses
+
+__all__ = ["RetinaNetModule", "DetectionEvaluation", "box_complete", "freeze_batchnorm_"]
+
+
+def box_complete(batch: dict) -> Tensor:
+    """(B,) bool: images whose box annotation is complete (box stream, or known normal)."""
+    normal = batch["label_mask"].all(dim=1) & (batch["labels"].sum(dim=1) == 0)
+    return batch["has_boxes"].bool() | normal
+
+
+def freeze_batchnorm_(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode (running statistics fixed; affine weights still train), as
+    the reference does each epoch. Needed with small per-rank batches, and makes DDP ranks agree exactly."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class DetectionEvaluation(nn.Module):
+    """One stage's detection metrics: mAP (IoU [.5:.95] and IoU 0.4, torchmetrics), the local image-level AUROC
+    and, with ``global_scores=True``, the AUROC of an image-level head (OXnet's global logits).
+
+    ``suffix`` is appended to the metric names (``val/map_teacher``) when several networks are evaluated.
+    """
+
+    def __init__(self, num_classes: int, global_scores: bool = False, suffix: str = "") -> None:
+        super().__init__()
+        kwargs = dict(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval")
+        self.suffix = suffix
+        self.map = MeanAveragePrecision(**kwargs)
+        self.map40 = MeanAveragePrecision(iou_thresholds=[0.4], **kwargs)
+        self.auroc_local = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE)
+        self.auroc = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE) \
+            if global_scores else None
+
+    def update(self, detections: list[dict], batch: dict, local_scores: Tensor,
+               global_scores: Tensor | None = None) -> None:
+        complete = box_complete(batch).tolist()
+        preds = [d for d, keep in zip(detections, complete) if keep]
+        targets = [{"boxes": b.float(), "labels": lab.long()}
+                   for b, lab, keep in zip(batch["boxes"], batch["box_labels"], complete) if keep]
+        if preds:
+            self.map.update(preds, targets)
+            self.map40.update(preds, targets)
+        truth = metric_targets("multilabel", batch["labels"], batch["label_mask"])
+        self.auroc_local.update(local_scores.detach().float(), truth)
+        if self.auroc is not None:
+            self.auroc.update(global_scores.detach().float(), truth)
+
+    def log(self, module: MedAttnModule, stage: str, class_names: list[str]) -> None:
+        """Compute (collectives under DDP: every rank calls this), log and reset."""
+        full, at40 = self.map.compute(), self.map40.compute()
+        values = {f"{stage}/{k}": full[k] for k in ("map", "map_50", "map_75")}
+        values[f"{stage}/map_40"] = at40["map"]
+        for key, result in (("ap", full), ("ap40", at40)):
+            classes = result["classes"].reshape(-1).tolist()
+            per_class = result.get("map_per_class", torch.zeros(0)).reshape(-1).tolist()
+            for c, ap in zip(classes, per_class):
+                if ap >= 0 and 0 <= c < len(class_names):  # -1 = class absent from the ground truth
+                    values[f"{stage}/{key}/{class_names[c]}"] = torch.tensor(ap)
+        values[f"{stage}/auroc_local"] = self.auroc_local.compute()
+        if self.auroc is not None:
+            values[f"{stage}/auroc"] = self.auroc.compute()
+        # torchmetrics already synchronised the states across ranks in compute()
+        module.log_dict({k + self.suffix: v.float() for k, v in values.items()}, sync_dist=False)
+        for metric in (self.map, self.map40, self.auroc_local, self.auroc):
+            if metric is not None:
+                metric.reset()
+
+
+class RetinaNetModule(MedAttnModule):
+    """RetinaNet trained on the box-annotated images of each batch (other streams are ignored).
+
+    Args:
+        net: a :class:`networks.retina.RetinaNet` (injected from the config).
+        class_names: names for per-class keys; the DataModule's names replace them when trained through ``medattn``.
+        focal_alpha, focal_gamma, smooth_l1_beta, fg_iou, bg_iou: loss settings (dossier a.6 defaults).
+        empty_image_loss: ``"negative"`` (box-free complete images give a negative-only focal loss) or ``"zero"``.
+        score_thresh, nms_thresh, topk_per_level, max_detections: inference (dossier a.12; class-agnostic NMS).
+        freeze_bn: keep backbone BatchNorm statistics fixed (reference; use with pretrained weights). Off by
+            default here because the backbone starts from scratch on the synthetic data.
+        optimizer, scheduler, channels_last: see :class:`~lightning_modules.base.MedAttnModule`.
+    """
+
+    def __init__(
+        self,
+        net: RetinaNet,
+        class_names: list[str] | None = None,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        smooth_l1_beta: float = 1.0 / 9.0,
+        fg_iou: float = 0.5,
+        bg_iou: float = 0.4,
+        empty_image_loss: str = "negative",
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        topk_per_level: int = 1000,
+        max_detections: int = 100,
+        freeze_bn: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        num_classes = net.num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
+        self.val_detection = DetectionEvaluation(num_classes)
+        self.test_detection = DetectionEvaluation(num_classes)
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "num_classes"):
+            if datamodule.num_classes != self.net.num_classes:
+                raise ValueError(f"the network has {self.net.num_classes} classes but the data has "
+                                 f"{datamodule.num_classes} {datamodule.class_names}; set "
+                                 f"model.net.init_args.num_classes={datamodule.num_classes}")
+            self.class_names = list(datamodule.class_names)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.freeze_bn:
+            freeze_batchnorm_(self.net)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.6 keeps the modules' modes as it finds them (it never calls train() at fit start), so the
+        # frozen-BN / eval-teacher modes are (re)applied here; the evaluation loop restores them afterwards.
+        self.train(True)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Image-level class scores (B, K): the highest anchor probability per class."""
+        return torch.sigmoid(self.net(self.prepare_image(image))["cls_logits"].float()).amax(dim=1)
+
+    def attention_maps(self, image: Tensor) -> Tensor:
+        return self.net.attention_maps(self.prepare_image(image))
+
+    def postprocess(self, out: dict, image: Tensor) -> list[dict]:
+        hp = self.hparams
+        return self.net.postprocess(out, image.shape[-2:], hp.score_thresh, hp.nms_thresh, hp.topk_per_level,
+                                    hp.max_detections)
+
+    @torch.no_grad()
+    def detect(self, image: Tensor) -> list[dict]:
+        """Detections per image: ``boxes`` (M, 4) ``xyxy`` in input pixels, ``scores``, ``labels``."""
+        return self.postprocess(self.net(self.prepare_image(image)), image)
+
+    # ------------------------------------------------------------------------------------------ training
+    def supervised_losses(self, out: dict, image_hw, boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Mean focal and regression losses over the images of ``out`` (one per entry of ``boxes``)."""
+        hp = self.hparams
+        anchors = self.net.anchors(image_hw, out["cls_maps"])
+        cls, reg = detection_losses(out["cls_logits"], out["box_deltas"], anchors, boxes, labels, self.net.box_coder,
+                                    hp.focal_alpha, hp.focal_gamma, hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou,
+                                    hp.empty_image_loss)
+        return cls.mean(), reg.mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        rows = (batch["stream"] == STREAM_BOX).nonzero().squeeze(1).tolist()
+        if not rows:
+            raise ValueError("RetinaNetModule needs box-stream images in every training batch: set "
+                             "data.init_args.box_batch_size > 0 (and box_fraction > 0)")
+        image = self.prepare_image(batch["image"][rows])
+        out = self.net(image)
+        focal, box = self.supervised_losses(out, image.shape[-2:], [batch["boxes"][i] for i in rows],
+                                            [batch["box_labels"][i] for i in rows])
+        terms = {"focal": focal, "box": box, "total": focal + box}
+        self.check_finite(terms)
+        self.log_losses("train", terms, batch_size=len(rows))
+        return terms["total"]
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def eval_step(self, batch: dict, stage: str) -> None:
+        image = self.prepare_image(batch["image"])
+        out = self.net(image)
+        scores = torch.sigmoid(out["cls_logits"].float()).amax(dim=1)
+        getattr(self, f"{stage}_detection").update(self.postprocess(out, image), batch, scores)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"image_id": batch["image_id"], "detections": self.detect(batch["image"])}
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_detection.log(self, "val", self.class_names)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_detection.log(self, "test", self.class_names)
+
+
+def _tiny(tmp_dir: Path):
+    from datamodules.cxr import CXRDataModule
+    from datamodules.synthetic import SyntheticCXR
+
+    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0,
+                                      box_fraction=0.5),
+                         image_size=64, box_fraction=0.3, box_batch_size=2, labeled_batch_size=0, eval_batch_size=8)
+    net = RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5), fpn_channels=16,
+                    head_depth=1, anchor_size_factor=2.0)
+    return RetinaNetModule(net), data
+
+
+register_method("retinanet", RetinaNetModule, _tiny,
+                paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017")
