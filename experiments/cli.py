@@ -57,6 +57,12 @@ class MedAttnCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:  # `medattn compare ...`: tabulate finished runs (experiments/compare.py)
+        from experiments.compare import main as compare
+
+        compare(argv[1:])
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     MedAttnCLI(args=args)
 
