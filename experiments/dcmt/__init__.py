@@ -1,0 +1,1 @@
+"""DC-MT experiment configs and the acceptance runner."""

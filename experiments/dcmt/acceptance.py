@@ -1,0 +1,123 @@
+"""Acceptance runs for DC-MT on the synthetic slice stacks (25 % of the training subjects labeled).
+
+Per seed (only the model seed ``--seed_everything`` changes; the data and split stay fixed):
+
+1. ``dcmt``: DC-MT (``synthetic.yaml``), then ``predict`` with the final weights exports the slice features;
+2. ``dcmt_subject``: stage 2 (``../dcmt_subject/synthetic.yaml``) on those features; its ``test/meanpool_*``
+   numbers are the mean-pooling baseline on the same subjects;
+3. ``labeled_only``: the same network on the labeled slices alone (``synthetic_labeled_only.yaml``);
+4. ``no_attention``: DC-MT without the attention losses (``--model.init_args.attention_losses false``).
+
+Every run is tested on the held-out fold with its final weights (no checkpoint selection on that fold).
+Checks printed at the end, on the means over seeds: DC-MT macro AUROC ≥ labeled-only (teacher vs teacher and
+student vs student), TIoU@0.3 with attention losses > without, stage-2 subject AUROC ≥ mean pooling. Run it on
+a quiet machine (the stage-1 configs carry a 10-minute ``max_time``, which a busy machine hits early)::
+
+    OMP_NUM_THREADS=2 WANDB_MODE=disabled python -m experiments.dcmt.acceptance --seeds 0 1 2 \\
+        --out runs/dcmt/acceptance
+    python -m experiments.dcmt.acceptance --quick --seeds 0      # a 2-minute plumbing check, not a result
+
+Extra ``medattn fit`` flags after the known ones are applied to every stage-1 run. Writes
+``<out>/acceptance.json`` and ``<out>/acceptance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+HERE = Path(__file__).resolve().parent
+STAGE1 = {"dcmt": [str(HERE / "synthetic.yaml")], "labeled_only": [str(HERE / "synthetic_labeled_only.yaml")],
+          "no_attention": [str(HERE / "synthetic.yaml"), "--model.init_args.attention_losses", "false"]}
+STAGE2 = str(HERE.parent / "dcmt_subject" / "synthetic.yaml")
+QUICK = ["--data.init_args.reader.init_args.n_subjects", "30", "--data.init_args.reader.init_args.min_slices", "6",
+         "--data.init_args.reader.init_args.max_slices", "10", "--trainer.max_epochs", "2",
+         "--model.init_args.consistency_start", "1", "--trainer.check_val_every_n_epoch", "1"]
+KEYS = ("test/auroc", "test/auroc_teacher", "test/balanced_accuracy_teacher", "test/f1_teacher", "test/tiou@0.3",
+        "test/tiou@0.3_teacher", "test/mtiou_teacher", "test/meanpool_auroc")
+
+
+def fit_test(args: Sequence[str], predict_to: Path | None = None) -> dict:
+    """``medattn fit <args>``, ``test`` on the final weights, optionally ``predict`` the slice features."""
+    import lightning.pytorch as pl
+
+    from callbacks.feature_export import SliceFeatureWriter
+    from experiments.cli import MedAttnCLI
+
+    cli = MedAttnCLI(args=["--trainer.enable_progress_bar", "false", *args], run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    out = {"fit_seconds": round(time.perf_counter() - start, 1), "epochs": int(trainer.current_epoch),
+           "steps": int(trainer.global_step)}
+    out.update({k: float(v) for k, v in trainer.test(model, datamodule=data, verbose=False)[0].items()})
+    if predict_to is not None:
+        exporter = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, callbacks=[SliceFeatureWriter(predict_to)])
+        exporter.predict(model, datamodule=data, return_predictions=False)
+        out["head_channels"] = int(model.student.num_features)
+    return out
+
+
+def _mean(rows: list[dict], method: str, key: str) -> float:
+    values = [r[key] for r in rows if r["method"] == method and key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/dcmt/acceptance")
+    parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: checks the plumbing only")
+    args, extra = parser.parse_known_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [a for a in extra if a != "--"] + (QUICK if args.quick else [])
+    rows: list[dict] = []
+    for seed in args.seeds:
+        for method, config in STAGE1.items():
+            print(f"[acceptance] {method} seed {seed}", flush=True)
+            features = out / f"seed{seed}" / "slice_features.npz" if method == "dcmt" else None
+            argv1 = ["-c", config[0], *config[1:], "--seed_everything", str(seed), *extra]
+            rows.append({"method": method, "seed": seed, **fit_test(argv1, features)})
+            if method == "dcmt":
+                print(f"[acceptance] dcmt_subject seed {seed}", flush=True)
+                argv2 = ["-c", STAGE2, "--seed_everything", str(seed), "--data.init_args.features_file", str(features),
+                         "--model.init_args.net.init_args.in_features", str(rows[-1]["head_channels"])]
+                if args.quick:
+                    argv2 += ["--trainer.max_epochs", "5", "--trainer.check_val_every_n_epoch", "5"]
+                rows.append({"method": "dcmt_subject", "seed": seed, **fit_test(argv2)})
+    checks = {
+        "dcmt_auroc_teacher >= labeled_only_auroc_teacher":
+            _mean(rows, "dcmt", "test/auroc_teacher") >= _mean(rows, "labeled_only", "test/auroc_teacher"),
+        "dcmt_auroc_student >= labeled_only_auroc_student":
+            _mean(rows, "dcmt", "test/auroc") >= _mean(rows, "labeled_only", "test/auroc"),
+        "tiou@0.3_teacher with attention losses > without":
+            _mean(rows, "dcmt", "test/tiou@0.3_teacher") > _mean(rows, "no_attention", "test/tiou@0.3_teacher"),
+        "subject auroc_teacher >= meanpool auroc":
+            _mean(rows, "dcmt_subject", "test/auroc_teacher") >= _mean(rows, "dcmt_subject", "test/meanpool_auroc"),
+    }
+    lines = ["| method | seed | fit s | epochs | " + " | ".join(KEYS) + " |", "|---" * (4 + len(KEYS)) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if k in r else "" for k in KEYS]
+        lines.append(f"| {r['method']} | {r['seed']} | {r['fit_seconds']} | {r['epochs']} | " + " | ".join(cells) + " |")
+    methods = ["dcmt", "labeled_only", "no_attention", "dcmt_subject"]
+    for m in methods:
+        cells = [f"{_mean(rows, m, k):.3f}" if any(k in r for r in rows if r["method"] == m) else "" for k in KEYS]
+        lines.append(f"| **{m} mean** | | | | " + " | ".join(cells) + " |")
+    lines += ["", *[f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in checks.items()]]
+    table = "\n".join(lines)
+    print(table)
+    payload = {"seeds": args.seeds, "quick": args.quick, "extra_args": extra, "rows": rows, "checks": checks}
+    (out / "acceptance.json").write_text(json.dumps(payload, indent=2, default=float))
+    (out / "acceptance.md").write_text(table + "\n")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
