@@ -24,7 +24,14 @@ from callbacks.run_info import SplitSummaryLogger
 
 class RunConfigSaver(SaveConfigCallback):
     """Write the resolved config into the run's own directory (``trainer.log_dir``, which ``MedAttnLogger``
-    makes unique per run, so a later run never overwrites it) and send it to the loggers as hyperparameters."""
+    makes unique per run, so a later run never overwrites it) and send it to the loggers as hyperparameters.
+    A run without a logger has no run directory, so nothing is written (rather than a ``config.yaml`` in the
+    working directory that the next run would collide with)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
