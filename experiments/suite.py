@@ -87,7 +87,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("magsd", "experiments/magsd/{dataset}.yaml", "magsd", "method"),
     Arm("resnet50", "experiments/magsd/{dataset}_baseline.yaml", "magsd", "baseline"),
     Arm("dcmt", "experiments/dcmt/{dataset}.yaml", "dcmt", "method"),
-    Arm("dcmt_supervised", "experiments/dcmt/{dataset}_supervised.yaml", "dcmt", "baseline"),
+    Arm("dcmt_supervised", "experiments/dcmt/{dataset}_labeled_only.yaml", "dcmt", "baseline"),
     Arm("retinanet", "experiments/retinanet/{dataset}.yaml", "oxnet", "baseline", knob="box"),
     Arm("oxnet", "experiments/oxnet/{dataset}.yaml", "oxnet", "method", knob="box", init_from="retinanet"),
     Arm("nonlocal_unet", "experiments/nonlocal_unet/{dataset}.yaml", "nonlocal", "method", knob="none"),
