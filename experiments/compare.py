@@ -2,6 +2,7 @@
 
     medattn compare runs/suite                                  # every run directory below runs/suite
     medattn compare runs/suite --tags suite:synthetic --out results --name synthetic
+    medattn compare runs/suite --tags suite:synthetic pair:pcam --out results --name pcam    # one pair
     medattn compare runs/pcam-synthetic/*/metrics.csv --metrics test/auroc 'test/loc/*'
     medattn compare --wandb my-team/medattn --groups 'suite-synthetic/*'   # W&B server (wandb.Api)
 
@@ -192,7 +193,7 @@ def find_runs(paths: Iterable[str | Path], source: str = "auto") -> list[Run]:
 
 def load_wandb_online(project: str, groups: list[str] | None = None, tags: list[str] | None = None,
                       api=None) -> list[Run]:
-    """Runs of ``entity/project`` on a W&B server, filtered by group and tag (any of each), via ``wandb.Api``."""
+    """Runs of ``entity/project`` on a W&B server with one of ``groups`` and all of ``tags``, via ``wandb.Api``."""
     if api is None:
         import wandb
 
@@ -200,8 +201,7 @@ def load_wandb_online(project: str, groups: list[str] | None = None, tags: list[
     conditions = []
     if groups and not any(ch in g for g in groups for ch in "*?["):
         conditions.append({"group": {"$in": groups}})
-    if tags:
-        conditions.append({"tags": {"$in": tags}})
+    conditions += [{"tags": {"$in": [tag]}} for tag in tags or []]
     filters = {"$and": conditions} if len(conditions) > 1 else (conditions[0] if conditions else {})
     runs = []
     for remote in api.runs(project, filters=filters):
@@ -516,7 +516,7 @@ def _filter(runs: list[Run], groups: list[str] | None, tags: list[str] | None) -
     if groups:
         runs = [r for r in runs if r.group and any(fnmatch.fnmatchcase(r.group, g) for g in groups)]
     if tags:
-        runs = [r for r in runs if set(r.tags) & set(tags)]
+        runs = [r for r in runs if set(tags) <= set(r.tags)]
     return runs
 
 
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from a W&B server (wandb.Api)")
     parser.add_argument("--source", choices=["auto", "csv", "wandb"], default="auto", help="for local paths")
     parser.add_argument("--groups", nargs="+", help="keep runs whose W&B group matches one of these globs")
-    parser.add_argument("--tags", nargs="+", help="keep runs carrying one of these tags (e.g. suite:synthetic)")
+    parser.add_argument("--tags", nargs="+", help="keep runs carrying all these tags (e.g. suite:synthetic pair:pcam)")
     parser.add_argument("--metrics", nargs="+", help="metric names or globs (default: the headline metrics)")
     parser.add_argument("--val", choices=["best", "last"], default="best", help="which epoch the val/* values come from")
     parser.add_argument("--monitor", help="val metric defining the best epoch (default: the run's checkpoint monitor)")

@@ -314,7 +314,7 @@ def fit_test(args: list[str]) -> None:
 
 def execute(runs: list[Run], max_time: str | None, extra: list[str], tag: str, log_dir: Path, dry_run: bool) -> list[str]:
     """Run each plan entry in a fresh process, sequentially; return the failures."""
-    failures, done_dirs = [], {}
+    failures, done_dirs, started, executed = [], {}, time.perf_counter(), 0
     env = {k: v for k, v in os.environ.items() if k != "MEDATTN_RUN_DIR"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), MEDATTN_RUN_ID=tag,
                HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"), WANDB_SILENT="true")
@@ -347,8 +347,11 @@ def execute(runs: list[Run], max_time: str | None, extra: list[str], tag: str, l
         with log.open("w") as handle:
             code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
         took = time.perf_counter() - start
+        executed += 1
+        elapsed = time.perf_counter() - started
         status = "ok" if code == 0 and finished(run.run_dir) else f"FAILED (exit {code}; log {log})"
-        print(f"[suite]   {status} in {took:.0f} s -> {run.run_dir}", flush=True)
+        print(f"[suite]   {status} in {took:.0f} s -> {run.run_dir}; {elapsed / 60:.1f} min so far, projected "
+              f"{(elapsed + elapsed / executed * (len(runs) - i)) / 60:.0f} min in all", flush=True)
         if status != "ok":
             failures.append(f"{run.name}: {status}")
     return failures

@@ -113,6 +113,8 @@ def test_tag_and_group_filters():
     runs = C.find_runs([RUNS])
     assert len(runs) == 9
     assert {C.identify(r)[0] for r in C._filter(runs, None, ["role:baseline"])} == {"cam_baseline"}
+    assert len(C._filter(runs, None, ["pair:pcam", "seed:1"])) == 2  # all of the tags
+    assert C._filter(runs, None, ["pair:pcam", "seed:7"]) == []
     assert {r.group for r in C._filter(runs, ["legacy/*"], None)} == {"legacy/group"}
 
 
@@ -148,6 +150,8 @@ def test_online_runs_through_the_wandb_api_interface(tmp_path):
     api = _FakeApi()
     runs = C.load_wandb_online("team/medattn", ["g/pcam"], ["suite:x"], api=api)
     assert api.calls == [("team/medattn", {"$and": [{"group": {"$in": ["g/pcam"]}}, {"tags": {"$in": ["suite:x"]}}]})]
+    load = C.load_wandb_online("team/medattn", None, ["suite:x", "pair:p"], api=api)
+    assert api.calls[-1][1] == {"$and": [{"tags": {"$in": ["suite:x"]}}, {"tags": {"$in": ["pair:p"]}}]} and load
     out = C.compare(runs, tmp_path, plot=False)
     r = row(out["summary"], "pcam")
     assert r["test/auroc mean"] == pytest.approx(0.8) and r["test/auroc std"] == pytest.approx(math.sqrt(0.02))

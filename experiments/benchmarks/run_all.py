@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, dict[str, list[str]]] = {
     "dataloader": {"quick": ["--images", "24", "--workers", "0", "1", "--repeats", "1"]},
     "pcam_step": {"quick": ["--steps", "6", "--repeats", "3"]},
     "magsd_step": {"quick": ["--backbone", "resnet18", "--steps", "4", "--repeats", "3"]},
-    "dcmt_step": {},
+    "dcmt_step": {"quick": ["--steps", "6", "--repeats", "3"]},
     "oxnet_step": {},
     "ga_block": {"quick": ["--cases", "2d:32", "3d:16", "--repeats", "3"], "full": ["--with-dropout"]},
     "precision": {"quick": ["--variants", "fp32", "channels_last", "bf16", "channels_last+bf16"]},
