@@ -403,7 +403,7 @@ def pair_differences(table: pd.DataFrame, metrics: list[str], digits: int = 3) -
                                                  len(diff), len(seeds), 0 if m.startswith("time/") else digits))
                     lines.append(f"| {pair} | {labels:g} | {method} − {baseline} | {len(seeds)} | "
                                  + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else None
 
 
 # ---------------------------------------------------------------------------------------------------- plots

@@ -27,8 +27,8 @@ Every run is ``fit`` then ``test`` of the best checkpoint (the config's ``ModelC
 process, ``python -m experiments.suite fit-test <medattn fit arguments>`` (equivalent to ``medattn fit ...``
 followed by ``medattn test ... --ckpt_path <run dir>/checkpoints/best.ckpt``, but in the same run directory and
 W&B run), one at a time: two runs side by side on a 2-core machine would each get one core and the time budget
-would mean nothing. After the test the run logs ``time/fit_s``, ``time/test_s``, ``time/epochs`` and
-``time/steps``.
+would mean nothing. After the test the run logs ``time/fit_s`` (wall time of ``trainer.fit``: data setup, training
+and validation), ``time/test_s``, ``time/epochs`` and ``time/steps``.
 
 Budget: the same ``trainer.max_time`` for every run (``--minutes`` split evenly after ``--overhead`` seconds of
 start-up/test per run, or ``--max-time`` per run) and the config's own ``max_epochs`` cap; a slower method gets

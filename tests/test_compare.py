@@ -193,3 +193,9 @@ def test_real_offline_wandb_run_is_read_with_leet(tmp_path, monkeypatch):
     assert len(runs) == 1 and C.identify(runs[0]) == ("leet", 1.0, 4)
     values = C.run_values(runs[0])
     assert values["test/auroc"] == pytest.approx(0.77) and values["val/auroc"] == pytest.approx(0.9)
+
+
+def test_no_pairs_table_without_both_roles(tmp_path):
+    baselines = C._filter(C.find_runs([RUNS]), None, ["role:baseline"])
+    out = C.compare(baselines, tmp_path, plot=False)
+    assert out["pairs"] is None and "pairs_md" not in out["written"]
