@@ -35,7 +35,8 @@ Writes ``<out>/<name>.csv`` (mean, std, n per metric), ``<name>.md``, ``<name>_r
 ``<name>.png`` (bars with error bars), ``<name>_labels.png`` (AUROC and localisation against the label
 fraction, when runs have several fractions) and ``<name>_pairs.md`` (method − baseline differences, paired
 by seed, for runs tagged ``pair:<p>`` and ``role:method|baseline``). ``--readme FILE --section KEY`` also
-replaces the text between ``<!-- KEY:start -->`` and ``<!-- KEY:end -->`` in FILE by the table.
+replaces the text between ``<!-- KEY:start -->`` and ``<!-- KEY:end -->`` in FILE by the table (and the
+differences).
 """
 
 from __future__ import annotations
@@ -553,8 +554,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(result["markdown"])
     if result["pairs"]:
         print(result["pairs"])
-    if args.readme:
-        update_readme_section(args.readme, args.section, result["markdown"])
+    if args.readme:  # the table, then the method − baseline differences when there are pairs
+        pairs = f"\nMethod − baseline, paired by seed:\n\n{result['pairs']}" if result["pairs"] else ""
+        update_readme_section(args.readme, args.section, result["markdown"] + pairs)
     print("wrote " + ", ".join(str(p) for p in result["written"].values()))
     return result
 

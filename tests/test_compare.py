@@ -168,6 +168,7 @@ def test_medattn_compare_subcommand_and_readme_section(tmp_path, capsys):
     assert "| pcam | 1 | 3 | 0.847 ± 0.050 |" in printed and "legacy" not in printed
     text = readme.read_text()
     assert "old" not in text and "| cam_baseline | 1 | 3 | 0.730 ± 0.026 |" in text and text.endswith("tail\n")
+    assert "Method − baseline, paired by seed:" in text and "| pcam | 1 | pcam − cam_baseline | 3 | 0.117 ± 0.038 |" in text
     assert (tmp_path / "o" / "t.csv").is_file() and not (tmp_path / "o" / "t.png").exists()
 
 
