@@ -1,0 +1,183 @@
+"""Fault handling for long runs: a checkpoint on a crash or Ctrl-C, never a NaN checkpoint, and an out-of-memory
+hint.
+
+* :class:`CrashCheckpoint` is Lightning's ``OnExceptionCheckpoint`` made safe for this codebase: it writes
+  ``on_exception.ckpt`` next to the ``ModelCheckpoint`` files when ``fit`` stops on an exception or a
+  ``KeyboardInterrupt`` (resume with ``--ckpt_path .../on_exception.ckpt``), **except** after a non-finite loss
+  (:class:`lightning_modules.base.NonFiniteLossError`, a ``FloatingPointError``) or when any weight is NaN/Inf:
+  then it writes nothing and names the last good checkpoint instead. It writes without collectives or barriers
+  (an exception may have stopped one rank only), rank 0 to ``on_exception.ckpt`` and rank r > 0, if it is the
+  one that failed, to ``on_exception-rank<r>.ckpt``.
+* :class:`NonFiniteGuard` refuses to write any checkpoint whose weights are not finite (it raises
+  ``NonFiniteLossError`` from ``on_save_checkpoint``, before the file is opened, so the previous checkpoint
+  stays), and checks the training-step loss of modules that do not call ``MedAttnModule.check_finite``.
+* :class:`OutOfMemoryHint` appends to a CUDA/CPU out-of-memory error the knobs that reduce memory: the
+  DataModule's batch sizes (read from it), ``trainer.accumulate_grad_batches`` to keep the global batch,
+  ``trainer.precision=bf16-mixed`` and ``model.init_args.channels_last``. The original exception is re-raised
+  (same type) with the hint in its message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+__all__ = ["CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "first_non_finite", "is_out_of_memory"]
+
+
+def _non_finite_error(message: str) -> Exception:
+    # imported lazily: importing lightning_modules registers every method (slow, and a cycle at import time)
+    from lightning_modules.base import NonFiniteLossError
+
+    return NonFiniteLossError(message)
+
+
+def first_non_finite(state: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor of a ``state_dict`` with a NaN or Inf, or None."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def _last_good(trainer: pl.Trainer) -> str:
+    ckpt = trainer.checkpoint_callback
+    path = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
+    return f"the last good checkpoint is {path}" if path else "no checkpoint had been written yet"
+
+
+class CrashCheckpoint(OnExceptionCheckpoint):
+    """Write a resumable checkpoint when ``fit`` stops on an exception, unless the state is not finite.
+
+    Args:
+        dirpath: folder of the checkpoint; default: the ``ModelCheckpoint``'s folder (``<run dir>/checkpoints``).
+            Without a ``ModelCheckpoint`` and without ``dirpath`` nothing is written (debug runs stay clean).
+        filename: file name without extension.
+    """
+
+    def __init__(self, dirpath: str | Path | None = None, filename: str = "on_exception") -> None:
+        super().__init__(dirpath=dirpath or ".", filename=filename)
+        self._explicit_dir = dirpath is not None
+        self.last_path: str | None = None
+
+    def _resolve_dir(self, trainer: pl.Trainer) -> str | None:
+        if self._explicit_dir:
+            return str(self.dirpath)
+        ckpt = trainer.checkpoint_callback
+        return str(ckpt.dirpath) if ckpt is not None and getattr(ckpt, "dirpath", None) else None
+
+    def _rank_path(self, trainer: pl.Trainer) -> str | None:
+        folder = self._resolve_dir(trainer)
+        if folder is None:
+            return None
+        suffix = "" if trainer.global_rank == 0 else f"-rank{trainer.global_rank}"
+        return str(Path(folder) / f"{self.filename}{suffix}{self.FILE_EXTENSION}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.last_path = None
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # nothing to resume after validate/test/predict
+        if isinstance(exception, FloatingPointError):
+            warnings.warn(f"no exception checkpoint after a non-finite loss; {_last_good(trainer)}", stacklevel=2)
+            return
+        bad = first_non_finite(pl_module.state_dict())
+        if bad is not None:
+            warnings.warn(f"no exception checkpoint: weight '{bad}' is not finite; {_last_good(trainer)}", stacklevel=2)
+            return
+        path = self._rank_path(trainer)
+        if path is None:
+            return
+        # Not trainer.save_checkpoint: it ends with a barrier, and the other ranks may never reach it.
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        self.last_path = path
+        print(f"[medattn] {type(exception).__name__} at global step {trainer.global_step}: resumable checkpoint "
+              f"written to {path} (resume with --ckpt_path {path})")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a run that finishes normally removes the exception checkpoint of an earlier crash it resumed from
+        path = self._rank_path(trainer)
+        if path is not None and stage == "fit":
+            trainer.strategy.remove_checkpoint(path)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(filename=self.filename)
+
+
+class NonFiniteGuard(pl.Callback):
+    """Never write a checkpoint with NaN/Inf weights; stop on a non-finite training loss.
+
+    Args:
+        check_loss: check ``outputs["loss"]`` after each training step (for modules that do not call
+            ``check_finite`` themselves; one host sync per step).
+    """
+
+    def __init__(self, check_loss: bool = True) -> None:
+        super().__init__()
+        self.check_loss = check_loss
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if not self.check_loss:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
+            raise _non_finite_error(f"loss term 'loss' is {loss.detach().float().item()} at global step "
+                                    f"{trainer.global_step} (epoch {trainer.current_epoch}). Training stopped; "
+                                    f"{_last_good(trainer)}.")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        bad = first_non_finite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            raise _non_finite_error(f"refusing to write a checkpoint at global step {trainer.global_step}: weight "
+                                    f"'{bad}' is not finite. Training stopped; {_last_good(trainer)}.")
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
+
+
+def is_out_of_memory(exception: BaseException) -> bool:
+    if isinstance(exception, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exception, RuntimeError) and any(m in str(exception).lower() for m in _OOM_MESSAGES)
+
+
+def _batch_knobs(trainer: pl.Trainer) -> list[str]:
+    datamodule = trainer.datamodule
+    if datamodule is None:
+        return []
+    values = dict(getattr(datamodule, "hparams", {}) or {})
+    values.update({k: v for k, v in vars(datamodule).items() if not k.startswith("_")})
+    return [f"data.init_args.{k}={v}" for k, v in sorted(values.items())
+            if k.endswith("batch_size") and isinstance(v, int) and v > 0]
+
+
+class OutOfMemoryHint(pl.Callback):
+    """Re-raise out-of-memory errors with the settings that reduce memory (see the module docstring)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not is_out_of_memory(exception) or getattr(exception, "_medattn_hint", False):
+            return
+        knobs = _batch_knobs(trainer)
+        accumulate = trainer.accumulate_grad_batches
+        lines = [
+            f"medattn: out of memory at global step {trainer.global_step} (stage {trainer.state.stage}, "
+            f"precision {trainer.precision}, batch sizes are per rank). To reduce memory:",
+            "  * a smaller batch: " + (", ".join(knobs) if knobs else "the DataModule's *batch_size arguments")
+            + f", with --trainer.accumulate_grad_batches (now {accumulate}) raised by the same factor to keep the "
+            "global batch;",
+            "  * --trainer.precision bf16-mixed (about half the activation memory, and faster on recent GPUs);",
+            "  * --model.init_args.channels_last true (conv nets; less memory traffic with bf16);",
+            "  * a smaller data.init_args.image_size / patch_size, or a smaller backbone.",
+        ]
+        hint = "\n".join(lines)
+        message = str(exception.args[0]) if exception.args else ""
+        exception.args = (f"{message}\n\n{hint}", *exception.args[1:])
+        exception._medattn_hint = True  # type: ignore[attr-defined]

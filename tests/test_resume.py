@@ -1,0 +1,162 @@
+"""Resume: a run stopped after epoch k and resumed from its checkpoint ends exactly where an uninterrupted run ends.
+
+For every registered method (tiny configuration, CPU, ``num_workers=0``, augmentation on, a ``StepLR`` scheduler):
+
+* uninterrupted: 2 epochs of 3 training batches, writing a checkpoint after every epoch and after every step;
+* resumed at the epoch boundary: a fresh process state (module rebuilt after ``seed_everything`` as the CLI does,
+  then every global generator scrambled), ``fit(ckpt_path="epoch=0.ckpt")``. Model (student, teacher, prototype
+  buffers, BN statistics), optimiser and scheduler state must equal the uninterrupted run's: max |Δ| = 0
+  (bitwise on CPU; no kernel needed a tolerance). This needs ``RngStateCallback`` (torch/NumPy/random state and the
+  data pipeline's MONAI generators in the checkpoint, restored per rank, training iterator re-created);
+  ``test_resume_without_rng_state_is_not_exact`` shows the test notices when it is missing.
+* resumed mid-epoch (after 1 of 3 batches): works and loses nothing (the restored state equals the checkpoint, the
+  run ends at the same step and epoch), but is **not** bitwise: Lightning replays a plain ``DataLoader``'s
+  interrupted epoch from its first batch, so the images of that epoch's first batches are seen twice and those of
+  its last ones not at all (``test_mid_epoch_resume_data_order``). Resume from an end-of-epoch checkpoint
+  (``last.ckpt`` with ``ModelCheckpoint(every_n_epochs=1)``) for exact results.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.reliability import AtomicCheckpointIO, RngStateCallback
+from reliability_utils import TRAINER_QUIET, build, flat_state, max_abs_diff, method_callbacks, method_names
+
+STEP_LR = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+TRAIN_BATCHES = 3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_data")
+
+
+def _build(name, data_root):
+    module, data = build(name, data_root / name)
+    module.scheduler_factory = STEP_LR  # the scheduler state must round-trip too
+    module._test_callbacks = method_callbacks(module)  # EMA teacher / prototype updates where the config adds them
+    return module, data
+
+
+def _scramble() -> None:
+    """What a fresh process (or one that ran something else first) would have: other random states."""
+    torch.manual_seed(12345)
+    np.random.seed(54321)
+    random.seed(999)
+
+
+def _trainer(root, callbacks, rng_state: bool = True, max_epochs: int = 2, module=None) -> pl.Trainer:
+    callbacks = list(callbacks) + ([RngStateCallback()] if rng_state else []) + list(getattr(module, "_test_callbacks", []))
+    return pl.Trainer(**TRAINER_QUIET, devices=1, max_epochs=max_epochs, limit_train_batches=TRAIN_BATCHES,
+                      limit_val_batches=1, num_sanity_val_steps=1, callbacks=callbacks, default_root_dir=root,
+                      plugins=[AtomicCheckpointIO()])
+
+
+class StateAtTrainStart(pl.Callback):
+    """The flat model state when training (re)starts, i.e. right after a checkpoint was restored."""
+
+    def __init__(self) -> None:
+        self.state = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = flat_state(pl_module)
+
+
+class SeenIds(pl.Callback):
+    def __init__(self) -> None:
+        self.ids: list[tuple[int, int, tuple]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids.append((trainer.current_epoch, batch_idx, tuple(batch.get("image_id", ()))))
+
+
+def _checkpoints(root):
+    return [ModelCheckpoint(dirpath=root / "epochs", filename="{epoch}", save_top_k=-1, every_n_epochs=1),
+            ModelCheckpoint(dirpath=root / "steps", filename="{step}", save_top_k=-1, every_n_train_steps=1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", method_names())
+def test_resume_is_exact_at_epoch_boundary_and_loses_nothing_mid_epoch(name, data_root, tmp_path):
+    module, data = _build(name, data_root)
+    initial = flat_state(module)
+    reference = _trainer(tmp_path / "a", _checkpoints(tmp_path / "a"), module=module)
+    reference.fit(module, data)
+    expected = flat_state(module, reference)
+    # the comparison below covers a teacher and prototypes that really moved, not just initial values
+    moved = {part: max_abs_diff({k: v for k, v in initial.items() if part in k},
+                                {k: v for k, v in expected.items() if k.startswith("model/") and part in k})[0]
+             for part in ("teacher.", "prototypes") if any(part in k for k in initial)}
+    assert all(d > 0 for d in moved.values()), f"{name}: EMA teacher / prototypes never updated: {moved}"
+    assert reference.global_step >= 2  # tiny epochs have up to TRAIN_BATCHES steps (some have fewer batches)
+
+    # --- epoch boundary: bitwise
+    module, data = _build(name, data_root)
+    _scramble()
+    resumed = _trainer(tmp_path / "b", [], module=module)
+    resumed.fit(module, data, ckpt_path=str(tmp_path / "a" / "epochs" / "epoch=0.ckpt"))
+    diff, where = max_abs_diff(expected, flat_state(module, resumed))
+    print(f"[resume] {name}: epoch-boundary max |diff| = {diff:.3g} at {where}")
+    assert resumed.global_step == reference.global_step
+    assert diff == 0.0, f"{name}: resumed run differs from the uninterrupted one by {diff} at {where}"
+
+    # --- mid-epoch: restores everything, finishes the schedule; not bitwise (data order, see module docstring)
+    steps_per_epoch = reference.global_step // 2
+    if steps_per_epoch < 2:
+        return
+    checkpoint = tmp_path / "a" / "steps" / "step=1.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    module, data = _build(name, data_root)
+    _scramble()
+    probe = StateAtTrainStart()
+    mid = _trainer(tmp_path / "c", [probe], module=module)
+    mid.fit(module, data, ckpt_path=str(checkpoint))
+    restored = {k[len("model/"):]: v for k, v in probe.state.items()}
+    diff_restore, where_restore = max_abs_diff({k: v.cpu() for k, v in saved["state_dict"].items()}, restored)
+    assert diff_restore == 0.0, f"{name}: state after restoring the mid-epoch checkpoint differs at {where_restore}"
+    assert (mid.global_step, mid.current_epoch) == (reference.global_step, reference.current_epoch)
+    final_diff, final_where = max_abs_diff(expected, flat_state(module, mid))
+    print(f"[resume] {name}: mid-epoch resume max |diff| at the end = {final_diff:.3g} at {final_where} "
+          "(expected: data order of the interrupted epoch differs)")
+
+
+@pytest.mark.slow
+def test_resume_without_rng_state_is_not_exact(data_root, tmp_path):
+    """The same protocol without ``RngStateCallback`` gives a different model: the test above can fail."""
+    module, data = _build("cam_baseline", data_root)
+    reference = _trainer(tmp_path / "a", _checkpoints(tmp_path / "a")[:1], rng_state=False)
+    reference.fit(module, data)
+    expected = flat_state(module, reference)
+    module, data = _build("cam_baseline", data_root)
+    _scramble()
+    resumed = _trainer(tmp_path / "b", [], rng_state=False)
+    resumed.fit(module, data, ckpt_path=str(tmp_path / "a" / "epochs" / "epoch=0.ckpt"))
+    diff, _ = max_abs_diff(expected, flat_state(module, resumed))
+    assert diff > 1e-4
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_data_order(data_root, tmp_path):
+    """Documents Lightning's behaviour with a plain DataLoader: the interrupted epoch restarts from its first batch
+    and runs only the remaining number of steps; the following epochs see the same order as without interruption."""
+    module, data = _build("cam_baseline", data_root)
+    seen_a = SeenIds()
+    _trainer(tmp_path / "a", _checkpoints(tmp_path / "a")[1:] + [seen_a]).fit(module, data)
+    module, data = _build("cam_baseline", data_root)
+    seen_b = SeenIds()
+    trainer = _trainer(tmp_path / "b", [seen_b])
+    with pytest.warns(UserWarning, match="not resumable"):
+        trainer.fit(module, data, ckpt_path=str(tmp_path / "a" / "steps" / "step=1.ckpt"))
+    epoch0_a = [ids for epoch, _, ids in seen_a.ids if epoch == 0]
+    epoch0_b = [ids for epoch, _, ids in seen_b.ids if epoch == 0]
+    assert len(epoch0_b) == TRAIN_BATCHES - 1  # the remaining steps only: nothing is lost in step count
+    assert epoch0_b == epoch0_a[: TRAIN_BATCHES - 1]  # ... but replayed from the epoch's first batch
+    assert [ids for e, _, ids in seen_b.ids if e == 1] == [ids for e, _, ids in seen_a.ids if e == 1]
