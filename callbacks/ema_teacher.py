@@ -64,32 +64,38 @@ def ema_alpha(step: int, decay: float = 0.99) -> float:
     return min(1.0 - 1.0 / (step + 1.0), decay)
 
 
-def _paired(teacher: nn.Module, student: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    t_items = list(getattr(teacher, f"named_{kind}")())
-    s_items = list(getattr(student, f"named_{kind}")())
-    if len(t_items) != len(s_items) or any(a[0] != b[0] for a, b in zip(t_items, s_items)):
-        t_names = [n for n, _ in t_items]
-        s_names = [n for n, _ in s_items]
-        diff = sorted(set(t_names) ^ set(s_names))[:5]
-        raise ValueError(
-            f"teacher and student {kind} differ ({len(t_names)} vs {len(s_names)}; e.g. {diff}). "
-            "The teacher must be a copy of the student (use callbacks.ema_teacher.make_teacher)."
-        )
-    return [t for _, t in t_items], [s for _, s in s_items]
+def _check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise unless both modules have the same parameter and buffer names (once per fit, not per step)."""
+    for kind in ("parameters", "buffers"):
+        t_names = [n for n, _ in getattr(teacher, f"named_{kind}")()]
+        s_names = [n for n, _ in getattr(student, f"named_{kind}")()]
+        if t_names != s_names:
+            diff = sorted(set(t_names) ^ set(s_names))[:5]
+            raise ValueError(
+                f"teacher and student {kind} differ ({len(t_names)} vs {len(s_names)}; e.g. {diff}). "
+                "The teacher must be a copy of the student (use callbacks.ema_teacher.make_teacher)."
+            )
 
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """In place: ``teacher ← alpha · teacher + (1 − alpha) · student`` for float parameters and buffers,
-    ``teacher ← student`` for non-float buffers. Names and order must match (a deep copy does)."""
-    t_params, s_params = _paired(teacher, student, "parameters")
-    t_bufs, s_bufs = _paired(teacher, student, "buffers")
-    t_float = [t for t in t_params + t_bufs if t.is_floating_point()]
-    s_float = [s for t, s in zip(t_params + t_bufs, s_params + s_bufs) if t.is_floating_point()]
+    ``teacher ← student`` for non-float buffers.
+
+    Tensors are paired by registration order (a deep copy has the same order); counts and shapes are checked
+    on every call, names once per fit by :class:`EMATeacher` (the name walk costs more than the update).
+    """
+    t_all = [*teacher.parameters(), *teacher.buffers()]
+    s_all = [*student.parameters(), *student.buffers()]
+    if len(t_all) != len(s_all) or any(t.shape != s.shape for t, s in zip(t_all, s_all)):
+        _check_same_structure(teacher, student)
+        raise ValueError("teacher and student tensors differ in shape; the teacher must be a copy of the student")
+    t_float = [t for t in t_all if t.is_floating_point()]
+    s_float = [s for t, s in zip(t_all, s_all) if t.is_floating_point()]
     if t_float:
         # lerp(t, s, w) = t + w (s − t) = (1 − w) t + w s, so w = 1 − alpha.
-        torch._foreach_lerp_(t_float, [s.detach() for s in s_float], 1.0 - float(alpha))
-    for t, s in zip(t_bufs, s_bufs):
+        torch._foreach_lerp_(t_float, s_float, 1.0 - float(alpha))
+    for t, s in zip(t_all, s_all):
         if not t.is_floating_point():
             t.copy_(s)
 
@@ -127,7 +133,8 @@ class EMATeacher(pl.Callback):
     Args:
         decay: the α cap (0.99 in DC-MT).
         student_attr, teacher_attr: attribute names of the two networks on the LightningModule.
-        log_alpha: log the α used at each update as ``train/ema_alpha``.
+        log_alpha: log the α of the update as ``train/ema_alpha`` (at step 1 and every
+            ``trainer.log_every_n_steps`` steps).
 
     The callback holds no state of its own (α is a function of ``global_step``, which the checkpoint
     restores), so it is safe to pickle for ``ddp_spawn`` and needs no ``state_dict``. With gradient
@@ -166,7 +173,7 @@ class EMATeacher(pl.Callback):
                 "(teacher.requires_grad_(False)), otherwise the optimiser may update it and DDP reports "
                 "unused parameters."
             )
-        _paired(teacher, student, "parameters")  # fail early on a structural mismatch
+        _check_same_structure(teacher, student)  # fail early on a structural mismatch
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Steps already taken (non-zero on resume): only steps after this one trigger updates.
@@ -181,5 +188,6 @@ class EMATeacher(pl.Callback):
         teacher, student = self._pair(pl_module)
         alpha = ema_alpha(step, self.decay)
         ema_update_(teacher, student, alpha)
-        if self.log_alpha:
+        if self.log_alpha and (step % max(1, trainer.log_every_n_steps) == 0 or step == 1):
+            # a Lightning log call costs about 1 ms: log with the logger's cadence, not every step
             pl_module.log("train/ema_alpha", alpha, on_step=True, on_epoch=False, batch_size=1)

@@ -127,7 +127,8 @@ class MeanTeacherModule(MedAttnModule):
         ema_decay: α cap of the teacher EMA (0.99).
         teacher_train_mode: run the teacher in train mode (BN batch statistics, dropout), as the reference.
         eval_model: ``"student"``, ``"teacher"`` or ``"both"`` in validation/test (``both``: teacher keys get
-            a ``_teacher`` suffix). ``predict_model``: the network whose features ``predict`` exports.
+            a ``_teacher`` suffix). ``attention_maps`` uses the teacher unless ``eval_model="student"``.
+            ``predict_model``: the network whose features ``predict`` exports (the teacher by default).
         cam_threshold: A ≥ this counts as attended in TIoU/TIoR (0.999 ⇔ M̂ ≥ 0.469).
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
@@ -237,9 +238,17 @@ class MeanTeacherModule(MedAttnModule):
         terms = self.compute_losses(batch)
         self.check_finite(terms)
         self.log_losses("train", terms, batch_size=len(batch["image"]))
-        w_cls, w_att = self.consistency_weights()
-        self.log_dict({"train/w_cls": w_cls, "train/w_att": w_att}, on_step=True, on_epoch=False, batch_size=1)
+        if self.hparams.ramp_unit == "step" and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_weights(on_step=True)
         return terms["total"]
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.ramp_unit == "epoch":  # constant within an epoch: one log call per epoch, not per step
+            self._log_weights(on_step=False)
+
+    def _log_weights(self, on_step: bool) -> None:
+        w_cls, w_att = self.consistency_weights()
+        self.log_dict({"train/w_cls": w_cls, "train/w_att": w_att}, on_step=on_step, on_epoch=not on_step, batch_size=1)
 
     # ---------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict, stage: str) -> None:

@@ -240,11 +240,12 @@ def test_fit_validate_with_trainer(tmp_path):
 
     module, data = _tiny(tmp_path)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=1)
     trainer.fit(module, data)
     keys = trainer.callback_metrics
     for key in ("train/loss", "val/auroc", "val/tiou@0.3", "val/tior@0.5", "val/auroc_teacher", "val/mtiou_teacher",
-                "val/balanced_accuracy", "val/f1", "train/ema_alpha"):
+                "val/balanced_accuracy", "val/f1", "train/ema_alpha", "train/w_cls", "train/w_att"):
         assert key in keys, key
     assert keys["train/ema_alpha"].item() == pytest.approx(2 / 3)  # two steps: alpha(2)
 

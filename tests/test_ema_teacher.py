@@ -103,7 +103,9 @@ def test_update_closed_form_fixed_alpha():
 
 def test_update_rejects_mismatched_modules():
     with pytest.raises(ValueError, match="differ"):
-        ema_update_(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), 0.5)
+        ema_update_(nn.Linear(2, 2), nn.Linear(2, 3), 0.5)
+    with pytest.raises(ValueError, match="differ"):
+        ema_update_(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.5)
 
 
 def test_frozen_teacher_gets_no_grads_and_is_not_optimised(tmp_path):
