@@ -43,11 +43,11 @@ from callbacks.ema_teacher import eval_model_names, make_teacher
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.registry import register_method
-from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_
+from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_, load_stage1_weights
 from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes)
 from networks.retina import RetinaNet, detection_losses
 
-__all__ = ["OXnetModule", "load_stage1_weights"]
+__all__ = ["OXnetModule"]
 
 LOSS_NAMES = ("focal", "box", "daa", "intra", "inter", "sfl", "consistency")
 
@@ -70,20 +70,6 @@ class _AllReduceSum(torch.autograd.Function):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def load_stage1_weights(retina: RetinaNet, checkpoint: str | Path) -> None:
-    """Load a stage-1 checkpoint into ``retina``: a Lightning checkpoint of ``RetinaNetModule`` (``net.*`` keys) or
-    a plain RetinaNet ``state_dict``. Strict, so a mismatched architecture fails with the offending keys."""
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"init_checkpoint {path} does not exist (train stage 1 first: "
-                                "medattn fit -c experiments/retinanet/synthetic.yaml)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    if any(k.startswith("net.") for k in state):
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    retina.load_state_dict(state, strict=True)
 
 
 class OXnetModule(MedAttnModule):

@@ -30,7 +30,7 @@ from lightning_modules.classification import IGNORE, metric_targets
 from lightning_modules.registry import register_method
 from networks.retina import RetinaNet, detection_losses
 
-__all__ = ["RetinaNetModule", "DetectionEvaluation", "box_complete", "freeze_batchnorm_"]
+__all__ = ["RetinaNetModule", "DetectionEvaluation", "box_complete", "freeze_batchnorm_", "load_stage1_weights"]
 
 
 def box_complete(batch: dict) -> Tensor:
@@ -45,6 +45,20 @@ def freeze_batchnorm_(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def load_stage1_weights(retina: RetinaNet, checkpoint: str | Path) -> None:
+    """Load a stage-1 checkpoint into ``retina``: a Lightning checkpoint of ``RetinaNetModule`` (``net.*`` keys) or
+    a plain RetinaNet ``state_dict``. Strict, so a mismatched architecture fails with the offending keys."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_checkpoint {path} does not exist (train stage 1 first: "
+                                "medattn fit -c experiments/retinanet/synthetic.yaml)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    if any(k.startswith("net.") for k in state):
+        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    retina.load_state_dict(state, strict=True)
 
 
 class DetectionEvaluation(nn.Module):
@@ -110,6 +124,8 @@ class RetinaNetModule(MedAttnModule):
         score_thresh, nms_thresh, topk_per_level, max_detections: inference (dossier a.12; class-agnostic NMS).
         freeze_bn: keep backbone BatchNorm statistics fixed (reference; use with pretrained weights). Off by
             default here because the backbone starts from scratch on the synthetic data.
+        init_checkpoint: weights to start from (a ``RetinaNetModule`` checkpoint or a RetinaNet ``state_dict``),
+            with a fresh optimiser: the box-only continuation that OXnet stage 2 is compared with.
         optimizer, scheduler, channels_last: see :class:`~lightning_modules.base.MedAttnModule`.
     """
 
@@ -128,12 +144,15 @@ class RetinaNetModule(MedAttnModule):
         topk_per_level: int = 1000,
         max_detections: int = 100,
         freeze_bn: bool = False,
+        init_checkpoint: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
         self.save_hyperparameters(ignore=["net"])
+        if init_checkpoint:
+            load_stage1_weights(net, init_checkpoint)
         self.net = net
         num_classes = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
