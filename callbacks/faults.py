@@ -1,6 +1,8 @@
-"""Fault handling for long runs: a checkpoint on a crash or Ctrl-C, never a NaN checkpoint, and an out-of-memory
-hint.
+"""Fault handling for long runs: a checkpoint on a crash or Ctrl-C, a ``last.ckpt`` that really is the last epoch,
+never a NaN checkpoint, and an out-of-memory hint.
 
+* :class:`ResumableCheckpoint` is ``ModelCheckpoint`` with ``last.ckpt`` rewritten every epoch (Lightning 2.6 only
+  rewrites it in epochs that improved the monitored metric).
 * :class:`CrashCheckpoint` is Lightning's ``OnExceptionCheckpoint`` made safe for this codebase: it writes
   ``on_exception.ckpt`` next to the ``ModelCheckpoint`` files when ``fit`` stops on an exception or a
   ``KeyboardInterrupt`` (resume with ``--ckpt_path .../on_exception.ckpt``), **except** after a non-finite loss
@@ -10,7 +12,9 @@ hint.
   one that failed, to ``on_exception-rank<r>.ckpt``.
 * :class:`NonFiniteGuard` refuses to write any checkpoint whose weights are not finite (it raises
   ``NonFiniteLossError`` from ``on_save_checkpoint``, before the file is opened, so the previous checkpoint
-  stays), and checks the training-step loss of modules that do not call ``MedAttnModule.check_finite``.
+  stays), checks the training-step loss of modules that do not call ``MedAttnModule.check_finite``, and when
+  another error is raised while the weights are NaN (a sampler or a library check in ``forward`` that runs
+  before the loss), appends the first non-finite weight, the step and the last good checkpoint to its message.
 * :class:`OutOfMemoryHint` appends to a CUDA/CPU out-of-memory error the knobs that reduce memory: the
   DataModule's batch sizes (read from it), ``trainer.accumulate_grad_batches`` to keep the global batch,
   ``trainer.precision=bf16-mixed`` and ``model.init_args.channels_last``. The original exception is re-raised
@@ -25,10 +29,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "first_non_finite", "is_out_of_memory"]
+__all__ = ["CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "ResumableCheckpoint", "first_non_finite",
+           "is_out_of_memory"]
 
 
 def _non_finite_error(message: str) -> Exception:
@@ -50,6 +55,39 @@ def _last_good(trainer: pl.Trainer) -> str:
     ckpt = trainer.checkpoint_callback
     path = (getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")) if ckpt else ""
     return f"the last good checkpoint is {path}" if path else "no checkpoint had been written yet"
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the newest end-of-epoch state.
+
+    Since Lightning 2.6, ``ModelCheckpoint(monitor=..., save_last=True)`` refreshes ``last.ckpt`` only in epochs
+    that also wrote a top-k checkpoint ("Only save last checkpoint if a checkpoint was actually saved in this
+    step"), so after an epoch without improvement ``last.ckpt`` is the *best* epoch, and a preempted job resumed
+    from it silently goes back and retrains. This subclass also writes ``last.ckpt`` at every epoch-end save
+    opportunity (``every_n_epochs``), as Lightning < 2.6 did. Arguments are ``ModelCheckpoint``'s.
+
+    Example (experiment YAML)::
+
+        - class_path: callbacks.reliability.ResumableCheckpoint
+          init_args: {monitor: val/auroc, mode: max, save_last: true, filename: best}
+    """
+
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        if (not self.save_last or self._should_skip_saving_checkpoint(trainer) or self._every_n_epochs < 1
+                or (trainer.current_epoch + 1) % self._every_n_epochs
+                or self._last_global_step_saved == trainer.global_step):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
 
 
 class CrashCheckpoint(OnExceptionCheckpoint):
@@ -132,6 +170,20 @@ class NonFiniteGuard(pl.Callback):
             raise _non_finite_error(f"loss term 'loss' is {loss.detach().float().item()} at global step "
                                     f"{trainer.global_step} (epoch {trainer.current_epoch}). Training stopped; "
                                     f"{_last_good(trainer)}.")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Another error raised by NaN weights (e.g. a sampler or a library check in ``forward`` that runs before the
+        loss guard): add what actually happened to its message."""
+        if isinstance(exception, (FloatingPointError, KeyboardInterrupt)) or getattr(exception, "_medattn_nan", False):
+            return
+        bad = first_non_finite(pl_module.state_dict())
+        if bad is None:
+            return
+        message = str(exception.args[0]) if exception.args else ""
+        exception.args = (f"{message}\n\nmedattn: weight '{bad}' is not finite at global step {trainer.global_step} "
+                          f"(epoch {trainer.current_epoch}): training diverged before this error. "
+                          f"{_last_good(trainer).capitalize()}.", *exception.args[1:])
+        exception._medattn_nan = True  # type: ignore[attr-defined]
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         bad = first_non_finite(checkpoint.get("state_dict", {}))

@@ -6,6 +6,8 @@ piece                      what it guarantees
 ``RngStateCallback``       resume at an epoch boundary is bitwise exact (every rank's RNG in the checkpoint)
 ``CrashCheckpoint``        a crash or Ctrl-C leaves ``checkpoints/on_exception.ckpt`` to resume from, never one
                            with NaN weights
+``ResumableCheckpoint``    ``ModelCheckpoint`` whose ``last.ckpt`` is rewritten every epoch (use it in configs:
+                           Lightning 2.6 refreshes ``last.ckpt`` only when the monitored metric improved)
 ``NonFiniteGuard``         no checkpoint with NaN/Inf weights is ever written; a NaN loss stops the run naming
                            the term and the step (``MedAttnModule.check_finite``)
 ``OutOfMemoryHint``        an out-of-memory error says which settings reduce memory
@@ -23,10 +25,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from callbacks.faults import CrashCheckpoint, NonFiniteGuard, OutOfMemoryHint, first_non_finite, is_out_of_memory
+from callbacks.faults import (CrashCheckpoint, NonFiniteGuard, OutOfMemoryHint, ResumableCheckpoint, first_non_finite,
+                              is_out_of_memory)
 from callbacks.rng_state import RngStateCallback
 
-__all__ = ["AtomicCheckpointIO", "CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "RngStateCallback",
+__all__ = ["AtomicCheckpointIO", "CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "ResumableCheckpoint",
+           "RngStateCallback",
            "atomic_torch_save", "first_non_finite", "is_out_of_memory", "reliability_callbacks"]
 
 

@@ -19,6 +19,7 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from callbacks.reliability import reliability_callbacks
 from callbacks.run_info import SplitSummaryLogger
 
 
@@ -57,7 +58,8 @@ class MedAttnCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to every run, on top of the callbacks a config lists
-            trainer_defaults={"callbacks": [SplitSummaryLogger()]},
+            trainer_defaults={"callbacks": [SplitSummaryLogger(), *reliability_callbacks()],
+                              "plugins": [{"class_path": "callbacks.checkpoint_io.AtomicCheckpointIO"}]},
             args=args,
             run=run,
         )

@@ -24,6 +24,27 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+# Contract violations found by these tests and reported to the method owners. Each is an ``xfail(strict=True)``: the
+# test still runs, and once the method is fixed it XPASSes, which fails the suite until the entry is removed.
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
+    ("nan_guard", "magsd"): "MAG-SD draws its augmentation maps with torch.multinomial before any loss exists, so NaN "
+                            "attention raises 'invalid multinomial distribution' instead of NonFiniteLossError; fix: "
+                            "check_finite the raw shot (logits/attention) before magsd_augment",
+    ("nan_guard", "oxnet"): "MONAI's RetinaNet head raises ValueError('cls_logits is NaN or Inf.') inside forward, "
+                            "before the module's check_finite can name a loss term and the step",
+    ("nan_guard", "retinanet"): "MONAI's RetinaNet head raises ValueError('cls_logits is NaN or Inf.') inside forward, "
+                                "before the module's check_finite can name a loss term and the step",
+}
+
+
+def methods_for(check: str) -> list:
+    """``method_names()`` as pytest params, known violations of ``check`` marked ``xfail(strict=True)``."""
+    import pytest
+
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[(check, name)]))
+            if (check, name) in KNOWN_VIOLATIONS else name for name in method_names()]
+
+
 def build(name: str, data_dir: Path, seed: int = 0) -> tuple[pl.LightningModule, pl.LightningDataModule]:
     """The method's tiny (module, datamodule), built after ``seed_everything(seed)`` as the CLI does."""
     pl.seed_everything(seed, verbose=False)
@@ -130,13 +151,13 @@ class GradProbe(pl.Callback):
 
 
 class PoisonWeights(pl.Callback):
-    """Before training batch ``at_batch`` of the first epoch, fill every trainable weight with NaN (a diverged run)."""
+    """Before the training batch of global step ``at_step``, fill every trainable weight with NaN (a diverged run)."""
 
-    def __init__(self, at_batch: int) -> None:
-        self.at_batch = at_batch
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.at_batch and trainer.current_epoch == 0:
+        if trainer.global_step == self.at_step:
             with torch.no_grad():
                 for p in pl_module.parameters():
                     if p.requires_grad and p.is_floating_point():
@@ -179,7 +200,7 @@ def disable_augmentation(datamodule: Any) -> bool:
     return done
 
 
-__all__ = ["TRAINER_QUIET", "FreezeBatchNorm", "GradProbe", "PoisonWeights", "RankStateDump", "batch_size_fields",
+__all__ = ["KNOWN_VIOLATIONS", "TRAINER_QUIET", "methods_for", "FreezeBatchNorm", "GradProbe", "PoisonWeights", "RankStateDump", "batch_size_fields",
            "build", "disable_augmentation", "flat_state", "lightning_modules", "max_abs_diff", "method_callbacks",
            "method_names",
            "scale_batch_sizes", "teacher_of"]
