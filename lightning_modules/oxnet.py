@@ -252,7 +252,9 @@ class OXnetModule(MedAttnModule):
             reg.append(r)
         return torch.stack(sfl).mean() + zero, torch.stack(reg).mean() + zero
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def compute_losses(self, batch: dict) -> dict[str, Tensor]:
+        """Every loss term and the weighted ``total`` for one three-stream batch (no logging, no guard); also
+        stores ``prototype_stats`` for ``PrototypeMomentum``."""
         hp = self.hparams
         image = self.prepare_image(batch["image"])
         out = self.student(image)
@@ -269,8 +271,12 @@ class OXnetModule(MedAttnModule):
         terms["sfl"], terms["consistency"] = self.distillation_terms(out, anchors, batch, distil_rows,
                                                                      image.shape[-2:])
         terms["total"] = sum(getattr(hp, f"{name}_weight") * terms[name] for name in LOSS_NAMES)
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms = self.compute_losses(batch)
         self.check_finite(terms)
-        self.log_losses("train", terms, batch_size=len(stream))
+        self.log_losses("train", terms, batch_size=len(batch["stream"]))
         return terms["total"]
 
     # ---------------------------------------------------------------------------------------- evaluation

@@ -280,7 +280,11 @@ class RetinaNet(nn.Module):
 
     def forward(self, x: Tensor) -> dict:
         feats, pyramid = self.forward_features(x)
-        cls_maps, box_maps = self.cls_head(pyramid), self.box_head(pyramid)
+        # The MONAI heads' own forward checks every level for NaN/Inf (a host sync per level) and raises a bare
+        # ValueError; calling their layers directly lets a non-finite value reach the loss, where the module's
+        # check_finite names the loss term and the step.
+        cls_maps = [self.cls_head.cls_logits(self.cls_head.conv(p)) for p in pyramid]
+        box_maps = [self.box_head.bbox_reg(self.box_head.conv(p)) for p in pyramid]
         return {"features": feats, "cls_maps": cls_maps, "box_maps": box_maps,
                 "cls_logits": _flatten(cls_maps, self.num_classes), "box_deltas": _flatten(box_maps, 4)}
 

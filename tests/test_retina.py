@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,30 @@ def test_overfits_one_box_and_postprocess_finds_it():
     assert int(det["labels"][0]) == 1
     from monai.data.box_utils import box_iou
     assert float(box_iou(det["boxes"][:1], box)) > 0.5
+
+
+# ----------------------------------------------------------------------------------- module and box logger
+def test_draw_boxes_colours_truth_and_predictions():
+    from callbacks.box_logger import draw_boxes
+
+    picture = np.asarray(draw_boxes(np.zeros((32, 32)), [(2, 2, 10, 10, 0)], [(15, 15, 30, 30, 0.9, 1)], ["a", "b"]))
+    assert picture[2, 5].tolist() == [255, 255, 255]  # ground truth: white top edge, x = column 5, y = row 2
+    assert picture[30, 20].tolist() not in ([0, 0, 0], [255, 255, 255])  # prediction: class colour, bottom edge
+
+
+def test_tiny_module_trains_evaluates_and_logs_boxes(tmp_path):
+    import lightning.pytorch as pl
+
+    from callbacks.box_logger import BoxLogger
+    from lightning_modules.registry import METHODS
+
+    module, data = METHODS["retinanet"].tiny(tmp_path)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[BoxLogger(num_images=2, min_score=0.0, max_boxes=3)])
+    trainer.fit(module, data)
+    assert {"val/map", "val/map_50", "val/map_75", "val/map_40", "val/auroc_local"} <= set(trainer.callback_metrics)
+    assert len(list((tmp_path / "boxes" / "epoch_000").glob("*.png"))) == 2
+    detections = module.detect(torch.zeros(2, 1, 64, 64))
+    assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+    assert len(detections[0]["boxes"]) <= module.hparams.max_detections

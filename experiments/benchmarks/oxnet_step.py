@@ -1,0 +1,172 @@
+"""Lightning overhead of the OXnet training step: ``OXnetModule`` under ``Trainer.fit`` with its ``EMATeacher`` and
+``PrototypeMomentum`` callbacks, versus a bare PyTorch loop doing the same work on a copy with identical weights:
+student forward on the three-stream batch, teacher forward (no grad) and pseudo-boxes, every loss term (focal,
+smooth-L1, DAA, GPA intra/inter, soft focal, regression consistency), backward, AdamW step, EMA update, prototype
+update.
+
+    python -m experiments.benchmarks.oxnet_step                        # the synthetic config's network, 128 px
+    python -m experiments.benchmarks.oxnet_step --backbone test_resnet --image-size 64 --levels 3 4 5 \\
+        --channels 16 --head-depth 1 --name oxnet_step_tiny              # seconds, for a loaded machine
+
+So that the distillation terms are part of the measured step, the classification output layer is given random
+weights (a fresh head predicts 0.01 everywhere and the teacher would find no pseudo-box); the JSON records the
+pseudo-box count per image. Timing as in ``dcmt_step``: per-step time between successive batch ends, rounds
+alternate Lightning / bare (order flipped every round), overhead = median over rounds of (Lightning median step /
+bare median step) − 1, wall clock and process CPU time. Target ≤ 5 %. Writes ``results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+from torch.utils.data import DataLoader
+
+from callbacks.ema_teacher import EMATeacher, ema_alpha, ema_update_
+from callbacks.prototype_momentum import PrototypeMomentum, momentum_update_
+from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
+from experiments.benchmarks.common import write
+from experiments.benchmarks.dcmt_step import StepTimer, _medians, _now
+from experiments.benchmarks.pcam_step import SameBatch
+from lightning_modules.oxnet import OXnetModule
+from networks.oxnet import OXnet
+from networks.retina import RetinaNet
+
+CLASSES = 4
+
+
+def make_batch(per_stream: int, size: int) -> dict:
+    """``per_stream`` images of each stream, labelled like the synthetic data, one box per box-stream image."""
+    g = torch.Generator().manual_seed(0)
+    b = 3 * per_stream
+    stream = torch.tensor([STREAM_BOX] * per_stream + [STREAM_LABEL] * per_stream + [STREAM_UNLABELED] * per_stream)
+    labels = (torch.rand(b, CLASSES, generator=g) < 0.4).float()
+    labels[torch.arange(b), torch.arange(b) % CLASSES] = 1.0
+    labels[stream == STREAM_UNLABELED] = 0.0
+    boxes, box_labels = [], []
+    for i in range(b):
+        if stream[i] == STREAM_BOX:
+            x, y = (torch.rand(2, generator=g) * size * 0.6).tolist()
+            w = size * (0.1 + 0.2 * float(torch.rand(1, generator=g)))
+            boxes.append(torch.tensor([[x, y, x + w, y + 0.8 * w]]))
+            box_labels.append(torch.tensor([i % CLASSES]))
+        else:
+            boxes.append(torch.zeros(0, 4))
+            box_labels.append(torch.zeros(0, dtype=torch.long))
+    image = torch.randn(b, 1, size, size, generator=g)
+    return {"image": image, "image_teacher": image + 0.05 * torch.randn(b, 1, size, size, generator=g),
+            "labels": labels, "label_mask": (stream != STREAM_UNLABELED)[:, None].expand(b, CLASSES).clone(),
+            "stream": stream, "has_boxes": stream == STREAM_BOX, "boxes": boxes, "box_labels": box_labels}
+
+
+def run_lightning(module: OXnetModule, loader: DataLoader, steps: int, warmup: int) -> tuple[float, float]:
+    import lightning.pytorch as pl
+
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50,
+                         callbacks=[EMATeacher(0.99), PrototypeMomentum(0.7), timer])
+    start = _now()
+    trainer.fit(module, train_dataloaders=loader)
+    return _medians(timer.stamps, start, warmup)
+
+
+def run_bare(module: OXnetModule, optimizer: torch.optim.Optimizer, loader: DataLoader, warmup: int,
+             step0: int) -> tuple[float, float]:
+    """The same work without Lightning: ``compute_losses``, backward, step, EMA, prototype update."""
+    module.train()
+    stamps: list[tuple[float, float]] = []
+    step = step0
+    start = _now()
+    for batch in loader:
+        loss = module.compute_losses(batch)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        ema_update_(module.teacher, module.student, ema_alpha(step, 0.99))
+        sums, weights = module.prototype_stats
+        momentum_update_(module.prototypes, module.prototype_updates, sums, weights, 0.7)
+        stamps.append(_now())
+    return _medians(stamps, start, warmup)
+
+
+def build(args) -> OXnet:
+    torch.manual_seed(0)
+    net = OXnet(RetinaNet(num_classes=CLASSES, backbone=args.backbone, fpn_levels=tuple(args.levels),
+                          fpn_channels=args.channels, head_depth=args.head_depth, anchor_size_factor=1.5))
+    torch.nn.init.normal_(net.retina.cls_head.cls_logits.weight, std=args.head_std)  # some anchors above 0.5
+    return net
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--head-depth", type=int, default=2)
+    parser.add_argument("--head-std", type=float, default=0.05)
+    parser.add_argument("--per-stream", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default="oxnet_step")
+    args = parser.parse_args(argv)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=1e-5)  # small: the workload (pseudo-box count) stays stable
+
+    module = OXnetModule(build(args), freeze_bn=True, optimizer=adamw)
+    bare = OXnetModule(build(args), freeze_bn=True)
+    bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
+    batch = make_batch(args.per_stream, args.image_size)
+    with torch.no_grad():
+        teacher = bare.forward_teacher(batch["image_teacher"])
+        probs = torch.sigmoid(teacher["cls_logits"]).amax(dim=2)
+    candidates = (probs > 0.5).sum(dim=1).tolist()
+    loader = DataLoader(SameBatch(batch, args.steps), batch_size=None, shuffle=False, num_workers=0)
+
+    walls, cpus = {"lightning": [], "bare": []}, {"lightning": [], "bare": []}
+    ratios, cpu_ratios = [], []
+    bare_steps = 0
+    for r in range(args.repeats):
+        order = ("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")
+        got = {}
+        for case in order:
+            if case == "lightning":
+                got[case] = run_lightning(module, loader, args.steps, args.warmup)
+            else:
+                got[case] = run_bare(bare, bare_opt, loader, args.warmup, bare_steps)
+                bare_steps += args.steps
+        for case in got:
+            walls[case].append(1e3 * got[case][0])
+            cpus[case].append(1e3 * got[case][1])
+        ratios.append(got["lightning"][0] / got["bare"][0])
+        cpu_ratios.append(got["lightning"][1] / got["bare"][1])
+        print(f"round {r}: wall lightning {walls['lightning'][-1]:.0f} ms, bare {walls['bare'][-1]:.0f} ms, ratio "
+              f"{ratios[-1]:.3f}; cpu ratio {cpu_ratios[-1]:.3f}", flush=True)
+
+    overhead, cpu_overhead = statistics.median(ratios) - 1, statistics.median(cpu_ratios) - 1
+    payload = {
+        "config": vars(args),
+        "teacher_anchors_above_0.5_per_image": candidates,
+        "lightning_step_ms": {"median": statistics.median(walls["lightning"]), "values": walls["lightning"]},
+        "bare_step_ms": {"median": statistics.median(walls["bare"]), "values": walls["bare"]},
+        "ratio_per_round": ratios, "overhead_median": overhead,
+        "lightning_step_cpu_ms": {"median": statistics.median(cpus["lightning"]), "values": cpus["lightning"]},
+        "bare_step_cpu_ms": {"median": statistics.median(cpus["bare"]), "values": cpus["bare"]},
+        "cpu_ratio_per_round": cpu_ratios, "cpu_overhead_median": cpu_overhead,
+        "target": 0.05, "passes": overhead <= 0.05, "passes_cpu": cpu_overhead <= 0.05,
+    }
+    print(f"Lightning overhead (median of per-round ratios): wall {100 * overhead:+.1f}%, process CPU "
+          f"{100 * cpu_overhead:+.1f}% (target <= 5%)")
+    write(args.name, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
