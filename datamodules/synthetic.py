@@ -19,7 +19,7 @@ What an image holds (all sizes are fractions of the image width, so ``image_size
   ============  =========================================================  ===================
   Nodule        small, sharp-edged bright disc; 1 (75 %) or 2 (25 %)       diameter 3.2-5.2 %
   Mass          larger, irregular (lobulated) soft-edged bright blob       diameter 11-17 %
-  Effusion      homogeneous opacity filling one lung base, with a          base 20-40 % of the
+  Effusion      homogeneous opacity filling one lung base, with a          base 18-35 % of the
                 meniscus that rises laterally                              lung height
   Infiltration  patchy, textured cloud (thresholded fine noise)            diameter 14-22 %
   ============  =========================================================  ===================
@@ -75,7 +75,7 @@ from PIL import Image
 
 from datamodules.manifest import DataError, Manifest
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever the pixels or tables change: it is part of the cache hash
 CLASSES = ("Nodule", "Mass", "Effusion", "Infiltration")
 BBOX_NAME = {"Infiltration": "Infiltrate"}  # BBox_List_2017 spells this class differently from Data_Entry
 DATA_ENTRY_HEADER = (
@@ -181,8 +181,7 @@ def plan_synthetic_cxr(config: SyntheticCXRConfig) -> pd.DataFrame:
     return frame
 
 
-def _patient_anatomy(seed: int, patient_id: int) -> dict[str, float]:
-    rng = np.random.default_rng([seed, 1, patient_id])
+def _patient_anatomy(rng: np.random.Generator) -> dict[str, float]:
     def u(lo: float, hi: float) -> float:
         return float(rng.uniform(lo, hi))
 
@@ -355,10 +354,10 @@ def render_image(config: SyntheticCXRConfig, row: dict, index: int, patient: dic
         which = int(rng.integers(2))
         side, cx, cy = patient["centres"][which]
         lateral = np.clip(side * (x - cx) / lung_a + 1.0, 0.0, 2.0) / 2.0  # 0 medial .. 1 lateral
-        level = cy + lung_b * (0.70 - rng.uniform(0.2, 0.4) - rng.uniform(0.12, 0.25) * lateral**2)
+        level = cy + lung_b * (0.70 - rng.uniform(0.18, 0.35) - rng.uniform(0.12, 0.25) * lateral**2)
         in_side = side_dist[which] > 0
         add("Effusion", _ramp(y - level, 0.03) * (side_dist[which] > -0.02), (y > level) & in_side,
-            rng.uniform(0.24, 0.32), None)  # fmt: skip
+            rng.uniform(0.18, 0.28), None)  # fmt: skip
     if row["Mass"]:
         r = rng.uniform(0.055, 0.085)
         c, mx, my = centre_in(int(rng.integers(2)), 0.6 * r, r)
@@ -376,7 +375,7 @@ def render_image(config: SyntheticCXRConfig, row: dict, index: int, patient: dic
         ey = (-(x - mx) * np.sin(phi) + (y - my) * np.cos(phi)) / (r * aspect)
         env = np.clip(1.0 - np.sqrt(ex**2 + ey**2), 0.0, 1.0)
         texture = np.clip(0.6 + 0.5 * _smooth_noise(rng, s, 40), 0.0, 1.0)
-        add("Infiltration", np.sqrt(env) * texture, env > 0.15, rng.uniform(0.14, 0.20), c)
+        add("Infiltration", np.sqrt(env) * texture, env > 0.15, rng.uniform(0.16, 0.24), c)
     if row["Nodule"]:
         for _ in range(1 + int(rng.random() < 0.25)):
             r = rng.uniform(0.016, 0.026)
@@ -390,7 +389,7 @@ def render_image(config: SyntheticCXRConfig, row: dict, index: int, patient: dic
         patch = img[my0 : my0 + mh, mx0 : mx0 + mw]
         img[my0 : my0 + mh, mx0 : mx0 + mw] = np.where(_glyph(row["marker"], mw, mh), rng.uniform(0.8, 0.95), patch)
 
-    img = img + rng.normal(0.0, 0.018, size=img.shape).astype(np.float32)
+    img = img + 0.018 * rng.standard_normal(img.shape, dtype=np.float32)
     img = np.clip(img * rng.uniform(0.85, 1.15) + rng.normal(0.0, 0.04), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     image = np.round(img * 255.0).astype(np.uint8)
     return {"image": image, "lung_mask": lung_mask, "lesions": lesions, "marker_box": marker_box}
@@ -562,8 +561,9 @@ class SyntheticCXR:
         from datamodules.readers.nih import NIHChestXray14  # lazy: the reader imports heavier pieces
 
         self.prepare()
+        # image_size="original": boxes are checked against each image's own size (Data_Entry holds it).
         manifest = NIHChestXray14(
-            self.root, classes=self.classes, mask_dir="masks", attention_mask_dir="lesion_masks"
+            self.root, classes=self.classes, mask_dir="masks", attention_mask_dir="lesion_masks", image_size="original"
         ).load()
         if not self.config.single_label:
             return manifest
