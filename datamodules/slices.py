@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -226,6 +226,14 @@ class NiftiSliceReader:
         slices = frame[["image_id", "subject_id", "slice_index", "label", "path", "mask_path", "kind"]]
         subjects = _subjects_frame(self.root / self.subjects_csv, slices["subject_id"].unique())
         return SliceTable(slices, subjects, self.class_names, str(path), self.slice_axis)
+
+
+@runtime_checkable
+class SliceReader(Protocol):
+    """Anything that reads slice stacks into a :class:`SliceTable` (:class:`H5SliceReader`, :class:`NiftiSliceReader`,
+    ``datamodules.synthetic_slices.SyntheticSlices``). An optional ``prepare()`` runs once per node first."""
+
+    def load(self) -> SliceTable: ...
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -434,7 +442,7 @@ class SliceStackDataModule(pl.LightningDataModule):
         num_workers, seed: DataLoader workers and the split/sampling/augmentation seed.
     """
 
-    def __init__(self, reader: Any, image_size: int = 256, num_folds: int = 5, fold: int = 0,
+    def __init__(self, reader: SliceReader, image_size: int = 256, num_folds: int = 5, fold: int = 0,
                  val_fraction: float = 0.0, label_ratio: float = 0.25, labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 10, unlabeled_batch_size: int = 30, epoch_stream: str | None = None,
                  eval_batch_size: int = 40, two_views: bool = True, augment: bool = True,

@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.manifest import DataError
+from datamodules.slices import H5SliceReader, NiftiSliceReader, SliceTable
 
 GENERATOR_VERSION = 1
 CARTILAGE_LABEL = 2
@@ -278,13 +279,11 @@ class SyntheticSlices:
     def prepare(self) -> Path:
         return write_synthetic_slices(self.root, self.config)
 
-    def reader(self):
-        from datamodules.slices import H5SliceReader, NiftiSliceReader
-
+    def reader(self) -> H5SliceReader | NiftiSliceReader:
         self.prepare()
         if self.layout == "h5":
             return H5SliceReader(self.root / "h5", class_names=CLASS_NAMES)
         return NiftiSliceReader(self.root / "nifti", class_names=CLASS_NAMES)
 
-    def load(self):
+    def load(self) -> SliceTable:
         return self.reader().load()
