@@ -84,6 +84,15 @@ class MedAttnModule(pl.LightningModule):
                 "Lower the learning rate, try precision=32, or check the batch for corrupt inputs."
             )
 
+    def log(self, name: str, value, *args, batch_size: int | float | None = None, **kwargs) -> None:
+        # Lightning 2.6 averages the per-rank sample counts of a ``sync_dist`` epoch mean in an *integer* tensor
+        # under gloo (``_sync_ddp``: ``result.copy_(result / world_size)``, 7 / 2 -> 3), so an epoch mean over ranks
+        # with different sample counts (the unpadded evaluation sampler) came out 7/6 too large. A float batch size
+        # makes the count a float tensor and the mean exact (tests/test_ddp_parity.py).
+        if batch_size is not None and kwargs.get("sync_dist"):
+            batch_size = float(batch_size)
+        super().log(name, value, *args, batch_size=batch_size, **kwargs)
+
     def log_losses(self, stage: str, terms: Mapping[str, torch.Tensor], batch_size: int) -> None:
         """Log every term as ``stage/loss_<name>`` and the total as ``stage/loss``."""
         on_step = stage == "train"
