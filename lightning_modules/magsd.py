@@ -133,6 +133,10 @@ class MAGSDModule(MedAttnModule):
         sd_weight: weight of each soft-distance term (1 in the reference).
         augmented_bn_stats: let the augmented shots update the BN running statistics (reference: True).
         attention_mode: ``"mean"`` or ``"class"`` (see ``attention_maps``).
+        head_lr_scale: learning-rate multiplier of the bias-free BAP classifier (1 in the reference). Because
+            its input has unit norm and is scaled by 100, an SGD step of size ``lr`` moves a logit by up to
+            ``lr·10⁴``: the head tolerates the reference's lr = 1e-3 but diverges at the 1e-2 that suits a backbone
+            trained from scratch; ``0.1`` with ``lr = 1e-2`` keeps the head at the reference's 1e-3.
         augment_seed: seed of the augmentation randomness; default ``torch.initial_seed()`` at construction, i.e. the
             ``seed_everything`` seed when built by the CLI.
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
@@ -148,6 +152,7 @@ class MAGSDModule(MedAttnModule):
         sd_weight: float = 1.0,
         augmented_bn_stats: bool = True,
         attention_mode: str = "mean",
+        head_lr_scale: float = 1.0,
         augment_seed: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
@@ -184,6 +189,17 @@ class MAGSDModule(MedAttnModule):
                              "outputs: set model.net.init_args.num_classes")
         if names and not self.hparams.class_names:
             self.class_names = names
+
+    def configure_optimizers(self):
+        """One optimiser, two parameter groups: everything else, then the BAP classifier (``head_lr_scale``)."""
+        head = [p for p in self.net.classifier.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        body = [p for p in self.parameters() if p.requires_grad and id(p) not in head_ids]
+        optimizer = self.optimizer_factory([{"params": body}, {"params": head}])
+        optimizer.param_groups[1]["lr"] *= self.hparams.head_lr_scale  # before the scheduler records initial_lr
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
 
     # ---------------------------------------------------------------------------------------- pieces
     def forward(self, image: Tensor) -> Tensor:

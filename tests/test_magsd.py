@@ -365,3 +365,15 @@ def test_crossval_runs_every_fold_and_writes_the_table(tmp_path):
     assert table["fold"].astype(str).tolist() == ["0", "1", "2", "mean", "std"]
     assert int(table["n_test"][:3].astype(float).sum()) == 60  # the folds partition the data
     assert "test/specificity" in table.columns and "| mean |" in markdown
+
+
+def test_head_lr_scale_gives_the_classifier_its_own_learning_rate():
+    module = MAGSDModule(tiny_net(), head_lr_scale=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+                         scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4))
+    config = module.configure_optimizers()
+    body, head = config["optimizer"].param_groups
+    assert body["lr"] == 0.01 and abs(head["lr"] - 0.001) < 1e-12
+    assert head["params"] == [module.net.classifier.weight]
+    assert len(body["params"]) + 1 == len(list(module.parameters()))
+    config["lr_scheduler"]["scheduler"].step()
+    assert config["optimizer"].param_groups[1]["lr"] < 0.001  # the schedule scales both groups

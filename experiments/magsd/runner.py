@@ -1,8 +1,10 @@
 """Run one ``medattn`` experiment in-process (fit, then test on the final weights) and return its numbers.
 
-Shared by :mod:`experiments.magsd.crossval` and :mod:`experiments.magsd.acceptance`. The arguments are exactly
-those of ``medattn fit`` (``-c file.yaml``, ``--data.init_args.fold 2`` ...), so every run is also reproducible
-from the command line, and each run logs to its own run directory like any other ``medattn`` run.
+Shared by :mod:`experiments.magsd.crossval` and :mod:`experiments.magsd.acceptance`; alone,
+``python -m experiments.magsd.runner -c <config> [overrides]`` prints the numbers of one run as JSON. The
+arguments are exactly those of ``medattn fit`` (``-c file.yaml``, ``--data.init_args.fold 2`` ...), so every
+run is also reproducible from the command line, and each run logs to its own run directory like any other
+``medattn`` run.
 
 Test uses the weights at the end of training (not the best validation checkpoint): the validation splits
 here are small, and selecting on them would add noise and an optimistic bias.
@@ -62,3 +64,10 @@ def to_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+if __name__ == "__main__":  # python -m experiments.magsd.runner -c experiments/magsd/covid_cxr.yaml [overrides]
+    import json
+    import sys
+
+    print(json.dumps(run_experiment(sys.argv[1:]), indent=2))
