@@ -199,3 +199,18 @@ def test_registered_tiny_fits_validates_and_tests(tmp_path):
     results = trainer.test(module, data, verbose=False)[0]
     assert {"test/dice", "test/dice_WM", "test/hd95_CSF", "test/mhd"} <= set(results)
     assert module.class_names == data.class_names
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_gives_the_same_probabilities(spatial_dims):
+    import copy
+
+    torch.manual_seed(0)
+    net = NonLocalUNet(spatial_dims, 1, 3, filters=4).eval()
+    plain = NonLocalUNetModule(copy.deepcopy(net), roi_size=16, overlap=0.5)
+    fast = NonLocalUNetModule(copy.deepcopy(net), roi_size=16, overlap=0.5, channels_last=True)
+    fast.setup("fit")
+    fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    assert fast.net.stem.weight.is_contiguous(memory_format=fmt)
+    x = torch.randn(1, 1, *(24,) * spatial_dims)
+    torch.testing.assert_close(fast.predict_probs(x), plain.predict_probs(x), atol=1e-5, rtol=0)
