@@ -220,3 +220,11 @@ def test_views_keep_the_image_shape(size):
     images, attention = torch.randn(2, 1, *size), torch.rand(2, 32, 7, 7)
     for view in magsd_augment(images, attention, gen()):
         assert view.shape == images.shape
+
+
+def test_attention_crop_is_crop_and_resize_of_the_padded_box():
+    images = ramp(2)
+    maps = torch.cat([square_map(), square_map(0, 16, 16, 32)])
+    out = attention_crop(images, maps, theta=0.5, padding=0.1)
+    boxes = torch.tensor([[4, 4, 28, 28], [0, 12, 20, 32]])  # ±3.2 px, outward rounding, clipped
+    torch.testing.assert_close(out, crop_and_resize(images, boxes))

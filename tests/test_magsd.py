@@ -377,3 +377,14 @@ def test_head_lr_scale_gives_the_classifier_its_own_learning_rate():
     assert len(body["params"]) + 1 == len(list(module.parameters()))
     config["lr_scheduler"]["scheduler"].step()
     assert config["optimizer"].param_groups[1]["lr"] < 0.001  # the schedule scales both groups
+
+
+def test_training_step_under_bf16_autocast_and_channels_last():
+    module = MAGSDModule(tiny_net(), channels_last=True)
+    module.setup("fit")  # converts the model to channels_last
+    module.log = lambda *a, **k: None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.training_step(batch(), 0)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.net.parameters() if p.grad is not None)
