@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Sequence
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/dcmt/acceptance")
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: checks the plumbing only")
+    parser.add_argument("--stage2-args", default="", help="extra flags for the stage-2 runs, one string "
+                        "(e.g. '--data.init_args.unlabeled_batch_size 24' with fewer subjects)")
     args, extra = parser.parse_known_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[acceptance] dcmt_subject seed {seed}", flush=True)
                 argv2 = ["-c", STAGE2, "--seed_everything", str(seed), "--data.init_args.features_file", str(features),
                          "--model.init_args.net.init_args.in_features", str(rows[-1]["head_channels"])]
+                argv2 += shlex.split(args.stage2_args)
                 if args.quick:
-                    argv2 += ["--trainer.max_epochs", "5", "--trainer.check_val_every_n_epoch", "5"]
+                    argv2 += ["--trainer.max_epochs", "5", "--trainer.check_val_every_n_epoch", "5",
+                              "--data.init_args.labeled_batch_size", "4", "--data.init_args.unlabeled_batch_size", "12"]
                 rows.append({"method": "dcmt_subject", "seed": seed, **fit_test(argv2)})
     checks = {
         "dcmt_auroc_teacher >= labeled_only_auroc_teacher":
