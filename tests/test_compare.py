@@ -185,7 +185,7 @@ def test_real_offline_wandb_run_is_read_with_leet(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = wandb.init(project="medattn", dir=str(tmp_path), group="g/leet", tags=["method:leet", "seed:4"],
-                     config={"config": {"seed_everything": 4}}, name="leet-s4")
+                     config={"config": {"seed_everything": 4}}, name="leet-s4", mode="offline")
     for epoch, value in enumerate([0.5, 0.9, 0.7]):
         run.log({"epoch": epoch, "val/auroc": value})
     run.log({"test/auroc": 0.77})
