@@ -46,7 +46,8 @@ def momentum_update_(prototypes: Tensor, updates: Tensor, sums: Tensor, weights:
     """In place: for every class with weight > 0, ``P ← sums / weights`` if never set, else ``β P + (1 − β) sums /
     weights``; other classes unchanged. ``updates`` counts the updates per class."""
     present = weights > 0
-    target = sums.to(prototypes.dtype) / weights.to(prototypes.dtype).clamp(min=torch.finfo(prototypes.dtype).tiny)[:, None]
+    tiny = torch.finfo(prototypes.dtype).tiny
+    target = sums.to(prototypes.dtype) / weights.to(prototypes.dtype).clamp(min=tiny)[:, None]
     blended = torch.where((updates > 0)[:, None], beta * prototypes + (1.0 - beta) * target, target)
     prototypes.copy_(torch.where(present[:, None], blended, prototypes))
     updates.add_(present.to(updates.dtype))

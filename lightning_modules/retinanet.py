@@ -199,7 +199,8 @@ class RetinaNetModule(MedAttnModule):
         return self.postprocess(self.net(self.prepare_image(image)), image)
 
     # ------------------------------------------------------------------------------------------ training
-    def supervised_losses(self, out: dict, image_hw, boxes: list[Tensor], labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def supervised_losses(self, out: dict, image_hw, boxes: list[Tensor],
+                          labels: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Mean focal and regression losses over the images of ``out`` (one per entry of ``boxes``)."""
         hp = self.hparams
         anchors = self.net.anchors(image_hw, out["cls_maps"])

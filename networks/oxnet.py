@@ -31,8 +31,10 @@ Example:
     >>> from networks.retina import RetinaNet
     >>> net = OXnet(RetinaNet(num_classes=2, backbone="test_resnet", fpn_channels=16, head_depth=1))
     >>> out = net(torch.zeros(2, 1, 64, 64))
-    >>> out["global_logits"].shape, out["category_features"].shape, round(float(out["attention"].detach().sum((-2, -1))[0, 0]), 4)
-    (torch.Size([2, 2]), torch.Size([2, 2, 96]), 1.0)
+    >>> out["global_logits"].shape, out["category_features"].shape
+    (torch.Size([2, 2]), torch.Size([2, 2, 96]))
+    >>> round(float(out["attention"].detach().sum((-2, -1))[0, 0]), 4)  # R sums to 1 per image and class
+    1.0
 """
 
 from __future__ import annotations

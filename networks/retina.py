@@ -8,10 +8,10 @@ T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollár, "Focal Loss for Dense Objec
 
 What comes from where: the pyramid is MONAI ``FeaturePyramidNetwork`` + ``LastLevelP6P7`` (P6 from C5, P7 from
 ReLU(P6), as in the reference); the heads are MONAI ``RetinaNetClassificationHead`` / ``RetinaNetRegressionHead``
-(GroupNorm trunks); anchors are MONAI ``AnchorGenerator``; encoding is MONAI ``BoxCoder``; IoU, clipping and NMS
-are ``monai.data.box_utils``. This file owns the forward (backbone -> FPN -> heads) so that the per-level
-classification maps stay available to OXnet's attention branch (MONAI's ``RetinaNetDetector`` returns only losses
-in training).
+(GroupNorm trunks); anchors are MONAI ``AnchorGenerator`` (subclassed, unrounded); encoding is MONAI
+``BoxCoder``; IoU, clipping and NMS are ``monai.data.box_utils``. This file owns the forward (backbone -> FPN ->
+heads) so that the per-level classification maps stay available to OXnet's attention branch (MONAI's
+``RetinaNetDetector`` returns only losses in training).
 
 Coordinate convention (decided here, and only here)
     Every box in this project is ``xyxy`` in pixels with **x = column, y = row** (``datamodules/batch.py``).
@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Sequence
 

@@ -68,7 +68,8 @@ def test_daa_gradient_reaches_the_classification_head():
     net = tiny_oxnet()
     torch.nn.init.normal_(net.global_head.weight)
     out = net(torch.randn(2, 1, 64, 64))
-    daa_loss(out["global_logits"], torch.tensor([[1.0, 0, 1], [0, 1, 0]]), torch.ones(2, 3, dtype=torch.bool)).backward()
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    daa_loss(out["global_logits"], labels, torch.ones(2, 3, dtype=torch.bool)).backward()
     assert net.retina.cls_head.cls_logits.weight.grad.abs().sum() > 0
 
 

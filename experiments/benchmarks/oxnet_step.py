@@ -18,7 +18,6 @@ bare median step) − 1, wall clock and process CPU time. Target ≤ 5 %. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--head-depth", type=int, default=2)
-    parser.add_argument("--head-std", type=float, default=0.05)
+    parser.add_argument("--head-std", type=float, default=0.1)
     parser.add_argument("--per-stream", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)

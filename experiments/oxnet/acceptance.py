@@ -4,7 +4,7 @@ Protocol per seed (all runs: same split, data seed 0, same network; only ``--see
 
 1. **stage 1**: RetinaNet on the box stream (``experiments/retinanet/synthetic.yaml``) for ``--stage1-minutes``;
 2. **retinanet**: the box-only continuation from that checkpoint (same config, fresh AdamW at OXnet's stage-2
-   learning rate) for ``--stage2-minutes``;
+   learning rate, BatchNorm statistics frozen as in OXnet) for ``--stage2-minutes``;
 3. **oxnet**: OXnet stage 2 from the same checkpoint (``experiments/oxnet/synthetic.yaml``: the same box stream plus
    image-label and unlabeled streams) for ``--stage2-minutes``.
 
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RETINANET = "experiments/retinanet/synthetic.yaml"
 OXNET = "experiments/oxnet/synthetic.yaml"
 METRICS = ["test/map_50", "test/map", "test/map_40", "test/map_75", "test/auroc_local", "test/auroc",
-           "time/fit_s", "time/steps", "time/epochs"]
+           "test/map_50_teacher", "time/fit_s", "time/steps", "time/epochs"]
 
 
 def _max_time(minutes: float) -> str:
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "MEDATTN_RUN_ID": args.tag, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "WANDB_SILENT": "true"}
     env.pop("MEDATTN_RUN_DIR", None)
-    lr = ["--model.init_args.optimizer.init_args.lr", str(args.stage2_lr)]
+    # both stage-2 arms: the same fresh AdamW and BatchNorm statistics frozen at their stage-1 values
+    stage2 = ["--model.init_args.optimizer.init_args.lr", str(args.stage2_lr), "--model.init_args.freeze_bn", "true"]
     rows = []
     for seed in args.seeds:
         stage1 = _run_dir(out, "stage1", seed, args.tag) / "checkpoints"
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
         for arm, config, minutes, from_stage1 in plan:
             flags = []
             if from_stage1:  # the best stage-1 checkpoint, or its last one if no validation ran within the budget
-                ckpt = stage1 / "best.ckpt" if (stage1 / "best.ckpt").is_file() or args.dry_run else stage1 / "last.ckpt"
-                flags = ["--model.init_args.init_checkpoint", str(ckpt), *lr]
+                best = (stage1 / "best.ckpt").is_file() or args.dry_run
+                ckpt = stage1 / ("best.ckpt" if best else "last.ckpt")
+                flags = ["--model.init_args.init_checkpoint", str(ckpt), *stage2]
             cmd = _command(config, seed, arm, out, minutes, flags + extra)
             run_dir = _run_dir(out, arm, seed, args.tag)
             print(f"[acceptance] seed {seed} {arm}: {shlex.join(['python', *cmd[1:]])}", flush=True)
