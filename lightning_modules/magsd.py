@@ -225,29 +225,41 @@ class MAGSDModule(MedAttnModule):
         return labels.argmax(dim=1), known
 
     # -------------------------------------------------------------------------------------- training
-    def forward_shots(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
-        """Raw logits and the logits of the three attention-guided views."""
+    def forward_raw(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw shot: logits and the ``(B, M, h, w)`` attention maps the views are built from."""
         features, attention = self.net.forward_features(image)
-        logits = self.net.forward_head(features, attention)
+        return self.net.forward_head(features, attention), attention
+
+    def forward_augmented(self, image: Tensor, attention: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """Logits of the three attention-guided views (mix-up, dimming, patching)."""
         views = magsd_augment(image, attention, generator)
         bn = frozen_bn_stats(self.net) if not self.hparams.augmented_bn_stats else nullcontext()
         with bn:
-            augmented = [self.net(self.prepare_image(v)) for v in views]
-        return logits, augmented
+            return [self.net(self.prepare_image(v)) for v in views]
+
+    def forward_shots(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+        """Raw logits and the logits of the three attention-guided views."""
+        logits, attention = self.forward_raw(image)
+        return logits, self.forward_augmented(image, attention, generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         target, known = self.targets(batch)
         image = self.prepare_image(batch["image"])
         if not bool(known.all()):
             image, target = image[known], target[known]
-        logits, augmented = self.forward_shots(image, self.step_generator(image.device, batch_idx))
+        logits, attention = self.forward_raw(image)
+        ce = F.cross_entropy(logits.float(), target)
+        # Checked before the maps are sampled: diverged (NaN) attention would otherwise fail inside
+        # torch.multinomial with an unhelpful message instead of naming the loss term and the step.
+        self.check_finite({"ce": ce})
+        augmented = self.forward_augmented(image, attention, self.step_generator(image.device, batch_idx))
         hp = self.hparams
         q = soft_distance_target(logits, target, hp.confidence, hp.smoothing, hp.normalized_target)
-        terms = {"ce": F.cross_entropy(logits.float(), target)}
+        terms = {"ce": ce}
         for name, p in zip(VIEW_NAMES, augmented):
             terms[f"sd_{name}"] = hp.sd_weight * soft_distance(q, p)
         terms = {"total": sum(terms.values()), **terms}
-        self.check_finite(terms)
+        self.check_finite({k: v for k, v in terms.items() if k != "ce"})
         batch_size = int(target.shape[0])
         self.log_losses("train", terms, batch_size)
         with torch.no_grad():  # logged only: the reference puts no cross-entropy on the augmented shots
