@@ -34,6 +34,15 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
                             "before the module's check_finite can name a loss term and the step",
     ("nan_guard", "retinanet"): "MONAI's RetinaNet head raises ValueError('cls_logits is NaN or Inf.') inside forward, "
                                 "before the module's check_finite can name a loss term and the step",
+    ("fast_dev_run_predict", "nonlocal_unet"): "VolumeSegmentationDataModule has no predict_dataloader "
+                                               "and NonLocalUNetModule no predict_step, so `medattn predict` "
+                                               "cannot run the Non-local U-Net",
+    ("ddp", "oxnet"): "DetectionEvaluation's MeanAveragePrecision crashes gloo (\"Received data size doesn't match "
+                      "expected size\") when a rank has no detection in its validation shard: torchmetrics then "
+                      "syncs a 1-D empty state against the other rank's (N, 4) boxes",
+    ("ddp", "retinanet"): "DetectionEvaluation's MeanAveragePrecision crashes gloo (\"Received data size doesn't match "
+                          "expected size\") when a rank has no detection in its validation shard: torchmetrics then "
+                          "syncs a 1-D empty state against the other rank's (N, 4) boxes",
 }
 
 
@@ -175,9 +184,9 @@ def batch_size_fields(datamodule: Any) -> dict[str, int]:
     return fields
 
 
-def scale_batch_sizes(datamodule: Any, factor: int) -> dict[str, int]:
+def scale_batch_sizes(datamodule: Any, factor: float) -> dict[str, int]:
     """Multiply the per-rank training batch sizes in place (hparams and attributes); returns the new sizes."""
-    new = {k: v * factor for k, v in batch_size_fields(datamodule).items()}
+    new = {k: int(v * factor) for k, v in batch_size_fields(datamodule).items()}
     hparams = getattr(datamodule, "hparams", None)
     for key, value in new.items():
         if hparams is not None and key in hparams:

@@ -1,0 +1,87 @@
+"""The contract every registered method keeps (parameterised over ``lightning_modules.METHODS``, as timm's tests are
+over ``list_models()``), on its tiny configuration:
+
+* ``fast_dev_run`` of ``fit`` (one forward/backward/optimiser step and one validation batch), ``validate``, ``test``
+  and ``predict`` passes;
+* at the first optimiser step every trainable parameter has a finite gradient. A parameter that legitimately gets
+  none must be declared by the module in ``params_without_grad``, a tuple of name prefixes (none is declared today);
+* a mean teacher (``module.teacher``) is frozen: ``requires_grad=False`` everywhere and never a gradient;
+* ``attention_maps(image)`` returns (B, K, h, w) in [0, 1] with K = ``len(class_names)``. Exemptions, by design:
+  segmentation nets return their class probability maps (B, K, *S) at the input size, 3D included
+  (``nonlocal_unet``); modules that see no images (``dcmt_subject``, slice features) do not define it.
+
+The method's own callbacks are added when its module does not add them (``EMATeacher``, ``PrototypeMomentum``).
+Known violations are ``xfail(strict=True)`` with the reason (``tests/reliability_utils.py``).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_modules.base import MedAttnModule
+from reliability_utils import TRAINER_QUIET, GradProbe, build, method_callbacks, method_names, methods_for, teacher_of
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("contract_data")
+
+
+def _trainer(root, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(**TRAINER_QUIET, devices=1, fast_dev_run=True, default_root_dir=root, callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("name", methods_for("gradients"))
+def test_fit_step_gives_every_trainable_parameter_a_gradient(name, data_root, tmp_path):
+    module, data = build(name, data_root / name)
+    teacher = teacher_of(module)
+    probe = GradProbe()
+    _trainer(tmp_path, [probe, *method_callbacks(module)]).fit(module, data)
+    assert probe.missing is not None, "no optimiser step happened"
+    allowed = tuple(getattr(module, "params_without_grad", ()))
+    missing = [n for n in probe.missing if not (allowed and n.startswith(allowed))]
+    assert not missing, f"{name}: {len(missing)} trainable parameters got no gradient, e.g. {missing[:6]}"
+    assert not probe.non_finite, f"{name}: non-finite gradients in {probe.non_finite[:6]}"
+    assert not probe.frozen_with_grad, f"{name}: frozen parameters with a gradient: {probe.frozen_with_grad[:6]}"
+    if teacher is not None:
+        assert not any(p.requires_grad for p in teacher.parameters()), f"{name}: the teacher is not frozen"
+        assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("name", methods_for("attention_maps"))
+def test_attention_maps_shape_and_range(name, data_root):
+    module, data = build(name, data_root / name)
+    if type(module).attention_maps is MedAttnModule.attention_maps:
+        pytest.skip(f"{name} sees no images and defines no attention_maps (documented exemption)")
+    data.prepare_data()
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    image = batch["image"][:2]
+    module.eval()
+    with torch.no_grad():
+        maps = module.attention_maps(image)
+    k = len(module.class_names)
+    assert maps.dim() == image.dim() and maps.shape[:2] == (image.shape[0], k), (tuple(maps.shape), k)
+    if image.dim() == 5:  # 3D segmentation: probability maps at the input size
+        assert maps.shape[2:] == image.shape[2:]
+    assert min(maps.shape[2:]) >= 1
+    assert bool(torch.isfinite(maps).all()) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+@pytest.mark.parametrize("name", method_names())
+def test_fast_dev_run_stage(name, stage, data_root, tmp_path, request):
+    if (f"fast_dev_run_{stage}", name) in _violations():
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_violations()[(f"fast_dev_run_{stage}", name)]))
+    module, data = build(name, data_root / name)
+    trainer = _trainer(tmp_path)
+    result = getattr(trainer, stage)(module, datamodule=data)
+    assert result, f"{name}: {stage} returned nothing"
+
+
+def _violations() -> dict:
+    from reliability_utils import KNOWN_VIOLATIONS
+
+    return KNOWN_VIOLATIONS
