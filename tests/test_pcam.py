@@ -161,16 +161,72 @@ def test_class_count_mismatch_is_reported(tmp_path):
         _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(module, data)
 
 
-@pytest.mark.slow
-def test_pcam_learns_the_synthetic_task(tmp_path):
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
+class _TinyBackbone(nn.Module):
+    """Stride-4 conv net: 8×8 feature maps at 32 px (timm-style ``forward_features`` / ``num_features``)."""
 
-    pl.seed_everything(0)
-    data = CXRDataModule(SyntheticCXR(cache_dir=Path(tmp_path), n_images=240, image_size=128, seed=0),
-                         image_size=64, labeled_batch_size=16, eval_batch_size=64)
-    module = PCAMModule(PoolingClassifier("resnet10t", num_classes=4, pool="pcam"),
-                        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
-    trainer = _trainer(max_epochs=8, limit_val_batches=0)
-    trainer.fit(module, data)
-    assert trainer.test(module, data, verbose=False)[0]["test/auroc"] > 0.75
+    num_features = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+
+    def forward_features(self, x):
+        return self.body(x)
+
+
+def _toy_batch(n: int, generator: torch.Generator) -> dict:
+    """Noise images; class 0 = a bright 6×6 square, class 1 = a dark one, each present with p = 0.5."""
+    image = 0.3 * torch.randn(n, 1, 32, 32, generator=generator)
+    labels = (torch.rand(n, 2, generator=generator) < 0.5).float()
+    boxes, box_labels = [], []
+    for i in range(n):
+        b, lab = [], []
+        for k, value in ((0, 2.0), (1, -2.0)):
+            if labels[i, k]:
+                x, y = (int(v) for v in torch.randint(0, 26, (2,), generator=generator))
+                image[i, 0, y:y + 6, x:x + 6] = value
+                b.append([x, y, x + 6, y + 6])
+                lab.append(k)
+        boxes.append(torch.tensor(b, dtype=torch.float32).reshape(-1, 4))
+        box_labels.append(torch.tensor(lab, dtype=torch.long))
+    return {"image": image, "labels": labels, "label_mask": torch.ones(n, 2, dtype=torch.bool), "boxes": boxes,
+            "box_labels": box_labels, "has_boxes": labels.any(1)}
+
+
+def test_pcam_learns_to_classify_and_localise_a_toy_task():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # pointing tolerance = one feature cell (4 px): an 8×8 map cannot point more finely than that
+    module = PCAMModule(PoolingClassifier(_TinyBackbone(), num_classes=2, pool="pcam"), class_names=["bright", "dark"],
+                        pointing_tolerance=4)
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    module.train()
+    for _ in range(60):
+        batch = _toy_batch(32, g)
+        loss, _ = pcam_bce(module(batch["image"]), batch["labels"], batch["label_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module.eval()
+    test = _toy_batch(64, g)
+    with torch.no_grad():
+        logits, maps = module.forward_with_maps(test["image"])
+    module.test_auroc.update(logits, test["labels"])
+    assert module.test_auroc.compute()["auroc"] > 0.95
+    heat = module.net.maps_to_heatmaps(maps)
+    module.update_localization(test, heat)
+    assert module.test_localization.compute()["test/loc/pointing"] > 0.85
+    # the class's probability mass sits on its square: mean inside the box > 2× mean outside, for most squares
+    heat = heatmaps_at_input(heat, (32, 32))
+    ratios = []
+    for i, (boxes, labels) in enumerate(zip(test["boxes"], test["box_labels"])):
+        for (x0, y0, x1, y1), k in zip(boxes.long().tolist(), labels.tolist()):
+            inside = torch.zeros(32, 32, dtype=torch.bool)
+            inside[y0:y1, x0:x1] = True
+            ratios.append(float(heat[i, k][inside].mean() / heat[i, k][~inside].mean()))
+    assert sum(r > 2 for r in ratios) > 0.85 * len(ratios)
