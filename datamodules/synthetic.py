@@ -19,7 +19,7 @@ What an image holds (all sizes are fractions of the image width, so ``image_size
   ============  =========================================================  ===================
   Nodule        small, sharp-edged bright disc; 1 (75 %) or 2 (25 %)       diameter 3.2-5.2 %
   Mass          larger, irregular (lobulated) soft-edged bright blob       diameter 11-17 %
-  Effusion      homogeneous opacity filling one lung base, with a          base 18-35 % of the
+  Effusion      homogeneous opacity filling one lung base, with a          base 12-32 % of the
                 meniscus that rises laterally                              lung height
   Infiltration  patchy, textured cloud (thresholded fine noise)            diameter 14-22 %
   ============  =========================================================  ===================
@@ -354,10 +354,10 @@ def render_image(config: SyntheticCXRConfig, row: dict, index: int, patient: dic
         which = int(rng.integers(2))
         side, cx, cy = patient["centres"][which]
         lateral = np.clip(side * (x - cx) / lung_a + 1.0, 0.0, 2.0) / 2.0  # 0 medial .. 1 lateral
-        level = cy + lung_b * (0.70 - rng.uniform(0.18, 0.35) - rng.uniform(0.12, 0.25) * lateral**2)
+        level = cy + lung_b * (0.70 - rng.uniform(0.12, 0.32) - rng.uniform(0.12, 0.25) * lateral**2)
         in_side = side_dist[which] > 0
         add("Effusion", _ramp(y - level, 0.03) * (side_dist[which] > -0.02), (y > level) & in_side,
-            rng.uniform(0.18, 0.28), None)  # fmt: skip
+            rng.uniform(0.15, 0.26), None)  # fmt: skip
     if row["Mass"]:
         r = rng.uniform(0.055, 0.085)
         c, mx, my = centre_in(int(rng.integers(2)), 0.6 * r, r)
