@@ -75,7 +75,7 @@ from PIL import Image
 
 from datamodules.manifest import DataError, Manifest
 
-GENERATOR_VERSION = 2  # bump whenever the pixels or tables change: it is part of the cache hash
+GENERATOR_VERSION = 3  # bump whenever the pixels or tables change: it is part of the cache hash
 CLASSES = ("Nodule", "Mass", "Effusion", "Infiltration")
 BBOX_NAME = {"Infiltration": "Infiltrate"}  # BBox_List_2017 spells this class differently from Data_Entry
 DATA_ENTRY_HEADER = (
