@@ -11,13 +11,15 @@ update.
 So that the distillation terms are part of the measured step, the classification output layer is given random
 weights (a fresh head predicts 0.01 everywhere and the teacher would find no pseudo-box); the JSON records the
 pseudo-box count per image. Timing as in ``dcmt_step``: per-step time between successive batch ends, rounds
-alternate Lightning / bare (order flipped every round), overhead = median over rounds of (Lightning median step /
+alternate Lightning / bare (order flipped every round) and each starts from the same weights with a fresh
+optimiser, overhead = median over rounds of (Lightning median step /
 bare median step) − 1, wall clock and process CPU time. Target ≤ 5 %. Writes ``results/<name>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 
 import torch
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     module = OXnetModule(build(args), freeze_bn=True, optimizer=adamw)
     bare = OXnetModule(build(args), freeze_bn=True)
-    bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
+    # Every round of either arm starts from these weights with a fresh optimiser and step 0 (Lightning's new
+    # Trainer restarts global_step, so the EMA warm-up restarts too): identical work, no drift between arms.
+    pristine = copy.deepcopy(module.state_dict())
     batch = make_batch(args.per_stream, args.image_size)
     with torch.no_grad():
         teacher = bare.forward_teacher(batch["image_teacher"])
@@ -131,16 +135,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     walls, cpus = {"lightning": [], "bare": []}, {"lightning": [], "bare": []}
     ratios, cpu_ratios = [], []
-    bare_steps = 0
     for r in range(args.repeats):
         order = ("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")
         got = {}
         for case in order:
             if case == "lightning":
+                module.load_state_dict(pristine)
                 got[case] = run_lightning(module, loader, args.steps, args.warmup)
             else:
-                got[case] = run_bare(bare, bare_opt, loader, args.warmup, bare_steps)
-                bare_steps += args.steps
+                bare.load_state_dict(pristine)
+                bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
+                got[case] = run_bare(bare, bare_opt, loader, args.warmup, 0)
         for case in got:
             walls[case].append(1e3 * got[case][0])
             cpus[case].append(1e3 * got[case][1])
