@@ -6,7 +6,8 @@ runs all methods: each rank sets the variables of an externally launched job (``
 ``WORLD_SIZE``, ``MASTER_*``), joins one gloo process group, and runs ``Trainer(devices=2, strategy=DDPStrategy())``
 per method, which Lightning then runs in the existing processes and process group. Per method and rank it writes
 ``<out>/<name>/rank<r>.pt`` (flat model + optimiser state), ``metrics<r>.json`` (the validation metrics) and
-``done<r>``, or ``error<r>.txt`` with the traceback. A method that kills a process (a native gloo abort) ends the
+``done<r>``, or ``error<r>.txt`` with the traceback; for ``RESUME_METHODS`` also ``resume/{full,resumed}/rank<r>.pt``
+(an uninterrupted 2-epoch DDP run and a DDP run resumed from its epoch-1 checkpoint). A method that kills a process (a native gloo abort) ends the
 job; :func:`run_job` then records it as crashed and starts a new job for the methods after it.
 """
 
@@ -84,6 +85,43 @@ def _run_method(name: str, out: Path, data_root: Path, rank: int, cams: bool) ->
     (folder / f"done{rank}").touch()
 
 
+RESUME_METHODS = ("cam_baseline", "dcmt", "oxnet")  # augmentation per rank, an EMA teacher, all-reduced prototypes
+
+
+def _run_resume(name: str, out: Path, data_root: Path, rank: int) -> None:
+    """Under DDP, with augmentation on: 2 epochs, versus 1 epoch + resume from its checkpoint in a scrambled process
+    state. Validation is off (it has nothing to do with resuming, and it keeps OXnet's mAP sync out of the way)."""
+    import random
+
+    import lightning.pytorch as pl
+    import numpy as np
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from callbacks.reliability import AtomicCheckpointIO, RngStateCallback
+    from reliability_utils import RankStateDump, build, method_callbacks
+
+    folder = out / name / "resume"
+
+    def trainer(tag: str, checkpoints: bool) -> pl.Trainer:
+        callbacks = [RankStateDump(folder / tag), RngStateCallback()]
+        if checkpoints:
+            callbacks.append(ModelCheckpoint(dirpath=folder / "ckpt", filename="{epoch}", save_top_k=-1))
+        return pl.Trainer(accelerator="cpu", devices=WORLD, strategy=DDPStrategy(timeout=TIMEOUT), max_epochs=2,
+                          limit_train_batches=TRAIN_BATCHES, limit_val_batches=0, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
+                          plugins=[AtomicCheckpointIO()], callbacks=callbacks + method_callbacks(module))
+
+    module, data = build(name, Path(data_root) / name)
+    trainer("full", True).fit(module, data)
+    module, data = build(name, Path(data_root) / name)
+    torch.manual_seed(1000 + rank)
+    np.random.seed(2000 + rank)
+    random.seed(3000 + rank)
+    trainer("resumed", False).fit(module, data, ckpt_path=str(folder / "ckpt" / "epoch=0.ckpt"))
+    (folder / f"done{rank}").touch()
+
+
 def _worker(rank: int, port: int, names: list[str], cams: dict[str, bool], out: str, data_root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), NODE_RANK="0", OMP_NUM_THREADS="1")
@@ -92,6 +130,12 @@ def _worker(rank: int, port: int, names: list[str], cams: dict[str, bool], out: 
     out_path = Path(out)
     for name in names:
         (out_path / name).mkdir(parents=True, exist_ok=True)
+        try:
+            if name in RESUME_METHODS:  # first: the parity run below may end the job (a native gloo abort)
+                _run_resume(name, out_path, Path(data_root), rank)
+        except Exception:  # noqa: BLE001 - recorded for the test
+            (out_path / name / f"resume_error{rank}.txt").write_text(traceback.format_exc())
+        dist.barrier()
         try:
             _run_method(name, out_path, Path(data_root), rank, cams[name])
         except Exception:  # noqa: BLE001 - recorded for the test, then the next method

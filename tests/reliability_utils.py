@@ -27,13 +27,6 @@ def method_names() -> list[str]:
 # Contract violations found by these tests and reported to the method owners. Each is an ``xfail(strict=True)``: the
 # test still runs, and once the method is fixed it XPASSes, which fails the suite until the entry is removed.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("nan_guard", "magsd"): "MAG-SD draws its augmentation maps with torch.multinomial before any loss exists, so NaN "
-                            "attention raises 'invalid multinomial distribution' instead of NonFiniteLossError; fix: "
-                            "check_finite the raw shot (logits/attention) before magsd_augment",
-    ("nan_guard", "oxnet"): "MONAI's RetinaNet head raises ValueError('cls_logits is NaN or Inf.') inside forward, "
-                            "before the module's check_finite can name a loss term and the step",
-    ("nan_guard", "retinanet"): "MONAI's RetinaNet head raises ValueError('cls_logits is NaN or Inf.') inside forward, "
-                                "before the module's check_finite can name a loss term and the step",
     ("fast_dev_run_predict", "nonlocal_unet"): "VolumeSegmentationDataModule has no predict_dataloader "
                                                "and NonLocalUNetModule no predict_step, so `medattn predict` "
                                                "cannot run the Non-local U-Net",

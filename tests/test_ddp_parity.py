@@ -32,7 +32,7 @@ import json
 import pytest
 import torch
 
-from ddp_job import WORLD, cam_capable, parity_build, parity_trainer, run_job
+from ddp_job import RESUME_METHODS, WORLD, cam_capable, parity_build, parity_trainer, run_job
 from reliability_utils import FreezeBatchNorm, RankStateDump, max_abs_diff, method_callbacks, method_names, methods_for
 
 TOLERANCE = 1e-5
@@ -112,3 +112,19 @@ def test_ddp_two_ranks_agree_with_one_process(name, ddp_runs, data_root, tmp_pat
         return
     assert weight_diff <= TOLERANCE, f"{name}: 1-process weights differ by {weight_diff} at {weight_where}"
     assert metric_diff <= TOLERANCE, f"{name}: 1-process validation metrics differ by {metric_diff} at {metric_where}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RESUME_METHODS)
+def test_ddp_resume_is_exact_on_every_rank(name, ddp_runs):
+    """2-process DDP with augmentation on: resuming from the epoch-1 checkpoint (every rank's RNG and augmentation
+    state restored by ``RngStateCallback``) ends bitwise where the uninterrupted DDP run ends, on each rank."""
+    folder = ddp_runs / name / "resume"
+    for rank in range(WORLD):
+        error = ddp_runs / name / f"resume_error{rank}.txt"
+        assert not error.exists(), error.read_text()[-3000:]
+        full = torch.load(folder / "full" / f"rank{rank}.pt", weights_only=True)
+        resumed = torch.load(folder / "resumed" / f"rank{rank}.pt", weights_only=True)
+        diff, where = max_abs_diff(full, resumed)
+        print(f"[ddp resume] {name} rank {rank}: max |diff| = {diff:.3g} at {where}")
+        assert diff == 0.0, f"{name}: rank {rank} differs by {diff} at {where}"

@@ -138,6 +138,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the temporary file is gone
 
 
+@pytest.mark.slow  # the child process imports Lightning (about 10 s on a busy 2-core machine)
 def test_killed_write_leaves_previous_checkpoint(tmp_path):
     """A process SIGKILLed half-way through writing: the old file is intact; the stale temporary file is removed by
     the next write."""
