@@ -14,7 +14,7 @@ callback stores, per rank:
 With ``num_workers > 0``, workers are seeded by PyTorch from the main process' torch generator each time the
 loader's iterator is created, so restoring the global state reproduces them too **provided the workers are
 re-created every epoch** (``persistent_workers=False``). Persistent workers keep their augmentation state in
-processes that a checkpoint cannot reach; the callback warns once in that case.
+processes that a checkpoint cannot reach; the callback warns when such a run is resumed.
 
 Under DDP the states are gathered to every rank with ``all_gather_object`` when a checkpoint is written (every
 rank writes the same callback state, rank 0 stores it) and on resume each rank takes back its own. A checkpoint
@@ -165,7 +165,7 @@ class RngStateCallback(pl.Callback):
 
     Args:
         data_pipeline: also save the generators held by the training dataset/sampler (``num_workers=0``).
-        warn_persistent_workers: warn once when the training loader keeps persistent workers, whose random
+        warn_persistent_workers: warn on resume when the training loader keeps persistent workers, whose random
             state cannot be checkpointed (resume is then correct but not bitwise exact).
     """
 
@@ -175,7 +175,6 @@ class RngStateCallback(pl.Callback):
         self.warn_persistent_workers = warn_persistent_workers
         self._trainer: pl.Trainer | None = None
         self._pending: dict | None = None
-        self._warned = False
 
     # the trainer is not picklable with the callback (ddp_spawn); it is re-attached in setup
     def __getstate__(self) -> dict:
@@ -215,17 +214,15 @@ class RngStateCallback(pl.Callback):
 
     # ------------------------------------------------------------------------------------ restore
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = _train_loaders(trainer)
-        if self.warn_persistent_workers and not self._warned and any(
-                loader.num_workers > 0 and loader.persistent_workers for loader in loaders):
-            self._warned = True
-            warnings.warn("the training DataLoader uses persistent_workers=True: its workers' augmentation random "
-                          "state is not in checkpoints, so a resumed run is correct but not bitwise identical to an "
-                          "uninterrupted one (use persistent_workers=False or num_workers=0 for exact resume)",
-                          stacklevel=2)
         if self._pending is None:
             return
         saved, self._pending = self._pending, None
+        if self.warn_persistent_workers and any(loader.num_workers > 0 and loader.persistent_workers
+                                                for loader in _train_loaders(trainer)):
+            warnings.warn("resuming with a training DataLoader that uses persistent_workers=True: its workers' "
+                          "augmentation random state is not in checkpoints, so this run is correct but not bitwise "
+                          "identical to an uninterrupted one (use persistent_workers=False or num_workers=0 for exact "
+                          "resume)", stacklevel=2)
         if self._restore(trainer, saved):
             _restart_train_iterator(trainer)
 
