@@ -12,7 +12,7 @@ never a NaN checkpoint, and an out-of-memory hint.
   one that failed, to ``on_exception-rank<r>.ckpt``.
 * :class:`NonFiniteGuard` refuses to write any checkpoint whose weights are not finite (it raises
   ``NonFiniteLossError`` from ``on_save_checkpoint``, before the file is opened, so the previous checkpoint
-  stays), checks the training-step loss of modules that do not call ``MedAttnModule.check_finite``, and when
+  stays), optionally checks the training-step loss of modules that do not call ``MedAttnModule.check_finite``, and when
   another error is raised while the weights are NaN (a sampler or a library check in ``forward`` that runs
   before the loss), appends the first non-finite weight, the step and the last good checkpoint to its message.
 * :class:`OutOfMemoryHint` appends to a CUDA/CPU out-of-memory error the knobs that reduce memory: the
@@ -153,13 +153,18 @@ class NonFiniteGuard(pl.Callback):
     """Never write a checkpoint with NaN/Inf weights; stop on a non-finite training loss.
 
     Args:
-        check_loss: check ``outputs["loss"]`` after each training step (for modules that do not call
-            ``check_finite`` themselves; one host sync per step).
+        check_loss: also check ``outputs["loss"]`` after each training step, for modules that do not call
+            ``MedAttnModule.check_finite`` themselves (every registered method does, which
+            ``tests/test_faults.py`` checks). Off by default: it costs a second host sync per step.
     """
 
-    def __init__(self, check_loss: bool = True) -> None:
+    def __init__(self, check_loss: bool = False) -> None:
         super().__init__()
         self.check_loss = check_loss
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._step = trainer.global_step  # the step the loss belongs to (the optimiser step has run by batch end)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -168,7 +173,7 @@ class NonFiniteGuard(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
             raise _non_finite_error(f"loss term 'loss' is {loss.detach().float().item()} at global step "
-                                    f"{trainer.global_step} (epoch {trainer.current_epoch}). Training stopped; "
+                                    f"{self._step} (epoch {trainer.current_epoch}). Training stopped; "
                                     f"{_last_good(trainer)}.")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

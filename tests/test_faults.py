@@ -222,3 +222,24 @@ def test_last_checkpoint_is_the_last_epoch(resumable, data_root, tmp_path):
     best = torch.load(tmp_path / "best" / "best.ckpt", map_location="cpu", weights_only=False)
     assert best["epoch"] == 0
     assert last["epoch"] == (2 if resumable else 0)
+
+
+class _NoGuardModule:
+    """A training step that returns a NaN loss without calling check_finite."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 1 else loss
+
+    def check_finite(self, terms) -> None:
+        return None
+
+
+def test_guard_checks_the_loss_of_modules_without_check_finite(data_root, tmp_path):
+    module, data = build("cam_baseline", data_root / "cam")
+    module.__class__ = type("Unguarded", (_NoGuardModule, type(module)), {})
+    trainer = _trainer(tmp_path, [NonFiniteGuard(check_loss=True)], max_epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'loss' is nan at global step 1 \(epoch 0\)"):
+        trainer.fit(module, data)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first_non_finite(last["state_dict"]) is None
