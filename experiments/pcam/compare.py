@@ -4,6 +4,7 @@ seeds, test the best checkpoint (val/auroc), and tabulate AUROC and weak localis
     PYTHONPATH=. python experiments/pcam/compare.py                       # 3 arms x 3 seeds, 10 min each
     PYTHONPATH=. python experiments/pcam/compare.py --dry-run             # print the commands only
     PYTHONPATH=. python experiments/pcam/compare.py --arms pcam avg --seeds 0 --max-time 00:00:02:00   # sanity
+    PYTHONPATH=. python experiments/pcam/compare.py --all-boxes --out runs/pcam_compare_all_boxes       # more boxes
 
 Every run is a separate, sequential ``medattn`` process (never two at once: on a 2-core machine two runs would
 each get one core and the budget would mean nothing). Each run is equivalent to
@@ -109,9 +110,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pcam_compare")
     parser.add_argument("--override", action="append", default=[], metavar="FLAG=VALUE",
                         help="extra medattn flag for every run, e.g. --override=--data.init_args.num_workers=0")
+    parser.add_argument("--all-boxes", action="store_true",
+                        help="generate the synthetic data with a box for every lesion of every image with a finding "
+                             "(reader box_fraction=1.0: same patients, labels and lesions; the random draws after the box "
+                             "choice, e.g. the distractor markers, differ) so that localisation is measured on "
+                             "every test image with a finding (~100) instead of the ~20 boxed ones")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.all_boxes:
+        args.override += ["--data.init_args.reader.init_args.box_fraction", "1.0"]
     if not args.summary_only:
         for seed in args.seeds:  # seeds outermost: a partial sweep still compares the arms on the same seeds
             for arm in args.arms:
