@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra medattn flag for every run, e.g. --override=--data.init_args.num_workers=0")
     parser.add_argument("--all-boxes", action="store_true",
                         help="generate the synthetic data with a box for every lesion of every image with a finding "
-                             "(reader box_fraction=1.0: same patients, labels and lesions; the random draws after the box "
-                             "choice, e.g. the distractor markers, differ) so that localisation is measured on "
+                             "(reader box_fraction=1.0: same patients and labels; the plan's random draws after the box "
+                             "choice (distractor markers, split lists) differ) so that localisation is measured on "
                              "every test image with a finding (~100) instead of the ~20 boxed ones")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--summary-only", action="store_true")
