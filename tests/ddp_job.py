@@ -6,9 +6,10 @@ runs all methods: each rank sets the variables of an externally launched job (``
 ``WORLD_SIZE``, ``MASTER_*``), joins one gloo process group, and runs ``Trainer(devices=2, strategy=DDPStrategy())``
 per method, which Lightning then runs in the existing processes and process group. Per method and rank it writes
 ``<out>/<name>/rank<r>.pt`` (flat model + optimiser state), ``metrics<r>.json`` (the validation metrics) and
-``done<r>``, or ``error<r>.txt`` with the traceback; for ``RESUME_METHODS`` also ``resume/{full,resumed}/rank<r>.pt``
-(an uninterrupted 2-epoch DDP run and a DDP run resumed from its epoch-1 checkpoint). A method that kills a process (a native gloo abort) ends the
-job; :func:`run_job` then records it as crashed and starts a new job for the methods after it.
+``done<r>``, or ``error<r>.txt`` with the traceback; for ``RESUME_METHODS`` also
+``resume/{full,resumed}/rank<r>.pt`` (an uninterrupted 2-epoch DDP run and a DDP run resumed from its epoch-1
+checkpoint). A method that kills a process (a native gloo abort) ends the job; :func:`run_job` then records it as
+crashed and starts a new job for the methods after it.
 """
 
 from __future__ import annotations

@@ -149,7 +149,8 @@ class GradProbe(pl.Callback):
         self.missing = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None]
         self.non_finite = [n for n, p in pl_module.named_parameters()
                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        self.frozen_with_grad = [n for n, p in pl_module.named_parameters() if not p.requires_grad and p.grad is not None]
+        self.frozen_with_grad = [n for n, p in pl_module.named_parameters()
+                                 if not p.requires_grad and p.grad is not None]
 
 
 class PoisonWeights(pl.Callback):
@@ -202,7 +203,6 @@ def disable_augmentation(datamodule: Any) -> bool:
     return done
 
 
-__all__ = ["KNOWN_VIOLATIONS", "TRAINER_QUIET", "methods_for", "FreezeBatchNorm", "GradProbe", "PoisonWeights", "RankStateDump", "batch_size_fields",
-           "build", "disable_augmentation", "flat_state", "lightning_modules", "max_abs_diff", "method_callbacks",
-           "method_names",
-           "scale_batch_sizes", "teacher_of"]
+__all__ = ["KNOWN_VIOLATIONS", "TRAINER_QUIET", "FreezeBatchNorm", "GradProbe", "PoisonWeights", "RankStateDump",
+           "batch_size_fields", "build", "disable_augmentation", "flat_state", "lightning_modules", "max_abs_diff",
+           "method_callbacks", "method_names", "methods_for", "scale_batch_sizes", "teacher_of"]

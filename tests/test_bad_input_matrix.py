@@ -242,8 +242,9 @@ CASES = [
     Case("RGBA PNG (converted to luma)", one_corrupt(lambda p: png(p, "RGBA")), check=_rgba),
     Case("DICOM named .png", one_corrupt(dicom), r"img2\.png is a DICOM file; .* expect PNG or JPEG"),
     Case("DICOM, skip_corrupt=True", _skip_corrupt(dicom), check=_skip_counted),
-    Case("missing image file", lambda tmp: CSVManifest(csv_dataset(tmp, rows=["img/nothere.png,p0,1,0"]),
-                                                       label_columns=ALL).load(), r"image file not found: .*nothere\.png"),
+    Case("missing image file",
+         lambda tmp: CSVManifest(csv_dataset(tmp, rows=["img/nothere.png,p0,1,0"]), label_columns=ALL).load(),
+         r"image file not found: .*nothere\.png"),
     # columns
     Case("missing label column", lambda tmp: CSVManifest(csv_dataset(tmp), label_columns=["a", "c"]).load(),
          r"missing column\(s\) \['c'\]. Expected columns .*; found \['image_path', 'patient_id', 'a', 'b'\]"),

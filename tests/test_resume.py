@@ -56,7 +56,7 @@ def _scramble() -> None:
 
 
 def _trainer(root, callbacks, rng_state: bool = True, max_epochs: int = 2, module=None) -> pl.Trainer:
-    callbacks = list(callbacks) + ([RngStateCallback()] if rng_state else []) + list(getattr(module, "_test_callbacks", []))
+    callbacks = [*callbacks, *([RngStateCallback()] if rng_state else []), *getattr(module, "_test_callbacks", [])]
     return pl.Trainer(**TRAINER_QUIET, devices=1, max_epochs=max_epochs, limit_train_batches=TRAIN_BATCHES,
                       limit_val_batches=1, num_sanity_val_steps=1, callbacks=callbacks, default_root_dir=root,
                       plugins=[AtomicCheckpointIO()])
