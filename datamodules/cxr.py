@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -226,7 +227,8 @@ class CXRDataModule(pl.LightningDataModule):
         sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed)
         dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams)
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=collate_cxr, num_workers=hp.num_workers, worker_init_fn=seed_worker_transform,
+                          collate_fn=collate_cxr, num_workers=hp.num_workers,
+                          worker_init_fn=partial(seed_worker_transform, rank=rank),
                           persistent_workers=hp.num_workers > 0, pin_memory=False)
 
     def _eval_dataloader(self, split: str) -> DataLoader:

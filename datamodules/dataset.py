@@ -69,15 +69,17 @@ def collate_cxr(samples: Sequence[dict]) -> dict:
     return batch
 
 
-def seed_worker_transform(worker_id: int) -> None:
+def seed_worker_transform(worker_id: int, rank: int = 0) -> None:
     """DataLoader ``worker_init_fn``: give each worker's MONAI transforms their own random state.
 
-    ``torch.initial_seed()`` in a worker differs per worker, per epoch and (under ``seed_everything(workers=True)``)
-    per rank, so the workers never repeat each other's augmentations.
+    ``torch.initial_seed()`` in a worker differs per worker and per epoch; mixing in the rank (bind it with
+    ``functools.partial(seed_worker_transform, rank=global_rank)``) makes DDP ranks draw different augmentations
+    too, because the base seed is the same on every rank.
     """
     info = get_worker_info()
     if info is not None and hasattr(info.dataset, "transform"):
-        info.dataset.transform.set_random_state(torch.initial_seed() % (2**32))
+        seed = np.random.SeedSequence([torch.initial_seed() % (2**32), rank]).generate_state(1)[0]
+        info.dataset.transform.set_random_state(int(seed))
 
 
 class MixedStreamSampler(DistributedSampler):
