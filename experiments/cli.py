@@ -46,6 +46,18 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class MedAttnCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after `fit`, evaluate the best checkpoint (or the final weights) on the test split")
+
+    def after_fit(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if not config.get("test_after_fit", False) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+
     def __init__(self, args=None, run: bool = True) -> None:
         super().__init__(
             LightningModule,
