@@ -93,6 +93,10 @@ class MedAttnLogger(WandbLogger):
             offline = not disabled and not wandb_credentials_present()
         self._warned = False
         self._csv = CSVLogger(save_dir=str(self.run_dir), name="", version="")
+        if offline:
+            # explicit, because wandb keeps process-wide settings: a process that earlier ran with
+            # WANDB_MODE=disabled would otherwise make a disabled run instead of an offline one
+            kwargs.setdefault("mode", "offline")
         super().__init__(name=name, save_dir=str(self.run_dir), project=project, group=group, tags=tags,
                          job_type=job_type, offline=offline, id=self.run_dir.name.replace(".", "-"), **kwargs)
         if offline:

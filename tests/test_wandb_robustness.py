@@ -19,6 +19,9 @@ from reliability_utils import build
 @pytest.fixture
 def no_network_no_credentials(tmp_path, monkeypatch):
     """A process with no W&B credentials anywhere, no mode set and an unreachable server."""
+    import wandb
+
+    wandb.finish()  # a run left attached by an earlier test (e.g. a disabled one) would be reused by WandbLogger
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.delenv("WANDB_MODE", raising=False)
