@@ -183,13 +183,18 @@ def main(argv: list[str] | None = None) -> None:
         results[case] = res
         print(case, {v: (round(res["time"][v]["median"]) if v in res["time"] else "OOM") for v in args.variants},
               {v: (round(memory[v]["peak_mb"]) if memory[v]["ok"] else "OOM") for v in args.variants}, flush=True)
+        table = write_results(results, args)  # after every case, so a long run that dies keeps what it measured
+    print(table)
+
+
+def write_results(results: dict, args) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in vars(args).items() if k != "probe"}
     (out / "ga_block.json").write_text(json.dumps({"machine": machine(), "args": meta, "results": results}, indent=1))
     table = markdown(results, args)
     (out / "ga_block.md").write_text(table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
