@@ -5,8 +5,8 @@ For each case (2D 32^2, 64^2, 96^2 and 3D 16^3, 24^3, 32^3 by default; batch 2, 
 
   * ``explicit``: ``softmax(q k^T / sqrt(d)) v`` with two matmuls (materialises B x N x L x L);
   * ``sdpa``: ``scaled_dot_product_attention`` on contiguous q/k/v (the flash kernel on CPU);
-  * ``sdpa_drop`` (with ``--with-dropout``): SDPA with ``attn_drop=0.5`` in training, which forces the math
-    kernel (the reference's attention dropout); shows what the dropout costs.
+  * ``sdpa_drop`` and ``explicit_drop`` (with ``--with-dropout``): the same with ``attn_drop=0.5`` on the
+    attention weights (the reference's). SDPA then runs its math kernel; both show what the dropout costs.
 
 Time: the variants are interleaved in one process (round robin, order rotated each round), after one warm-up
 step each; the table gives the median and [min-max] over ``--repeats`` rounds and the median of the per-round
@@ -44,7 +44,8 @@ from experiments.benchmarks.common import RESULTS, machine
 from networks.global_aggregation import GlobalAggregation
 
 DEFAULT_CASES = ["2d:32", "2d:64", "2d:96", "3d:16", "3d:24", "3d:32"]
-VARIANTS = {"explicit": ("explicit", 0.0), "sdpa": ("sdpa", 0.0), "sdpa_drop": ("sdpa", 0.5)}
+VARIANTS = {"explicit": ("explicit", 0.0), "sdpa": ("sdpa", 0.0), "sdpa_drop": ("sdpa", 0.5),
+            "explicit_drop": ("explicit", 0.5)}
 
 
 def parse_case(case: str) -> tuple[int, int]:
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(probe(json.loads(args.probe))))
         return
     torch.set_num_threads(args.threads)
-    args.variants = ["explicit", "sdpa"] + (["sdpa_drop"] if args.with_dropout else [])
+    args.variants = ["explicit", "sdpa"] + (["sdpa_drop", "explicit_drop"] if args.with_dropout else [])
     results = {}
     for case in args.cases:
         memory = {v: run_probe({"case": case, "variant": v, "channels": args.channels, "batch": args.batch,
