@@ -264,6 +264,10 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test volumes (whole foreground crops; each item carries its ``box`` in the full volume)."""
+        return self._eval_loader("test")
+
 
 # ============================================================================================== 2D lungs
 class LungDataset(Dataset):
@@ -404,4 +408,8 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test images (letterboxed; ``image_id`` names each one)."""
         return self._eval_loader("test")

@@ -262,6 +262,15 @@ class NonLocalUNetModule(MedAttnModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Sliding-window segmentation of each item: ``segmentation`` (B, *S) uint8 class indices, ``probs``
+        (B, K, *S) averaged softmax, plus whatever identifies the item (``subject_id`` and ``box``, the crop in
+        the full volume, for volumes; ``image_id`` for 2D images)."""
+        probs = self.predict_probs(batch["image"], "test")
+        out = {"segmentation": probs.argmax(dim=1).to(torch.uint8), "probs": probs}
+        out.update({k: batch[k] for k in ("subject_id", "image_id", "box", "spacing") if k in batch})
+        return out
+
     # -------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         if self.kernel_weight_decay is None:

@@ -66,14 +66,19 @@ class DetectionEvaluation(nn.Module):
     and, with ``global_scores=True``, the AUROC of an image-level head (OXnet's global logits).
 
     ``suffix`` is appended to the metric names (``val/map_teacher``) when several networks are evaluated.
+
+    mAP under DDP: the per-image (prediction, target) pairs are kept on the CPU and gathered to every rank with
+    ``all_gather_object`` before ``MeanAveragePrecision`` is computed on their union, sorted by image id. Letting
+    torchmetrics sync its own list states instead breaks when a rank has no detection in its shard (an empty 1-D
+    state against another rank's (N, 4) boxes: gloo aborts), and the image order - which decides COCO's
+    tie-breaking between equal scores - would differ from a 1-process run. Sorting makes the value identical to
+    the 1-process value over the same images.
     """
 
     def __init__(self, num_classes: int, global_scores: bool = False, suffix: str = "") -> None:
         super().__init__()
-        kwargs = dict(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval")
         self.suffix = suffix
-        self.map = MeanAveragePrecision(**kwargs)
-        self.map40 = MeanAveragePrecision(iou_thresholds=[0.4], **kwargs)
+        self._pairs: list[tuple[str, dict, dict]] = []  # (image id, prediction, target), on the CPU
         self.auroc_local = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE)
         self.auroc = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE) \
             if global_scores else None
@@ -81,20 +86,38 @@ class DetectionEvaluation(nn.Module):
     def update(self, detections: list[dict], batch: dict, local_scores: Tensor,
                global_scores: Tensor | None = None) -> None:
         complete = box_complete(batch).tolist()
-        preds = [d for d, keep in zip(detections, complete) if keep]
-        targets = [{"boxes": b.float(), "labels": lab.long()}
-                   for b, lab, keep in zip(batch["boxes"], batch["box_labels"], complete) if keep]
-        if preds:
-            self.map.update(preds, targets)
-            self.map40.update(preds, targets)
+        ids = batch.get("image_id") or [f"{len(self._pairs) + i}" for i in range(len(complete))]
+        for image_id, det, boxes, labels, keep in zip(ids, detections, batch["boxes"], batch["box_labels"], complete):
+            if keep:
+                pred = {k: v.detach().float().cpu() if k != "labels" else v.detach().long().cpu()
+                        for k, v in det.items()}
+                self._pairs.append((str(image_id), pred, {"boxes": boxes.float().cpu(), "labels": labels.long().cpu()}))
         truth = metric_targets("multilabel", batch["labels"], batch["label_mask"])
         self.auroc_local.update(local_scores.detach().float(), truth)
         if self.auroc is not None:
             self.auroc.update(global_scores.detach().float(), truth)
 
+    def _gathered_pairs(self) -> list[tuple[str, dict, dict]]:
+        pairs = self._pairs
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            shards: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, pairs)
+            pairs = [pair for shard in shards for pair in shard]
+        return sorted(pairs, key=lambda pair: pair[0])
+
+    @staticmethod
+    def _mean_ap(pairs: list[tuple[str, dict, dict]], **kwargs) -> dict:
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
+                                      backend="faster_coco_eval", sync_on_compute=False, **kwargs)
+        if pairs:
+            metric.update([p for _, p, _ in pairs], [t for _, _, t in pairs])
+        return metric.compute()
+
     def log(self, module: MedAttnModule, stage: str, class_names: list[str]) -> None:
         """Compute (collectives under DDP: every rank calls this), log and reset."""
-        full, at40 = self.map.compute(), self.map40.compute()
+        pairs = self._gathered_pairs()
+        full, at40 = self._mean_ap(pairs), self._mean_ap(pairs, iou_thresholds=[0.4])
         values = {f"{stage}/{k}": full[k] for k in ("map", "map_50", "map_75")}
         values[f"{stage}/map_40"] = at40["map"]
         for key, result in (("ap", full), ("ap40", at40)):
@@ -106,9 +129,10 @@ class DetectionEvaluation(nn.Module):
         values[f"{stage}/auroc_local"] = self.auroc_local.compute()
         if self.auroc is not None:
             values[f"{stage}/auroc"] = self.auroc.compute()
-        # torchmetrics already synchronised the states across ranks in compute()
+        # every value is already global: mAP from the gathered pairs, AUROC synchronised by torchmetrics
         module.log_dict({k + self.suffix: v.float() for k, v in values.items()}, sync_dist=False)
-        for metric in (self.map, self.map40, self.auroc_local, self.auroc):
+        self._pairs = []
+        for metric in (self.auroc_local, self.auroc):
             if metric is not None:
                 metric.reset()
 

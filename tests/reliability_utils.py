@@ -27,15 +27,6 @@ def method_names() -> list[str]:
 # Contract violations found by these tests and reported to the method owners. Each is an ``xfail(strict=True)``: the
 # test still runs, and once the method is fixed it XPASSes, which fails the suite until the entry is removed.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    ("fast_dev_run_predict", "nonlocal_unet"): "VolumeSegmentationDataModule has no predict_dataloader "
-                                               "and NonLocalUNetModule no predict_step, so `medattn predict` "
-                                               "cannot run the Non-local U-Net",
-    ("ddp", "oxnet"): "DetectionEvaluation's MeanAveragePrecision crashes gloo (\"Received data size doesn't match "
-                      "expected size\") when a rank has no detection in its validation shard: torchmetrics then "
-                      "syncs a 1-D empty state against the other rank's (N, 4) boxes",
-    ("ddp", "retinanet"): "DetectionEvaluation's MeanAveragePrecision crashes gloo (\"Received data size doesn't match "
-                          "expected size\") when a rank has no detection in its validation shard: torchmetrics then "
-                          "syncs a 1-D empty state against the other rank's (N, 4) boxes",
 }
 
 

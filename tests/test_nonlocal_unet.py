@@ -199,6 +199,18 @@ def test_registered_tiny_fits_validates_and_tests(tmp_path):
     results = trainer.test(module, data, verbose=False)[0]
     assert {"test/dice", "test/dice_WM", "test/hd95_CSF", "test/mhd"} <= set(results)
     assert module.class_names == data.class_names
+    # predict: one whole-volume segmentation per test subject, equal to the argmax of the averaged softmax
+    predictions = trainer.predict(module, data)
+    item = data.datasets["test"][0]
+    assert len(predictions) == len(data.datasets["test"])
+    first = predictions[0]
+    assert first["subject_id"] == [item["subject_id"]]
+    assert first["segmentation"].dtype == torch.uint8
+    assert first["segmentation"].shape == item["label_map"].shape  # (1, D, H, W): batch of one volume
+    assert torch.equal(first["box"][0], item["box"])
+    module.eval()
+    expected = module.predict_probs(item["image"][None]).argmax(dim=1)
+    assert torch.equal(first["segmentation"].long(), expected)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
