@@ -1,16 +1,30 @@
-"""Helpers shared by the benchmark scripts: machine description, robust timing, JSON/Markdown output."""
+"""Helpers shared by the benchmark scripts: machine description, robust timing, JSON/Markdown output, and the
+harness of the training-step benchmarks (``*_step.py``: a LightningModule under ``Trainer.fit`` versus a bare
+PyTorch loop doing the same work).
+
+Step-benchmark harness (``--accelerator {cpu,gpu}`` from :func:`add_common_args`, resolved by :func:`device_of`):
+:class:`SameBatch` (one pre-built batch, already on the device, served ``steps`` times), :func:`clock` (wall and
+process-CPU time, read after a CUDA synchronise on a GPU so that queued kernels are counted), :func:`step_timer`
+(a Lightning callback stamping every ``on_train_batch_end``), :func:`step_medians`, :func:`fit_steps` (the
+minimal Trainer, ``devices=1``) and :func:`compare_rounds` (rounds alternating the two arms, order flipped every
+round; overhead = median over rounds of the ratio of median steps, minus one). Each benchmark keeps its own
+bare loop, which moves its network, optimiser and batch to ``device_of(accelerator)`` like Lightning does: that
+loop is the method-specific work.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,3 +62,147 @@ def write(name: str, payload: dict, table: str | None = None) -> Path:
         (RESULTS / f"{name}.md").write_text(table)
     print(f"wrote {path}")
     return path
+
+
+# ------------------------------------------------------------------------------------ training-step harness
+def add_common_args(parser: argparse.ArgumentParser, steps: int, warmup: int = 2, repeats: int = 5) -> None:
+    """``--accelerator {cpu,gpu}`` and the round settings shared by the step benchmarks (defaults per benchmark)."""
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: both arms on cuda:0 (Lightning devices=1), clocks read after a CUDA synchronise")
+    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps per run")
+    parser.add_argument("--warmup", type=int, default=warmup, help="first steps of every run left out of its median")
+    parser.add_argument("--repeats", type=int, default=repeats, help="rounds of one Lightning and one bare run")
+
+
+def device_of(accelerator: str) -> torch.device:
+    """The device Lightning's ``accelerator`` with ``devices=1`` trains on (``gpu`` -> ``cuda:0``)."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator == "gpu":
+        if not torch.cuda.is_available():
+            raise SystemExit("--accelerator gpu but torch.cuda.is_available() is False")
+        return torch.device("cuda", 0)
+    raise ValueError(f"accelerator must be 'cpu' or 'gpu', got {accelerator!r}")
+
+
+def _to(data, device: torch.device):  # tensors in nested dicts/lists/tuples (OXnet boxes are lists)
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, dict):
+        return {k: _to(v, device) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to(v, device) for v in data)
+    return data
+
+
+class SameBatch(Dataset):
+    """``steps`` copies of one pre-built batch dict, for a ``batch_size=None`` loader (no collation cost).
+
+    With ``device`` the batch is moved there once, up front (as a prefetching loader would deliver it): neither
+    arm then pays a host-to-device copy per step (Lightning's transfer of an on-device batch is a no-op)."""
+
+    def __init__(self, batch: dict, steps: int, device: torch.device | str | None = None) -> None:
+        self.batch = batch if device is None else _to(batch, torch.device(device))
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> dict:
+        return self.batch
+
+    def loader(self) -> DataLoader:
+        return DataLoader(self, batch_size=None, shuffle=False, num_workers=0)
+
+
+def clock(device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(wall, process CPU) seconds. On a CUDA device the queue is drained first, so a stamp means "the work
+    launched so far is done" (without it a GPU step would measure only the kernel launches). CPU time is the
+    more robust figure on a shared CPU machine; on a GPU it includes the host waiting in the synchronise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+def step_timer(device: torch.device | str = "cpu"):
+    """A Lightning callback whose ``stamps`` list gets a :func:`clock` stamp at every ``on_train_batch_end``
+    (after the optimiser step and the callbacks placed before it)."""
+    import lightning.pytorch as pl  # here, not at the top: the other benchmarks (and ga_block's memory probes)
+    # stay free of Lightning's import time and memory
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[tuple[float, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.stamps.append(clock(device))
+
+    return StepTimer()
+
+
+def step_medians(stamps: list[tuple[float, float]], start: tuple[float, float], warmup: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds per step between successive stamps (the first from ``start``), the first
+    ``warmup`` steps dropped (they carry the fit's setup, the first-call costs, cuDNN's autotuning)."""
+    if len(stamps) <= warmup:
+        raise ValueError(f"{len(stamps)} steps recorded, none left after --warmup {warmup}: raise --steps")
+    pairs = list(zip([start, *stamps[:-1]], stamps))[warmup:]
+    return statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs)
+
+
+def fit_steps(module, loader: DataLoader, steps: int, warmup: int, accelerator: str = "cpu",
+              precision: str = "32-true", callbacks: Iterable = ()) -> tuple[float, float]:
+    """``Trainer.fit`` for ``steps`` steps on one device; median (wall, CPU) seconds per step after ``warmup``.
+    The Trainer is minimal, as in a benchmark (no logger, checkpointing, progress bar, model summary or
+    validation); ``callbacks`` run before the step timer. Lightning moves the module to the device at the start of
+    the fit and back to the CPU at its end (outside the timed steps)."""
+    import lightning.pytorch as pl
+
+    device = device_of(accelerator)
+    timer = step_timer(device)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50,
+                         callbacks=[*callbacks, timer], precision=precision)
+    start = clock(device)
+    trainer.fit(module, train_dataloaders=loader)
+    return step_medians(timer.stamps, start, warmup)
+
+
+def compare_rounds(lightning: Callable[[], tuple[float, float]], bare: Callable[[], tuple[float, float]],
+                   repeats: int, discard: int = 0, target: float = 0.05) -> dict:
+    """``repeats`` rounds of one ``lightning()`` and one ``bare()`` run (each returns median (wall, CPU) seconds
+    per step), the order flipped every round so that drift hits both arms alike, after ``discard`` untimed
+    rounds. The overhead is the median over rounds of (Lightning step / bare step) - 1, for wall and CPU time.
+    Prints one line per round and the summary; returns the JSON entries."""
+    for _ in range(discard):  # first-call costs (thread pools, allocator, Trainer imports) are not per-step costs
+        lightning()
+        bare()
+    arms = {"lightning": lightning, "bare": bare}
+    wall_ms: dict[str, list[float]] = {"lightning": [], "bare": []}
+    cpu_ms: dict[str, list[float]] = {"lightning": [], "bare": []}
+    ratios, cpu_ratios = [], []
+    for r in range(repeats):
+        got = {case: arms[case]() for case in (("lightning", "bare") if r % 2 == 0 else ("bare", "lightning"))}
+        for case, (wall, cpu) in got.items():
+            wall_ms[case].append(1e3 * wall)
+            cpu_ms[case].append(1e3 * cpu)
+        ratios.append(got["lightning"][0] / got["bare"][0])
+        cpu_ratios.append(got["lightning"][1] / got["bare"][1])
+        print(f"round {r}: wall lightning {wall_ms['lightning'][-1]:.1f} ms, bare {wall_ms['bare'][-1]:.1f} ms, "
+              f"ratio {ratios[-1]:.3f}; cpu lightning {cpu_ms['lightning'][-1]:.1f} ms, "
+              f"bare {cpu_ms['bare'][-1]:.1f} ms, ratio {cpu_ratios[-1]:.3f}", flush=True)
+    overhead, cpu_overhead = statistics.median(ratios) - 1, statistics.median(cpu_ratios) - 1
+    print(f"Lightning overhead (median of per-round ratios): wall {100 * overhead:+.1f}%, process CPU "
+          f"{100 * cpu_overhead:+.1f}% (target <= {100 * target:.0f}%); load average {os.getloadavg()}")
+
+    def summary(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "values": values}
+
+    return {
+        "lightning_step_ms": summary(wall_ms["lightning"]), "bare_step_ms": summary(wall_ms["bare"]),
+        "ratio_per_round": ratios, "overhead_median": overhead,
+        "lightning_step_cpu_ms": summary(cpu_ms["lightning"]), "bare_step_cpu_ms": summary(cpu_ms["bare"]),
+        "cpu_ratio_per_round": cpu_ratios, "cpu_overhead_median": cpu_overhead,
+        "target": target, "passes": overhead <= target, "passes_cpu": cpu_overhead <= target,
+    }

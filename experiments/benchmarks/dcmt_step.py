@@ -7,29 +7,30 @@ with identical weights: student forward on view 1, teacher forward (no grad) on 
         [--labeled 10] [--unlabeled 30] [--fa-channels 64] [--steps 12] [--warmup 2] [--repeats 5]
     python -m experiments.benchmarks.dcmt_step --backbone seresnext50_32x4d --output-stride 16 \\
         --image-size 256 --fa-channels 512 --name dcmt_step_paper          # the paper's network (slow on CPU)
+    python -m experiments.benchmarks.dcmt_step --accelerator gpu --backbone seresnext50_32x4d --output-stride 16 \\
+        --image-size 256 --fa-channels 512 --name dcmt_step_paper_gpu      # the same on cuda:0
 
 Per-step time is measured between successive batch ends, so the Lightning figure includes everything around
 ``training_step``: logging of 6 loss terms and 3 scalars, the NaN guard, hooks and the EMA callback. Rounds
 alternate Lightning / bare (order flipped every round); the overhead is the median over rounds of (Lightning
 median step / bare median step) − 1. Target ≤ 5 %. Both wall-clock and process-CPU time are recorded: on a
 shared machine the CPU-time ratio is the more trustworthy figure (run with ``OMP_NUM_THREADS=1`` so that
-OpenMP spin-waiting does not count). Writes ``results/<name>.json``.
+OpenMP spin-waiting does not count). With ``--accelerator gpu`` both arms run on ``cuda:0`` (batch placed there
+once, clocks read after a CUDA synchronise; wall time is then the figure). Harness:
+``experiments.benchmarks.common``. Writes ``results/<name>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
 from callbacks.ema_teacher import ema_alpha, ema_update_
-from experiments.benchmarks.common import write
-from experiments.benchmarks.pcam_step import SameBatch
+from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
+                                           step_medians, write)
 from lightning_modules.mean_teacher import MeanTeacherModule
 from networks.dcmt import DCMTNet
 
@@ -47,45 +48,14 @@ def make_batch(labeled: int, unlabeled: int, size: int, classes: int = 3) -> dic
             "has_attention_mask": torch.ones(b, dtype=torch.bool)}
 
 
-def _now() -> tuple[float, float]:
-    """(wall, process CPU) seconds. CPU time is far less sensitive to other processes on a shared machine."""
-    return time.perf_counter(), time.process_time()
-
-
-def _medians(stamps: list[tuple[float, float]], start: tuple[float, float], warmup: int) -> tuple[float, float]:
-    points = [start, *stamps]
-    out = []
-    for clock in (0, 1):
-        times = [b[clock] - a[clock] for a, b in zip(points[:-1], points[1:])][warmup:]
-        out.append(statistics.median(times))
-    return out[0], out[1]
-
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.stamps: list[tuple[float, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.stamps.append(_now())
-
-
-def run_lightning(module: MeanTeacherModule, loader: DataLoader, steps: int, warmup: int) -> tuple[float, float]:
-    timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50, callbacks=[timer])
-    start = _now()
-    trainer.fit(module, train_dataloaders=loader)
-    return _medians(timer.stamps, start, warmup)
-
-
 def run_bare(module: MeanTeacherModule, optimizer: torch.optim.Optimizer, loader: DataLoader, warmup: int,
-             decay: float, step0: int) -> tuple[float, float]:
-    """The same work without Lightning: ``compute_losses`` (student + no-grad teacher), backward, step, EMA."""
+             decay: float, step0: int, device: torch.device) -> tuple[float, float]:
+    """The same work without Lightning: ``compute_losses`` (student + no-grad teacher), backward, step, EMA
+    (``module``, ``optimizer`` and the loader's batch already on ``device``)."""
     module.train()
     stamps: list[tuple[float, float]] = []
     step = step0
-    start = _now()
+    start = clock(device)
     for batch in loader:
         loss = module.compute_losses(batch)["total"]
         optimizer.zero_grad(set_to_none=True)
@@ -93,8 +63,8 @@ def run_bare(module: MeanTeacherModule, optimizer: torch.optim.Optimizer, loader
         optimizer.step()
         step += 1
         ema_update_(module.teacher, module.student, ema_alpha(step, decay))
-        stamps.append(_now())
-    return _medians(stamps, start, warmup)
+        stamps.append(clock(device))
+    return step_medians(stamps, start, warmup)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,11 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fa-channels", type=int, default=64)
     parser.add_argument("--labeled", type=int, default=10)
     parser.add_argument("--unlabeled", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_common_args(parser, steps=12, warmup=2, repeats=5)
     parser.add_argument("--name", default="dcmt_step")
     args = parser.parse_args(argv)
+    device = device_of(args.accelerator)
 
     torch.manual_seed(0)
     net = DCMTNet(args.backbone, num_classes=3, output_stride=args.output_stride, fa_channels=args.fa_channels,
@@ -117,49 +86,20 @@ def main(argv: list[str] | None = None) -> dict:
     # consistency from step 0 so every term (and the teacher forward) is in the measured step
     kwargs = dict(consistency_start=0, ramp_unit="step")
     module = MeanTeacherModule(net, optimizer=lambda p: torch.optim.Adam(p, lr=1e-4), **kwargs)
-    bare = MeanTeacherModule(copy.deepcopy(net), **kwargs)
+    bare = MeanTeacherModule(copy.deepcopy(net), **kwargs).to(device)  # on the device Lightning trains on
     bare_opt = torch.optim.Adam(bare.student.parameters(), lr=1e-4)
-    loader = DataLoader(SameBatch(make_batch(args.labeled, args.unlabeled, args.image_size), args.steps),
-                        batch_size=None, shuffle=False, num_workers=0)
+    loader = SameBatch(make_batch(args.labeled, args.unlabeled, args.image_size), args.steps, device).loader()
 
-    lightning_ms, bare_ms, ratios, cpu_ratios, lightning_cpu_ms, bare_cpu_ms = [], [], [], [], [], []
-    bare_steps = 0
-    for r in range(args.repeats):
-        order = ("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")
-        got = {}
-        for case in order:
-            if case == "lightning":
-                got[case] = run_lightning(module, loader, args.steps, args.warmup)
-            else:
-                got[case] = run_bare(bare, bare_opt, loader, args.warmup, 0.99, bare_steps)
-                bare_steps += args.steps
-        lightning_ms.append(1e3 * got["lightning"][0])
-        bare_ms.append(1e3 * got["bare"][0])
-        ratios.append(got["lightning"][0] / got["bare"][0])
-        lightning_cpu_ms.append(1e3 * got["lightning"][1])
-        bare_cpu_ms.append(1e3 * got["bare"][1])
-        cpu_ratios.append(got["lightning"][1] / got["bare"][1])
-        print(f"round {r}: wall lightning {lightning_ms[-1]:.1f} ms, bare {bare_ms[-1]:.1f} ms, ratio {ratios[-1]:.3f}; "
-              f"cpu lightning {lightning_cpu_ms[-1]:.1f} ms, bare {bare_cpu_ms[-1]:.1f} ms, ratio {cpu_ratios[-1]:.3f}",
-              flush=True)
+    bare_steps = 0  # the bare arm's EMA step count runs on across rounds, as each run continues the weights
 
-    overhead = statistics.median(ratios) - 1
-    cpu_overhead = statistics.median(cpu_ratios) - 1
-    payload = {
-        "config": vars(args),
-        "lightning_step_ms": {"median": statistics.median(lightning_ms), "values": lightning_ms},
-        "bare_step_ms": {"median": statistics.median(bare_ms), "values": bare_ms},
-        "ratio_per_round": ratios,
-        "overhead_median": overhead,
-        "lightning_step_cpu_ms": {"median": statistics.median(lightning_cpu_ms), "values": lightning_cpu_ms},
-        "bare_step_cpu_ms": {"median": statistics.median(bare_cpu_ms), "values": bare_cpu_ms},
-        "cpu_ratio_per_round": cpu_ratios,
-        "cpu_overhead_median": cpu_overhead,
-        "target": 0.05,
-        "passes": overhead <= 0.05, "passes_cpu": cpu_overhead <= 0.05,
-    }
-    print(f"Lightning overhead (median of per-round ratios): wall {100 * overhead:+.1f}%, "
-          f"process CPU {100 * cpu_overhead:+.1f}% (target <= 5%)")
+    def bare_run() -> tuple[float, float]:
+        nonlocal bare_steps
+        got = run_bare(bare, bare_opt, loader, args.warmup, 0.99, bare_steps, device)
+        bare_steps += args.steps
+        return got
+
+    payload = {"config": vars(args), "device": str(device), **compare_rounds(
+        lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator), bare_run, args.repeats)}
     write(args.name, payload)
     return payload
 

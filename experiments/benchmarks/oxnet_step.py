@@ -7,20 +7,22 @@ update.
     python -m experiments.benchmarks.oxnet_step                        # the synthetic config's network, 128 px
     python -m experiments.benchmarks.oxnet_step --backbone test_resnet --image-size 64 --levels 3 4 5 \\
         --channels 16 --head-depth 1 --name oxnet_step_tiny              # seconds, for a loaded machine
+    python -m experiments.benchmarks.oxnet_step --accelerator gpu --name oxnet_step_gpu
 
 So that the distillation terms are part of the measured step, the classification output layer is given random
 weights (a fresh head predicts 0.01 everywhere and the teacher would find no pseudo-box); the JSON records the
 pseudo-box count per image. Timing as in ``dcmt_step``: per-step time between successive batch ends, rounds
 alternate Lightning / bare (order flipped every round) and each starts from the same weights with a fresh
-optimiser, overhead = median over rounds of (Lightning median step /
-bare median step) − 1, wall clock and process CPU time. Target ≤ 5 %. Writes ``results/<name>.json``.
+optimiser, overhead = median over rounds of (Lightning median step / bare median step) − 1, wall clock and
+process CPU time. Target ≤ 5 %. With ``--accelerator gpu`` both arms run on ``cuda:0`` (batch placed there once,
+clocks read after a CUDA synchronise; wall time is then the figure). Harness: ``experiments.benchmarks.common``.
+Writes ``results/<name>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,9 +30,8 @@ from torch.utils.data import DataLoader
 from callbacks.ema_teacher import EMATeacher, ema_alpha, ema_update_
 from callbacks.prototype_momentum import PrototypeMomentum, momentum_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
-from experiments.benchmarks.common import write
-from experiments.benchmarks.dcmt_step import StepTimer, _medians, _now
-from experiments.benchmarks.pcam_step import SameBatch
+from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
+                                           step_medians, write)
 from lightning_modules.oxnet import OXnetModule
 from networks.oxnet import OXnet
 from networks.retina import RetinaNet
@@ -62,26 +63,14 @@ def make_batch(per_stream: int, size: int) -> dict:
             "stream": stream, "has_boxes": stream == STREAM_BOX, "boxes": boxes, "box_labels": box_labels}
 
 
-def run_lightning(module: OXnetModule, loader: DataLoader, steps: int, warmup: int) -> tuple[float, float]:
-    import lightning.pytorch as pl
-
-    timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50,
-                         callbacks=[EMATeacher(0.99), PrototypeMomentum(0.7), timer])
-    start = _now()
-    trainer.fit(module, train_dataloaders=loader)
-    return _medians(timer.stamps, start, warmup)
-
-
 def run_bare(module: OXnetModule, optimizer: torch.optim.Optimizer, loader: DataLoader, warmup: int,
-             step0: int) -> tuple[float, float]:
-    """The same work without Lightning: ``compute_losses``, backward, step, EMA, prototype update."""
+             step0: int, device: torch.device) -> tuple[float, float]:
+    """The same work without Lightning: ``compute_losses``, backward, step, EMA, prototype update (``module``,
+    ``optimizer`` and the loader's batch already on ``device``)."""
     module.train()
     stamps: list[tuple[float, float]] = []
     step = step0
-    start = _now()
+    start = clock(device)
     for batch in loader:
         loss = module.compute_losses(batch)["total"]
         optimizer.zero_grad(set_to_none=True)
@@ -91,8 +80,8 @@ def run_bare(module: OXnetModule, optimizer: torch.optim.Optimizer, loader: Data
         ema_update_(module.teacher, module.student, ema_alpha(step, 0.99))
         sums, weights = module.prototype_stats
         momentum_update_(module.prototypes, module.prototype_updates, sums, weights, 0.7)
-        stamps.append(_now())
-    return _medians(stamps, start, warmup)
+        stamps.append(clock(device))
+    return step_medians(stamps, start, warmup)
 
 
 def build(args) -> OXnet:
@@ -112,62 +101,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-depth", type=int, default=2)
     parser.add_argument("--head-std", type=float, default=0.1)
     parser.add_argument("--per-stream", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_common_args(parser, steps=8, warmup=2, repeats=5)
     parser.add_argument("--name", default="oxnet_step")
     args = parser.parse_args(argv)
+    device = device_of(args.accelerator)
 
     def adamw(params):
         return torch.optim.AdamW(params, lr=1e-5)  # small: the workload (pseudo-box count) stays stable
 
     module = OXnetModule(build(args), freeze_bn=True, optimizer=adamw)
-    bare = OXnetModule(build(args), freeze_bn=True)
+    bare = OXnetModule(build(args), freeze_bn=True).to(device)  # on the device Lightning trains on
     # Every round of either arm starts from these weights with a fresh optimiser and step 0 (Lightning's new
     # Trainer restarts global_step, so the EMA warm-up restarts too): identical work, no drift between arms.
     pristine = copy.deepcopy(module.state_dict())
-    batch = make_batch(args.per_stream, args.image_size)
+    data = SameBatch(make_batch(args.per_stream, args.image_size), args.steps, device)
     with torch.no_grad():
-        teacher = bare.forward_teacher(batch["image_teacher"])
+        teacher = bare.forward_teacher(data.batch["image_teacher"])
         probs = torch.sigmoid(teacher["cls_logits"]).amax(dim=2)
     candidates = (probs > 0.5).sum(dim=1).tolist()
-    loader = DataLoader(SameBatch(batch, args.steps), batch_size=None, shuffle=False, num_workers=0)
+    loader = data.loader()
 
-    walls, cpus = {"lightning": [], "bare": []}, {"lightning": [], "bare": []}
-    ratios, cpu_ratios = [], []
-    for r in range(args.repeats):
-        order = ("lightning", "bare") if r % 2 == 0 else ("bare", "lightning")
-        got = {}
-        for case in order:
-            if case == "lightning":
-                module.load_state_dict(pristine)
-                got[case] = run_lightning(module, loader, args.steps, args.warmup)
-            else:
-                bare.load_state_dict(pristine)
-                bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
-                got[case] = run_bare(bare, bare_opt, loader, args.warmup, 0)
-        for case in got:
-            walls[case].append(1e3 * got[case][0])
-            cpus[case].append(1e3 * got[case][1])
-        ratios.append(got["lightning"][0] / got["bare"][0])
-        cpu_ratios.append(got["lightning"][1] / got["bare"][1])
-        print(f"round {r}: wall lightning {walls['lightning'][-1]:.0f} ms, bare {walls['bare'][-1]:.0f} ms, ratio "
-              f"{ratios[-1]:.3f}; cpu ratio {cpu_ratios[-1]:.3f}", flush=True)
+    def lightning_run() -> tuple[float, float]:
+        module.load_state_dict(pristine)
+        return fit_steps(module, loader, args.steps, args.warmup, args.accelerator,
+                         callbacks=[EMATeacher(0.99), PrototypeMomentum(0.7)])
 
-    overhead, cpu_overhead = statistics.median(ratios) - 1, statistics.median(cpu_ratios) - 1
-    payload = {
-        "config": vars(args),
-        "teacher_anchors_above_0.5_per_image": candidates,
-        "lightning_step_ms": {"median": statistics.median(walls["lightning"]), "values": walls["lightning"]},
-        "bare_step_ms": {"median": statistics.median(walls["bare"]), "values": walls["bare"]},
-        "ratio_per_round": ratios, "overhead_median": overhead,
-        "lightning_step_cpu_ms": {"median": statistics.median(cpus["lightning"]), "values": cpus["lightning"]},
-        "bare_step_cpu_ms": {"median": statistics.median(cpus["bare"]), "values": cpus["bare"]},
-        "cpu_ratio_per_round": cpu_ratios, "cpu_overhead_median": cpu_overhead,
-        "target": 0.05, "passes": overhead <= 0.05, "passes_cpu": cpu_overhead <= 0.05,
-    }
-    print(f"Lightning overhead (median of per-round ratios): wall {100 * overhead:+.1f}%, process CPU "
-          f"{100 * cpu_overhead:+.1f}% (target <= 5%)")
+    def bare_run() -> tuple[float, float]:
+        bare.load_state_dict(pristine)
+        bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
+        return run_bare(bare, bare_opt, loader, args.warmup, 0, device)
+
+    payload = {"config": vars(args), "device": str(device), "teacher_anchors_above_0.5_per_image": candidates,
+               **compare_rounds(lightning_run, bare_run, args.repeats)}
     write(args.name, payload)
     return payload
 

@@ -38,6 +38,13 @@ BENCHMARKS: dict[str, dict[str, list[str]]] = {
 }
 
 
+def accepts_accelerator(source: Path) -> bool:
+    """Whether a benchmark script takes ``--accelerator``: its own option, or the step benchmarks' shared
+    ``common.add_common_args``."""
+    text = source.read_text()
+    return 'add_argument("--accelerator"' in text or "add_common_args(" in text
+
+
 def commands(names: list[str], profile: str, accelerator: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
     """(name, command) per existing benchmark, and notes."""
     out, notes = [], []
@@ -48,7 +55,7 @@ def commands(names: list[str], profile: str, accelerator: str) -> tuple[list[tup
             continue
         cmd = [sys.executable, "-m", f"experiments.benchmarks.{name}", *BENCHMARKS.get(name, {}).get(profile, [])]
         if accelerator != "cpu":
-            if "--accelerator" in source.read_text():
+            if accepts_accelerator(source):
                 cmd += ["--accelerator", accelerator]
             else:
                 notes.append(f"{name}: has no --accelerator option - runs on the CPU")
