@@ -19,14 +19,7 @@ import torch
 import torch.nn as nn
 
 from networks.backbones import create_backbone
-
-
-def minmax_normalise(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Scale every (h, w) map of a (B, K, h, w) tensor to [0, 1] independently."""
-    flat = maps.flatten(2)
-    low = flat.min(dim=2, keepdim=True).values
-    high = flat.max(dim=2, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+from networks.cam_heads import minmax_normalize
 
 
 class CAMNet(nn.Module):
@@ -70,7 +63,7 @@ class CAMNet(nn.Module):
 
     def maps_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Min-max normalised CAMs (B, K, h, w) in [0, 1] from a feature map."""
-        return minmax_normalise(self.cam_logits(features.detach()).float())
+        return minmax_normalize(self.cam_logits(features.detach()))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,23 @@ from networks.pooling import GlobalPool, PCAMPool, create_pool
 __all__ = ["CAMHeads", "PoolingClassifier", "minmax_normalize"]
 
 
-def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per-(image, class) min-max normalisation of (B, K, *spatial) maps to [0, 1]; a constant map gives 0."""
+def minmax_normalize(maps: torch.Tensor, eps: float = 1e-12, *, zero_range_only: bool = False) -> torch.Tensor:
+    """Per-(image, class) min-max normalisation of (B, K, *spatial) maps to [0, 1], in float32.
+
+    The one min-max of CAMs in ``networks`` (CAM baseline, PCAM's CAM-style heatmaps, DC-MT's refinement).
+    ``(M - min) / max(max - min, eps)`` over the spatial positions of each map, so a constant map gives 0 and
+    a near-constant one is not blown up to the full range. ``zero_range_only=True`` replaces only an exactly
+    zero range by ``eps`` (the DC-MT reference rule, method-dcmt a.5), so every non-constant map spans [0, 1].
+
+    Example:
+        >>> minmax_normalize(torch.tensor([[[[1.0, 3.0], [2.0, 3.0]]]])).flatten().tolist()
+        [0.0, 1.0, 0.5, 1.0]
+    """
     flat = maps.flatten(2).float()
-    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    out = (flat - lo) / (hi - lo).clamp_min(eps)
-    return out.view(maps.shape)
+    lo = flat.amin(-1, keepdim=True)
+    span = flat.amax(-1, keepdim=True) - lo
+    span = torch.where(span == 0, torch.full_like(span, eps), span) if zero_range_only else span.clamp_min(eps)
+    return ((flat - lo) / span).view(maps.shape)
 
 
 class CAMHeads(nn.Module):

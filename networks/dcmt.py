@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.backbones import create_backbone
+from networks.cam_heads import minmax_normalize
 from networks.pooling import LSEPool
 
 __all__ = ["FABlock", "FAModule", "DCMTNet", "DCMTOutput", "class_activation_maps", "refine_cams",
@@ -103,12 +104,9 @@ def class_activation_maps(feature_map: torch.Tensor, weight: torch.Tensor) -> to
 
 
 def normalise_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-sample, per-map min–max to [0, 1]; a zero range is replaced by ``eps`` (so a constant map → 0)."""
-    flat = cams.flatten(2)
-    low = flat.amin(-1, keepdim=True)
-    span = flat.amax(-1, keepdim=True) - low
-    span = torch.where(span == 0, torch.full_like(span, eps), span)
-    return ((flat - low) / span).view_as(cams)
+    """Per-sample, per-map min–max to [0, 1] in float32; a zero range is replaced by ``eps`` (so a constant
+    map → 0), as the reference (:func:`networks.cam_heads.minmax_normalize` with ``zero_range_only=True``)."""
+    return minmax_normalize(cams, eps, zero_range_only=True)
 
 
 def refine_cams(cams: torch.Tensor, size: Sequence[int] | None = None, omega: float = 100.0,

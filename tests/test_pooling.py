@@ -195,6 +195,20 @@ def test_cam_style_heatmaps_are_minmax_normalised():
     assert minmax_normalize(torch.full((1, 1, 3, 3), 4.0)).eq(0).all()
 
 
+def test_minmax_normalize_oracle_and_range_rules():
+    """The one min-max of CAMs (CAM baseline, PCAM's CAM-style heatmaps, DC-MT refinement): per (image, class),
+    float32 out; the range is floored at eps, or (DC-MT rule) only an exactly zero range is replaced."""
+    maps = torch.tensor([[1.0, 3.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]]).view(1, 2, 2, 2).bfloat16()
+    out = minmax_normalize(maps)
+    assert out.dtype == torch.float32
+    assert out.flatten().tolist() == [0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0]
+    tiny = torch.tensor([0.0, 1e-6, 0.0, 5e-7]).view(1, 1, 2, 2)
+    torch.testing.assert_close(minmax_normalize(tiny, eps=1e-5).flatten(), torch.tensor([0.0, 0.1, 0.0, 0.05]))
+    torch.testing.assert_close(minmax_normalize(tiny, eps=1e-5, zero_range_only=True).flatten(),
+                               torch.tensor([0.0, 1.0, 0.0, 0.5]))
+    assert minmax_normalize(torch.full((1, 1, 2, 2), 3.0), 1e-5, zero_range_only=True).eq(0).all()
+
+
 @pytest.mark.parametrize("pool", ["pcam", "avg", "max", "lse", "exp", "linear", "avg_max"])
 def test_pooling_classifier_forward_backward(pool):
     net = PoolingClassifier("test_resnet", num_classes=3, pool=pool, in_chans=1)
