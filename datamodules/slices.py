@@ -27,7 +27,7 @@ Extra keys: ``subject_id``, ``slice_index``, ``subject_label``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -525,7 +525,8 @@ class SliceStackDataModule(pl.LightningDataModule):
         sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed)
         dataset = SliceDataset(self.table, rows, streams, self._transform(True), hp.cache)
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=collate_slices, num_workers=hp.num_workers, worker_init_fn=seed_worker_transform,
+                          collate_fn=collate_slices, num_workers=hp.num_workers,
+                          worker_init_fn=partial(seed_worker_transform, rank=rank),  # per-rank augmentation
                           persistent_workers=hp.num_workers > 0)
 
     def _eval_loader(self, rows: np.ndarray) -> DataLoader:
