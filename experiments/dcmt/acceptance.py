@@ -64,6 +64,13 @@ def fit_test(args: Sequence[str], predict_to: Path | None = None) -> dict:
     return out
 
 
+def _run_name(out: Path, method: str, seed: int) -> list[str]:
+    """Logger flags: run directories ``<out>/runs/dcmt-acceptance-<method>/<method>-s<seed>-<id>/`` (the group names
+    the arm), so that ``medattn compare <out>/runs --by group`` tabulates the arms over seeds."""
+    return ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.group",
+            f"dcmt-acceptance-{method}", "--trainer.logger.init_args.name", f"{method}-s{seed}"]
+
+
 def _mean(rows: list[dict], method: str, key: str) -> float:
     values = [r[key] for r in rows if r["method"] == method and key in r]
     return sum(values) / len(values) if values else float("nan")
@@ -86,11 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
         for method, config in STAGE1.items():
             print(f"[acceptance] {method} seed {seed}", flush=True)
             features = out / f"seed{seed}" / "slice_features.npz" if method == "dcmt" else None
-            argv1 = ["-c", config[0], *config[1:], "--seed_everything", str(seed), *extra]
+            argv1 = ["-c", config[0], *config[1:], "--seed_everything", str(seed), *_run_name(out, method, seed), *extra]
             rows.append({"method": method, "seed": seed, **fit_test(argv1, features)})
             if method == "dcmt":
                 print(f"[acceptance] dcmt_subject seed {seed}", flush=True)
-                argv2 = ["-c", STAGE2, "--seed_everything", str(seed), "--data.init_args.features_file", str(features),
+                argv2 = ["-c", STAGE2, "--seed_everything", str(seed), *_run_name(out, "dcmt_subject", seed),
+                         "--data.init_args.features_file", str(features),
                          "--model.init_args.net.init_args.in_features", str(rows[-1]["head_channels"])]
                 argv2 += shlex.split(args.stage2_args)
                 if args.quick:
