@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         for method in args.methods:
             print(f"[acceptance] {method} seed {seed}", flush=True)
-            result = run_experiment(["-c", str(CONFIGS[method]), "--seed_everything", str(seed), *extra])
+            # one run directory per arm and seed: <out>/runs/magsd-acceptance-<method>/<method>-s<seed>-<id>/
+            logger = ["--trainer.logger.init_args.save_dir", str(Path(args.out) / "runs"),
+                      "--trainer.logger.init_args.group", f"magsd-acceptance-{method}",
+                      "--trainer.logger.init_args.name", f"{method}-s{seed}"]
+            result = run_experiment(["-c", str(CONFIGS[method]), "--seed_everything", str(seed), *logger, *extra])
             rows.append({"run": f"{method}/seed{seed}", "method": method, "seed": seed, **result})
     frame = pd.DataFrame(rows)
     parts, means = [], {}
