@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from experiments.logging import logger_flags
+
 HERE = Path(__file__).resolve().parent
 STAGE1 = {"dcmt": [str(HERE / "synthetic.yaml")], "labeled_only": [str(HERE / "synthetic_labeled_only.yaml")],
           "no_attention": [str(HERE / "synthetic.yaml"), "--model.init_args.attention_losses", "false"]}
@@ -67,8 +69,7 @@ def fit_test(args: Sequence[str], predict_to: Path | None = None) -> dict:
 def _run_name(out: Path, method: str, seed: int) -> list[str]:
     """Logger flags: run directories ``<out>/runs/dcmt-acceptance-<method>/<method>-s<seed>-<id>/`` (the group names
     the arm), so that ``medattn compare <out>/runs --by group`` tabulates the arms over seeds."""
-    return ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.group",
-            f"dcmt-acceptance-{method}", "--trainer.logger.init_args.name", f"{method}-s{seed}"]
+    return logger_flags(out / "runs", f"dcmt-acceptance-{method}", f"{method}-s{seed}")
 
 
 def _mean(rows: list[dict], method: str, key: str) -> float:

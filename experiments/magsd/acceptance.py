@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.logging import logger_flags
 from experiments.magsd.runner import run_experiment, summary_table, to_markdown
 
 HERE = Path(__file__).resolve().parent
@@ -43,9 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             print(f"[acceptance] {method} seed {seed}", flush=True)
             # one run directory per arm and seed: <out>/runs/magsd-acceptance-<method>/<method>-s<seed>-<id>/
-            logger = ["--trainer.logger.init_args.save_dir", str(Path(args.out) / "runs"),
-                      "--trainer.logger.init_args.group", f"magsd-acceptance-{method}",
-                      "--trainer.logger.init_args.name", f"{method}-s{seed}"]
+            logger = logger_flags(Path(args.out) / "runs", f"magsd-acceptance-{method}", f"{method}-s{seed}")
             result = run_experiment(["-c", str(CONFIGS[method]), "--seed_everything", str(seed), *logger, *extra])
             rows.append({"run": f"{method}/seed{seed}", "method": method, "seed": seed, **result})
     frame = pd.DataFrame(rows)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.logging import logger_flags
 from experiments.magsd.runner import to_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,8 +52,7 @@ def _max_time(minutes: float) -> str:
 def _command(config: str, seed: int, arm: str, out: Path, minutes: float, flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.suite", "fit-test", "-c", config, "--seed_everything", str(seed),
             "--trainer.max_time", _max_time(minutes), "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.group",
-            f"oxnet-acceptance/{arm}", "--trainer.logger.init_args.name", f"{arm}-s{seed}", *flags]
+            *logger_flags(out, f"oxnet-acceptance/{arm}", f"{arm}-s{seed}"), *flags]
 
 
 def _run_dir(out: Path, arm: str, seed: int, tag: str) -> Path:
