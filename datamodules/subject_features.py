@@ -5,6 +5,12 @@ with the stage-1 model (features, probabilities and names of every slice of ever
 slices are ordered by ``slice_index`` and centre-cropped or zero-padded to ``seq_len``
 (:func:`networks.aggregation.center_crop_or_pad`, dossier a.10).
 
+``inputs`` chooses what each slice contributes: ``"features"`` (the reference: the stage-1 feature only; the
+probabilities are loaded but unused), ``"probabilities"`` (the K stage-1 slice probabilities only) or
+``"features+probabilities"`` (both, concatenated). The probabilities carry the slice-level supervision of stage 1
+(every labeled *slice*), which the subject labels alone cannot give when few subjects are labeled; see the
+README's DC-MT stage-2 results for when that matters.
+
 Subjects are split with :func:`datamodules.slices.split_subjects` and the *same* arguments as stage 1
 (``num_folds``, ``fold``, ``val_fraction``, ``label_ratio``, ``seed``), so the held-out and the labeled
 subjects are the ones of stage 1. Unlabeled training subjects carry zero labels and an all-False
@@ -36,6 +42,7 @@ from networks.aggregation import center_crop_or_pad
 
 __all__ = ["read_slice_features", "SubjectFeatureDataset", "SubjectFeatureDataModule"]
 
+INPUTS = ("features", "probabilities", "features+probabilities")
 REQUIRED = ("features", "probabilities", "subject_id", "slice_index", "subject_label", "class_names")
 
 
@@ -103,13 +110,17 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         eval_batch_size: validation/test/predict batch size.
         feature_noise: σ of Gaussian noise added to each view's real slices in training (0: the reference,
             whose student and teacher see identical inputs and differ by dropout only).
+        inputs: ``"features"`` (reference), ``"probabilities"`` or ``"features+probabilities"``; the
+            aggregator's ``in_features`` must equal :attr:`num_features`.
     """
 
     def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int = 5, fold: int = 0,
                  val_fraction: float = 0.0, label_ratio: float = 0.25, labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 16, unlabeled_batch_size: int = 48, eval_batch_size: int = 64,
-                 feature_noise: float = 0.0, num_workers: int = 0, seed: int = 0) -> None:
+                 feature_noise: float = 0.0, inputs: str = "features", num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
         self.save_hyperparameters()
         self.data: dict[str, np.ndarray] | None = None
         self.split: dict[str, list[str]] = {}
@@ -130,7 +141,14 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
 
     @property
     def num_features(self) -> int:
-        return int(self._ensure()["features"].shape[1])
+        """Per-slice input size of the aggregator for the chosen ``inputs``."""
+        return int(self._slice_inputs().shape[1])
+
+    def _slice_inputs(self) -> np.ndarray:
+        data, inputs = self._ensure(), self.hparams.inputs
+        parts = {"features": [data["features"]], "probabilities": [data["probabilities"]],
+                 "features+probabilities": [data["features"], data["probabilities"]]}[inputs]
+        return np.concatenate([np.asarray(a, np.float32) for a in parts], axis=1)
 
     @property
     def task(self) -> str:
@@ -153,7 +171,7 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
 
     def _dataset(self, subject_ids: Sequence[str], streams: np.ndarray, train: bool) -> SubjectFeatureDataset:
         hp, data = self.hparams, self._ensure()
-        features = torch.from_numpy(data["features"].astype(np.float32))
+        features = torch.from_numpy(self._slice_inputs())
         sequences, masks, mean_probs, counts = [], [], [], []
         for sid in subject_ids:
             rows = self.groups[sid]

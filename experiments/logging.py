@@ -60,6 +60,7 @@ def logger_flags(save_dir: str | Path, group: str, name: str) -> list[str]:
     return ["--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.group", group,
             "--trainer.logger.init_args.name", name]
 
+
 def _safe(method):
     """Logging must never kill a multi-day run: a W&B failure is reported once and skipped."""
 

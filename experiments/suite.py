@@ -62,6 +62,8 @@ from pathlib import Path
 
 import yaml
 
+from experiments.logging import logger_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -125,10 +127,8 @@ class Run:
             cmd += ["-c", config]
         budget = ["--trainer.max_time", max_time] if max_time else []
         return cmd + ["--seed_everything", str(self.seed), *budget, "--trainer.enable_progress_bar", "false",
-                      "--trainer.logger.init_args.name", self.name, "--trainer.logger.init_args.group", self.group,
-                      "--trainer.logger.init_args.tags", json.dumps(self.tags),
-                      "--trainer.logger.init_args.save_dir", str(self.run_dir.parent.parent),
-                      *self.flags, *extra]
+                      *logger_flags(self.run_dir.parent.parent, self.group, self.name),
+                      "--trainer.logger.init_args.tags", json.dumps(self.tags), *self.flags, *extra]
 
 
 # ------------------------------------------------------------------------------------------------- planning

@@ -8,6 +8,12 @@ reference's stage-2 weight ω(e) = c·exp(−5 (1 − (clip(e, 20, 100) − 20)/
 in eval mode. The student's only perturbation is its dropout (plus ``feature_noise`` if the DataModule adds
 it); the reference's teacher also used dropout (``teacher_train_mode=True``).
 
+Option ``meanpool_prior`` (off by default, i.e. the reference): the logits become
+``log(mean slice probability) + aggregator(x)`` with the aggregator's classifier initialised to zero, so training
+starts exactly at the mean-pooling decision and the network learns a correction to it. When stage 1 is already
+good, mean pooling is hard to beat from a few labeled subjects with the reference's position-specific (T, 1)
+read-outs; the prior keeps that baseline and lets the GRU add what the sequence tells beyond it.
+
 Metrics, per class and macro (one-vs-rest): AUROC, accuracy, sensitivity, specificity, F1
 (:class:`lightning_modules.dcmt_metrics.SubjectMetrics`). The same metrics of the *mean-pooling baseline*
 (the subject's mean slice probability from stage 1) are logged under ``<stage>/meanpool_*``, so every run
@@ -55,13 +61,16 @@ class SubjectAggregationModule(MedAttnModule):
         consistency, consistency_start, consistency_rampup, ramp: ω(t) (1, 20, 100, ``"reference"``).
         ramp_unit: ``"epoch"`` (1-based, the reference) or ``"step"``.
         ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.mean_teacher.MeanTeacherModule`.
+        meanpool_prior: add the log mean slice probability to the logits (see above); needs a ``classifier``
+            layer on ``net`` (zero-initialised here) and ``mean_probabilities`` in the batches.
         optimizer, scheduler: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
     def __init__(self, net: nn.Module, class_names: list[str] | None = None, consistency: float = 1.0,
                  consistency_start: float = 20, consistency_rampup: float = 100, ramp: str = "reference",
                  ramp_unit: str = "epoch", ema_decay: float = 0.99, teacher_train_mode: bool = False,
-                 eval_model: str = "both", optimizer: OptimizerCallable = default_optimizer,
+                 eval_model: str = "both", meanpool_prior: bool = False,
+                 optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(ignore=["net"])
@@ -69,6 +78,8 @@ class SubjectAggregationModule(MedAttnModule):
         if ramp_unit not in ("epoch", "step"):
             raise ValueError(f"ramp_unit must be 'epoch' or 'step', got {ramp_unit!r}")
         self.eval_names = eval_model_names(eval_model)
+        if meanpool_prior:
+            nn.init.zeros_(net.classifier.weight)  # start from mean pooling; the correction is learned
         self.student = net
         self.teacher = make_teacher(net, train_mode=teacher_train_mode)
         k = net.num_classes
@@ -92,16 +103,29 @@ class SubjectAggregationModule(MedAttnModule):
                 raise ValueError(f"the aggregator has {self.student.num_classes} outputs but the data has "
                                  f"{dm.num_classes} classes; set model.net.init_args.num_classes")
             self.class_names = list(dm.class_names)
+            expected = getattr(self.student, "in_features", None)
+            if hasattr(dm, "num_features") and expected is not None and dm.num_features != expected:
+                raise ValueError(f"the aggregator takes {expected} inputs per slice but the data gives "
+                                 f"{dm.num_features} (data.inputs={dm.hparams.inputs!r}); set "
+                                 "model.net.init_args.in_features")
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.student(features)
+    def _logits(self, net: nn.Module, features: torch.Tensor, mean_probabilities: torch.Tensor | None) -> torch.Tensor:
+        logits = net(features)
+        if self.hparams.meanpool_prior:
+            if mean_probabilities is None:
+                raise ValueError("meanpool_prior=True needs the batch's mean_probabilities")
+            logits = logits + mean_probabilities.float().clamp_min(1e-6).log()
+        return logits
 
-    def forward_student(self, features: torch.Tensor) -> torch.Tensor:
-        return self.student(features)
+    def forward(self, features: torch.Tensor, mean_probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logits(self.student, features, mean_probabilities)
+
+    def forward_student(self, features: torch.Tensor, mean_probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logits(self.student, features, mean_probabilities)
 
     @torch.no_grad()
-    def forward_teacher(self, features: torch.Tensor) -> torch.Tensor:
-        return self.teacher(features)
+    def forward_teacher(self, features: torch.Tensor, mean_probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logits(self.teacher, features, mean_probabilities)
 
     def consistency_weight(self) -> float:
         hp = self.hparams
@@ -109,12 +133,13 @@ class SubjectAggregationModule(MedAttnModule):
         return subject_consistency_weight(t, hp.consistency, hp.consistency_start, hp.consistency_rampup, hp.ramp)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self.forward_student(batch["features"])
+        prior = batch.get("mean_probabilities")
+        logits = self.forward_student(batch["features"], prior)
         terms = {"cls": masked_ce(logits, batch["labels"], batch["label_mask"])}
         weight = self.consistency_weight()
         total = terms["cls"]
         if weight > 0:
-            teacher_logits = self.forward_teacher(batch.get("features_teacher", batch["features"]))
+            teacher_logits = self.forward_teacher(batch.get("features_teacher", batch["features"]), prior)
             terms["cons_cls"] = softmax_mse(logits, teacher_logits)
             total = total + weight * terms["cons_cls"]
         terms["total"] = total
@@ -127,7 +152,7 @@ class SubjectAggregationModule(MedAttnModule):
         known = batch["label_mask"].any(1)
         target = batch["labels"].argmax(1)
         for i, name in enumerate(self.eval_names):
-            logits = getattr(self, name)(batch["features"])
+            logits = self._logits(getattr(self, name), batch["features"], batch.get("mean_probabilities"))
             if i == 0:
                 self.log(f"{stage}/loss", masked_ce(logits, batch["labels"], batch["label_mask"]),
                          batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
@@ -159,7 +184,8 @@ class SubjectAggregationModule(MedAttnModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         net = getattr(self, self.eval_names[-1])
-        return {"subject_id": batch["subject_id"], "probabilities": net(batch["features"]).float().softmax(-1)}
+        logits = self._logits(net, batch["features"], batch.get("mean_probabilities"))
+        return {"subject_id": batch["subject_id"], "probabilities": logits.float().softmax(-1)}
 
 
 def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int = 3, seed: int = 0) -> Path:

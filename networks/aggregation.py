@@ -72,7 +72,7 @@ class BiGRUAggregator(nn.Module):
                  embed_channels: tuple[int, int] = (256, 128), hidden_size: int = 96, num_layers: int = 2,
                  dropout: float = 0.5) -> None:
         super().__init__()
-        self.seq_len, self.num_classes = seq_len, num_classes
+        self.in_features, self.seq_len, self.num_classes = in_features, seq_len, num_classes
         c1, c2 = embed_channels
         self.embed = nn.Sequential(
             nn.Dropout1d(dropout), nn.Conv1d(in_features, c1, 1, bias=False), nn.BatchNorm1d(c1), nn.ReLU(inplace=True),

@@ -127,3 +127,89 @@ def test_subject_module_learns_and_logs_meanpool(tmp_path):
         assert key in metrics, key
     assert metrics["train/loss_cls"] < 1.0  # below ln 3 = 1.10: it learned the planted signal
     assert all(not p.requires_grad for p in module.teacher.parameters())
+
+
+@pytest.mark.parametrize("inputs, width", [("features", 16), ("probabilities", 3), ("features+probabilities", 19)])
+def test_subject_datamodule_inputs(tmp_path, inputs, width):
+    """``inputs`` picks the per-slice vector: the stage-1 feature, the K slice probabilities, or both (in that
+    order), placed at the same centred positions."""
+    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=9)
+    dm = SubjectFeatureDataModule(path, seq_len=10, num_folds=3, inputs=inputs, eval_batch_size=16)
+    dm.setup()
+    assert dm.num_features == width
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["features"].shape[-1] == width
+    raw = read_slice_features(path)
+    sid, n = batch["subject_id"][0], int(batch["num_slices"][0])
+    rows = np.flatnonzero(raw["subject_id"] == sid)
+    rows = rows[np.argsort(raw["slice_index"][rows])]
+    features, probabilities = raw["features"][rows], raw["probabilities"][rows]
+    expected = {"features": features, "probabilities": probabilities,
+                "features+probabilities": np.concatenate([features, probabilities], 1)}[inputs]
+    start = (10 - n) // 2
+    torch.testing.assert_close(batch["features"][0, start:start + n], torch.from_numpy(expected).float())
+    assert batch["features"][0, :start].abs().sum() == 0
+
+
+def test_subject_module_rejects_input_width_mismatch(tmp_path):
+    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=9)
+    data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, inputs="probabilities")
+    net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(8, 8), hidden_size=4)
+    module = SubjectAggregationModule(net)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="takes 16 inputs per slice but the data gives 3"):
+        trainer.fit(module, data)
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        SubjectFeatureDataModule(path, inputs="logits")
+
+
+def test_acceptance_stage2_width_and_row_merge(tmp_path):
+    """The DC-MT acceptance script sizes the aggregator from the stage-2 config's ``inputs`` (or an override)
+    and merges the rows of seeds run as separate processes into one summary."""
+    import json
+
+    from experiments.dcmt.acceptance import merge_previous_rows, stage2_input_width
+
+    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=6, dim=16, k=3)
+    assert stage2_input_width(path, []) == 16  # experiments/dcmt_subject/synthetic.yaml reads the features
+    assert stage2_input_width(path, ["--data.init_args.inputs", "probabilities"]) == 3
+    assert stage2_input_width(path, ["--data.init_args.inputs", "features+probabilities"]) == 19
+
+    previous = tmp_path / "acceptance.json"
+    assert merge_previous_rows(previous, [{"method": "dcmt", "seed": 1}]) == [{"method": "dcmt", "seed": 1}]
+    old_rows = [{"method": "dcmt", "seed": 0, "x": 1}, {"method": "dcmt", "seed": 1, "x": 1},
+                {"method": "dcmt_subject", "seed": 0, "x": 1}]
+    previous.write_text(json.dumps({"rows": old_rows}))
+    new_rows = [{"method": "labeled_only", "seed": 1, "x": 2}, {"method": "dcmt", "seed": 1, "x": 2}]
+    merged = merge_previous_rows(previous, new_rows)
+    assert [(r["method"], r["seed"], r["x"]) for r in merged] == [
+        ("dcmt", 0, 1), ("dcmt_subject", 0, 1), ("dcmt", 1, 2), ("labeled_only", 1, 2)]
+
+
+def test_meanpool_prior_starts_at_mean_pooling_and_learns_a_correction(tmp_path):
+    """With ``meanpool_prior`` the untrained module predicts exactly the mean slice probabilities (zero-initialised
+    classifier), a batch without them is a clear error, and training moves the prediction away from the prior."""
+    from functools import partial
+
+    torch.manual_seed(0)
+    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=18)
+    data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, label_ratio=0.5, labeled_batch_size=3,
+                                    unlabeled_batch_size=3, eval_batch_size=8)
+    net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8, dropout=0.1)
+    module = SubjectAggregationModule(net, consistency_start=0, meanpool_prior=True,
+                                      optimizer=partial(torch.optim.Adam, lr=1e-2))
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+    start = module(batch["features"], batch["mean_probabilities"]).softmax(-1)
+    torch.testing.assert_close(start, batch["mean_probabilities"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mean_probabilities"):
+        module(batch["features"])
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    module.eval()
+    after = module(batch["features"], batch["mean_probabilities"]).softmax(-1)
+    assert (after - start).abs().max() > 1e-3
+    assert module.student.classifier.weight.abs().sum() > 0 and module.teacher.classifier.weight.abs().sum() > 0

@@ -16,6 +16,7 @@ a quiet machine (the stage-1 configs carry a 10-minute ``max_time``, which a bus
     OMP_NUM_THREADS=2 WANDB_MODE=disabled python -m experiments.dcmt.acceptance --seeds 0 1 2 \\
         --out runs/dcmt/acceptance
     python -m experiments.dcmt.acceptance --quick --seeds 0      # a 2-minute plumbing check, not a result
+    python -m experiments.dcmt.acceptance --stage2-only --out runs/dcmt/acceptance   # new stage-2 settings only
 
 Extra ``medattn fit`` flags after the known ones are applied to every stage-1 run. Writes
 ``<out>/acceptance.json`` and ``<out>/acceptance.md``.
@@ -66,15 +67,53 @@ def fit_test(args: Sequence[str], predict_to: Path | None = None) -> dict:
     return out
 
 
+def stage2_input_width(features: Path, stage2_extra: Sequence[str]) -> int:
+    """The aggregator's ``in_features`` for the stage-2 config's ``data.inputs`` (or its override in
+    ``stage2_extra``) on this feature file."""
+    import yaml
+
+    from datamodules.subject_features import SubjectFeatureDataModule
+
+    inputs = yaml.safe_load(Path(STAGE2).read_text())["data"]["init_args"].get("inputs", "features")
+    if "--data.init_args.inputs" in stage2_extra:
+        inputs = stage2_extra[stage2_extra.index("--data.init_args.inputs") + 1]
+    return SubjectFeatureDataModule(features, inputs=inputs).num_features
+
+
 def _run_name(out: Path, method: str, seed: int) -> list[str]:
     """Logger flags: run directories ``<out>/runs/dcmt-acceptance-<method>/<method>-s<seed>-<id>/`` (the group names
     the arm), so that ``medattn compare <out>/runs --by group`` tabulates the arms over seeds."""
     return logger_flags(out / "runs", f"dcmt-acceptance-{method}", f"{method}-s{seed}")
 
 
+def merge_previous_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Keep the rows of ``path`` (an earlier invocation with the same ``--out``) whose (method, seed) this run did
+    not redo, so seeds can run as separate processes, e.g. side by side, and still be summarised together."""
+    if not path.is_file():
+        return rows
+    done = {(r["method"], r["seed"]) for r in rows}
+    previous = [r for r in json.loads(path.read_text()).get("rows", []) if (r["method"], r["seed"]) not in done]
+    order = [*STAGE1, "dcmt_subject"]
+    return sorted(previous + rows, key=lambda r: (r["seed"], order.index(r["method"])))
+
+
 def _mean(rows: list[dict], method: str, key: str) -> float:
     values = [r[key] for r in rows if r["method"] == method and key in r]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _stage2(out: Path, seed: int, features: Path, args: argparse.Namespace) -> dict:
+    """Stage 2 on the slice features that the seed's DC-MT run exported."""
+    print(f"[acceptance] dcmt_subject seed {seed}", flush=True)
+    stage2_extra = shlex.split(args.stage2_args)
+    width = stage2_input_width(features, stage2_extra)
+    argv2 = ["-c", STAGE2, "--seed_everything", str(seed), *_run_name(out, "dcmt_subject", seed),
+             "--data.init_args.features_file", str(features),
+             "--model.init_args.net.init_args.in_features", str(width), *stage2_extra]
+    if args.quick:
+        argv2 += ["--trainer.max_epochs", "5", "--trainer.check_val_every_n_epoch", "5",
+                  "--data.init_args.labeled_batch_size", "4", "--data.init_args.unlabeled_batch_size", "12"]
+    return {"method": "dcmt_subject", "seed": seed, **fit_test(argv2)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny data and 2 epochs: checks the plumbing only")
     parser.add_argument("--stage2-args", default="", help="extra flags for the stage-2 runs, one string "
                         "(e.g. '--data.init_args.unlabeled_batch_size 24' with fewer subjects)")
+    parser.add_argument("--stage2-only", action="store_true", help="re-run stage 2 only, on the features that an "
+                        "earlier run with the same --out exported; the other rows of acceptance.json are kept")
     args, extra = parser.parse_known_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -91,21 +132,18 @@ def main(argv: list[str] | None = None) -> dict:
     extra = [a for a in extra if a != "--"] + (QUICK if args.quick else [])
     rows: list[dict] = []
     for seed in args.seeds:
-        for method, config in STAGE1.items():
+        features = out / f"seed{seed}" / "slice_features.npz"
+        for method, config in ({} if args.stage2_only else STAGE1).items():
             print(f"[acceptance] {method} seed {seed}", flush=True)
-            features = out / f"seed{seed}" / "slice_features.npz" if method == "dcmt" else None
             argv1 = ["-c", config[0], *config[1:], "--seed_everything", str(seed), *_run_name(out, method, seed), *extra]
-            rows.append({"method": method, "seed": seed, **fit_test(argv1, features)})
+            rows.append({"method": method, "seed": seed, **fit_test(argv1, features if method == "dcmt" else None)})
             if method == "dcmt":
-                print(f"[acceptance] dcmt_subject seed {seed}", flush=True)
-                argv2 = ["-c", STAGE2, "--seed_everything", str(seed), *_run_name(out, "dcmt_subject", seed),
-                         "--data.init_args.features_file", str(features),
-                         "--model.init_args.net.init_args.in_features", str(rows[-1]["head_channels"])]
-                argv2 += shlex.split(args.stage2_args)
-                if args.quick:
-                    argv2 += ["--trainer.max_epochs", "5", "--trainer.check_val_every_n_epoch", "5",
-                              "--data.init_args.labeled_batch_size", "4", "--data.init_args.unlabeled_batch_size", "12"]
-                rows.append({"method": "dcmt_subject", "seed": seed, **fit_test(argv2)})
+                rows.append(_stage2(out, seed, features, args))
+        if args.stage2_only:
+            if not features.is_file():
+                raise SystemExit(f"--stage2-only: {features} not found; run stage 1 for seed {seed} first")
+            rows.append(_stage2(out, seed, features, args))
+    rows = merge_previous_rows(out / "acceptance.json", rows)
     checks = {
         "dcmt_auroc_teacher >= labeled_only_auroc_teacher":
             _mean(rows, "dcmt", "test/auroc_teacher") >= _mean(rows, "labeled_only", "test/auroc_teacher"),
@@ -127,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", *[f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in checks.items()]]
     table = "\n".join(lines)
     print(table)
-    payload = {"seeds": args.seeds, "quick": args.quick, "extra_args": extra, "rows": rows, "checks": checks}
+    payload = {"seeds": sorted({r["seed"] for r in rows}), "quick": args.quick, "extra_args": extra, "rows": rows,
+               "checks": checks}
     (out / "acceptance.json").write_text(json.dumps(payload, indent=2, default=float))
     (out / "acceptance.md").write_text(table + "\n")
     return payload
