@@ -64,6 +64,11 @@ class CXRDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers. One worker decodes ~75 PNG/s at 512 px, far above what a CPU model
             consumes, and each worker takes a core from the model: keep it small on small machines.
         seed: split, stream and sampling seed.
+        train_masks: decode the lung and attention masks for training batches. Only methods that train on
+            them need it (DC-MT's attention losses); ``False`` skips the decoding (about a third of a 512² PNG
+            sample's loading time, see ``experiments/benchmarks/dataloader.py``) and the masks travel as zeros
+            with ``has_mask``/``has_attention_mask`` False. Evaluation loaders always read them (localisation
+            metrics, CAM logging).
         skip_corrupt: decode every image (and mask) once at setup, drop the unreadable ones and count them in
             ``self.report`` (without it, an unreadable image raises a ``DataError`` naming its path when loaded).
     """
@@ -92,6 +97,7 @@ class CXRDataModule(pl.LightningDataModule):
         augment_kwargs: dict | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        train_masks: bool = True,
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
@@ -225,7 +231,8 @@ class CXRDataModule(pl.LightningDataModule):
             epoch_stream = STREAM_LABEL if sizes[STREAM_LABEL] > 0 else STREAM_BOX
         world, rank = self._world()
         sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed)
-        dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams)
+        dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams,
+                             load_masks=self.hparams.train_masks)
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=collate_cxr, num_workers=hp.num_workers,
                           worker_init_fn=partial(seed_worker_transform, rank=rank),

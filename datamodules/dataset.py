@@ -21,10 +21,13 @@ class CXRDataset(Dataset):
     ``streams`` gives each row's supervision stream. Rows of the unlabeled stream carry all-zero ``labels`` and
     an all-False ``label_mask`` so that no code path can read their ground truth (the DC-MT reference leaked
     labels of "unlabeled" slices into its attention-consistency term). Only box-stream rows carry boxes.
+    ``load_masks=False`` never decodes the mask files: the masks travel as zeros, flagged absent.
     """
 
-    def __init__(self, manifest: Manifest, transform: CXRTransform, streams: np.ndarray | int) -> None:
+    def __init__(self, manifest: Manifest, transform: CXRTransform, streams: np.ndarray | int,
+                 load_masks: bool = True) -> None:
         self.manifest = manifest
+        self.load_masks = load_masks
         self.transform = transform
         self.streams = np.broadcast_to(np.asarray(streams, dtype=np.int64), (len(manifest),)).copy()
         self.records = manifest.records[["image_id", "image_path", "patient_id", "mask_path", "attention_mask_path"]]
@@ -38,8 +41,8 @@ class CXRDataset(Dataset):
         stream = int(self.streams[index])
         image = read_gray_uint8(image_path)
         hw = tuple(image.shape[1:])
-        mask = read_mask(mask_path, hw) if mask_path else None
-        attention = read_mask(attention_path, hw) if attention_path else None
+        mask = read_mask(mask_path, hw) if mask_path and self.load_masks else None
+        attention = read_mask(attention_path, hw) if attention_path and self.load_masks else None
         boxes = self._boxes.get(str(image_id)) if stream == STREAM_BOX else None
         sample = self.transform(image, boxes, mask=mask, attention_mask=attention)
         labels = torch.from_numpy(self.manifest.labels[index].copy())

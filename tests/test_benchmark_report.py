@@ -74,3 +74,10 @@ def test_run_all_lists_existing_benchmarks_and_gpu_support():
     assert precision_cmd[1:3] == ["-m", "experiments.benchmarks.precision"] and precision_cmd[-2:] == ["--accelerator", "gpu"]
     assert any("nonexistent_step" in n and "does not exist" in n for n in notes)
     assert any(n.startswith("dataloader: has no --accelerator") for n in notes)
+
+
+def test_dataloader_table_shows_the_no_mask_column_when_measured():
+    rates = {"medattn/png/w0": {"median": 30.0}, "medattn_nomasks/png/w0": {"median": 45.0},
+             "plain/png/w0": {"median": 60.0}}
+    table = report.dataloader_table({"images_per_second": rates})
+    assert "train_masks=False" in table and "| png | 0 | 30.0 | 45.0 | 60.0 | 0.50 |" in table

@@ -101,3 +101,23 @@ def test_skip_corrupt_drops_and_counts_unreadable_images(reader, tmp_path):
     assert len(dm.report["skipped_corrupt"]) == 2
     assert any("broken.png" in m for m in dm.report["skipped_corrupt"])
     assert any("absent.png" in m for m in dm.report["skipped_corrupt"])
+
+
+def test_train_masks_false_skips_mask_decoding_in_training_only(reader, tmp_path):
+    """``train_masks=False``: training samples never open the mask files (a missing mask is no error there) and
+    carry zero masks flagged absent; validation still reads the masks, so the missing file is reported there."""
+    manifest = reader.load()
+    manifest.records["attention_mask_path"] = str(tmp_path / "missing_mask.png")
+
+    class Fixed:
+        def load(self):
+            return manifest
+
+    dm = CXRDataModule(Fixed(), image_size=32, labeled_batch_size=4, train_masks=False, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert not batch["has_mask"].any() and not batch["has_attention_mask"].any()
+    assert batch["mask"].abs().sum() == 0 and batch["attention_mask"].abs().sum() == 0
+    with pytest.raises(DataError, match="missing_mask.png"):
+        next(iter(dm.val_dataloader()))
+    loaded = next(iter(CXRDataModule(reader, image_size=32, labeled_batch_size=4, seed=0).train_dataloader()))
+    assert loaded["has_mask"].all() and loaded["mask"].sum() > 0  # the default reads the lung masks

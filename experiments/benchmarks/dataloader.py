@@ -4,7 +4,9 @@ doing the same decoding and resizing, at 512x512 from 1024x1024 8-bit PNG and JP
     python -m experiments.benchmarks.dataloader [--size 512] [--images 96] [--workers 0 1 2]
 
 The medattn loader does more work than the plain one (letterbox, MONAI random zoom with boxes and masks, two
-masks, photometric noise); the ratio is that cost. Writes ``results/dataloader.json`` and ``.md``.
+masks, photometric noise); the ratio is that cost. The ``train_masks=False`` column is the same loader without
+decoding the two masks (what the configs of methods that do not train on masks use). Writes
+``results/dataloader.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -80,21 +82,24 @@ def main(argv: list[str] | None = None) -> None:
         for fmt, source in (("png", reader), ("jpeg", JpegReader())):
             paths = list(source.load().records["image_path"])
             for workers in args.workers:
-                dm = CXRDataModule(source, image_size=args.size, val_fraction=0.0, test_fraction=0.0,
-                                   labeled_batch_size=args.batch_size, num_workers=workers, seed=0)
-                dm.setup("fit")
-                n = len(dm.splits["train"])
-                cases[f"medattn/{fmt}/w{workers}"] = (lambda dm=dm, n=n: _rate(dm.train_dataloader(), n))
+                for name, train_masks in (("medattn", True), ("medattn_nomasks", False)):
+                    dm = CXRDataModule(source, image_size=args.size, val_fraction=0.0, test_fraction=0.0,
+                                       labeled_batch_size=args.batch_size, num_workers=workers, seed=0,
+                                       train_masks=train_masks)
+                    dm.setup("fit")
+                    n = len(dm.splits["train"])
+                    cases[f"{name}/{fmt}/w{workers}"] = (lambda dm=dm, n=n: _rate(dm.train_dataloader(), n))
                 plain = PlainLoader(paths, args.size)
                 cases[f"plain/{fmt}/w{workers}"] = (lambda plain=plain, w=workers: _rate(
                     DataLoader(plain, batch_size=args.batch_size, num_workers=w, shuffle=True), len(plain)))
         results = interleaved(cases, args.repeats)
 
-    rows = ["| format | workers | medattn img/s | plain torchvision img/s | ratio |", "|---|---|---|---|---|"]
+    rows = ["| format | workers | medattn img/s | medattn, train_masks=False | plain torchvision img/s | ratio | "
+            "ratio without masks |", "|---|---|---|---|---|---|---|"]
     for fmt in ("png", "jpeg"):
         for w in args.workers:
-            a, b = results[f"medattn/{fmt}/w{w}"]["median"], results[f"plain/{fmt}/w{w}"]["median"]
-            rows.append(f"| {fmt} | {w} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+            a, c, b = (results[f"{name}/{fmt}/w{w}"]["median"] for name in ("medattn", "medattn_nomasks", "plain"))
+            rows.append(f"| {fmt} | {w} | {a:.1f} | {c:.1f} | {b:.1f} | {a / b:.2f} | {c / b:.2f} |")
     table = "\n".join(rows) + "\n"
     print(table)
     write("dataloader", {"args": vars(args), "images_per_second": results}, table)

@@ -49,13 +49,22 @@ def step_table(entries: dict[str, dict]) -> str:
 
 
 def dataloader_table(data: dict) -> str:
+    """medattn's training loader (with and, where measured, without mask decoding) against the plain loader."""
     rates = data["images_per_second"]
-    rows = ["| format | workers | medattn img/s | plain torchvision img/s | ratio |", "|---|---|---|---|---|"]
+    has_nomasks = any(k.startswith("medattn_nomasks/") for k in rates)
+    extra = (" medattn, train_masks=False |", "---|") if has_nomasks else ("", "")
+    rows = [f"| format | workers | medattn img/s |{extra[0]} plain torchvision img/s | ratio |",
+            f"|---|---|---|{extra[1]}---|---|"]
+
+    def cell(value: float | None) -> str:
+        return f"{value:.1f}" if value else "–"
+
     for key in sorted(k for k in rates if k.startswith("medattn/")):
         _, fmt, workers = key.split("/")
         mine, plain = rates[key]["median"], rates.get(f"plain/{fmt}/{workers}", {}).get("median")
-        rows.append(f"| {fmt} | {workers[1:]} | {mine:.1f} | {plain:.1f} | {mine / plain:.2f} |" if plain else
-                    f"| {fmt} | {workers[1:]} | {mine:.1f} | – | – |")
+        nomasks = f" {cell(rates.get(f'medattn_nomasks/{fmt}/{workers}', {}).get('median'))} |" if has_nomasks else ""
+        ratio = f"{mine / plain:.2f}" if plain else "–"
+        rows.append(f"| {fmt} | {workers[1:]} | {cell(mine)} |{nomasks} {cell(plain)} | {ratio} |")
     return "\n".join(rows) + "\n"
 
 
