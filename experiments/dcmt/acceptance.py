@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [a for a in extra if a != "--"] + (QUICK if args.quick else [])
+    previous_stage2 = out / "runs" / "dcmt-acceptance-dcmt_subject"
+    if args.stage2_only and previous_stage2.is_dir():
+        print(f"[acceptance] note: {previous_stage2} holds earlier stage-2 runs; move it away first if "
+              "`medattn compare` should tabulate only the new ones (acceptance.json keeps only the new rows)",
+              flush=True)
     rows: list[dict] = []
     for seed in args.seeds:
         features = out / f"seed{seed}" / "slice_features.npz"
