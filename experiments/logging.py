@@ -53,7 +53,6 @@ def make_run_dir(save_dir: str | Path, group: str, name: str) -> Path:
     return run_dir
 
 
-
 def logger_flags(save_dir: str | Path, group: str, name: str) -> list[str]:
     """``medattn`` flags that place a run in ``<save_dir>/<group>/<name>-<run id>/`` (see :func:`make_run_dir`);
     the scripts that launch series of runs (acceptance runs, the suite) use them to give each arm its own group."""

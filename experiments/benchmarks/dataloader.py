@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from datamodules.cxr import CXRDataModule
 from datamodules.synthetic import SyntheticCXR
 from experiments.benchmarks.common import interleaved, write
+from experiments.benchmarks.report import dataloader_table
 
 
 class PlainLoader(Dataset):
@@ -94,13 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                     DataLoader(plain, batch_size=args.batch_size, num_workers=w, shuffle=True), len(plain)))
         results = interleaved(cases, args.repeats)
 
-    rows = ["| format | workers | medattn img/s | medattn, train_masks=False | plain torchvision img/s | ratio | "
-            "ratio without masks |", "|---|---|---|---|---|---|---|"]
-    for fmt in ("png", "jpeg"):
-        for w in args.workers:
-            a, c, b = (results[f"{name}/{fmt}/w{w}"]["median"] for name in ("medattn", "medattn_nomasks", "plain"))
-            rows.append(f"| {fmt} | {w} | {a:.1f} | {c:.1f} | {b:.1f} | {a / b:.2f} | {c / b:.2f} |")
-    table = "\n".join(rows) + "\n"
+    table = dataloader_table({"images_per_second": results})  # the same table as the README report
     print(table)
     write("dataloader", {"args": vars(args), "images_per_second": results}, table)
 
