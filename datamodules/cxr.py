@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -12,11 +11,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
-from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr,
-                                 seed_worker_transform)
+from datamodules.dataset import CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr, run_seed
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
-from datamodules.splits import assign_streams, kfold_by_patient, split_by_patient, split_summary
+from datamodules.splits import assign_streams, build_splits, split_summary
 from datamodules.transforms import CXRTransform
 
 _STREAM_BY_NAME = {name: value for value, name in STREAM_NAMES.items()}
@@ -46,11 +44,18 @@ class CXRDataModule(pl.LightningDataModule):
     Args:
         reader: dataset reader (``load() -> Manifest``).
         image_size: square network input side; images are letterboxed (see ``datamodules.transforms``).
-        val_fraction, test_fraction: fractions of patients.
-        hold_out_boxed_for_test: put every patient with a boxed image into test (NIH localisation protocol).
-        use_official_test_split: use the reader's ``official_split`` column (``"test"`` rows) for test.
-        num_folds, fold: patient-level k-fold; when ``num_folds > 1`` the fold is the test split and
+        val_fraction, test_fraction: fractions of patients; val and test are stratified by label (each patient's
+            rarest class, see ``datamodules.splits``), so every split holds every class.
+        hold_out_boxed_for_test: the test split is every patient with a boxed image (NIH localisation protocol);
+            **``test_fraction`` is then ignored** (the split summary's ``note`` says so). Error if no image has a box.
+        use_official_test_split: the test split is the reader's official one (``official_split == "test"``), plus
+            the boxed patients if ``hold_out_boxed_for_test``; ``test_fraction`` is ignored. Error, naming the files
+            the reader looked for, when the official test split is empty (never a random or empty test split).
+        num_folds, fold: patient-level stratified k-fold; when ``num_folds > 1`` the fold is the test split and
             ``val_fraction`` of the remaining patients is validation.
+        min_per_class: smallest number of examples of each class (multilabel: positives and negatives of each
+            class) that every non-empty split must hold; fewer is an error naming the split, class and counts.
+            Default 10; lower it only for small data (and say why in the config); 0 turns the check off.
         box_fraction: fraction of training images in the box stream (drawn among images with boxes);
             ``None`` = every training image that has boxes.
         unlabeled_fraction: fraction of training images whose labels are hidden.
@@ -83,6 +88,7 @@ class CXRDataModule(pl.LightningDataModule):
         use_official_test_split: bool = False,
         num_folds: int = 1,
         fold: int = 0,
+        min_per_class: int = 10,
         box_fraction: float | None = 0.0,
         unlabeled_fraction: float = 0.0,
         box_images: list[str] | str | None = None,
@@ -163,38 +169,28 @@ class CXRDataModule(pl.LightningDataModule):
             prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+        if not self.splits:
+            self._build_splits()
+        # An evaluation stage on an empty split would log nothing (or a metric of nothing) without failing.
+        for split in {"test": ["test"], "predict": ["test"], "validate": ["val"]}.get(str(stage), []):
+            if len(self.splits[split]) == 0:
+                raise DataError(f"stage {stage!r} needs the {split} split, which is empty (val_fraction="
+                                f"{self.hparams.val_fraction}, test_fraction={self.hparams.test_fraction}, no "
+                                f"official or boxed hold-out)")
+
+    def _build_splits(self) -> None:
         hp = self.hparams
         manifest = self._ensure_manifest()
-        pids = manifest.records["patient_id"].to_numpy()
-        boxed_ids = set(manifest.boxes["image_id"].astype(str))
-        has_boxes = manifest.records["image_id"].astype(str).isin(boxed_ids).to_numpy()
-        if hp.num_folds > 1:
-            rest, test = kfold_by_patient(pids, hp.num_folds, hp.fold, hp.seed)
-            inner = split_by_patient(pids[rest], hp.val_fraction / max(1e-9, 1 - 1 / hp.num_folds), 0.0, hp.seed)
-            splits = {"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test}
-        else:
-            forced = None
-            if hp.hold_out_boxed_for_test:
-                forced = has_boxes
-            if hp.use_official_test_split:
-                if "official_split" not in manifest.records.columns:
-                    raise DataError(f"use_official_test_split=True but {type(self.reader).__name__} found no "
-                                    "official split lists (e.g. NIH test_list.txt)")
-                official = manifest.records["official_split"].astype(str).eq("test").to_numpy()
-                forced = official if forced is None else forced | official
-            splits = split_by_patient(pids, hp.val_fraction, hp.test_fraction, hp.seed, forced_test=forced)
-        for name, index in splits.items():
-            if len(index) == 0 and (name == "train" or (name == "val" and hp.val_fraction > 0)
-                                    or (name == "test" and (hp.test_fraction > 0 or hp.num_folds > 1))):
-                raise DataError(f"the {name} split is empty: {len(set(pids))} patients, val_fraction="
-                                f"{hp.val_fraction}, test_fraction={hp.test_fraction}. Use more data or other fractions.")
+        splits, notes = build_splits(
+            manifest, self.reader, val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+            hold_out_boxed_for_test=hp.hold_out_boxed_for_test, use_official_test_split=hp.use_official_test_split,
+            num_folds=hp.num_folds, fold=hp.fold, min_per_class=hp.min_per_class)
+        has_boxes = manifest.records["image_id"].astype(str).isin(set(manifest.boxes["image_id"].astype(str))).to_numpy()
         train_ids = manifest.records["image_id"].astype(str).to_numpy()[splits["train"]]
         streams = assign_streams(train_ids, has_boxes[splits["train"]], hp.box_fraction, hp.unlabeled_fraction,
                                  hp.seed, _read_id_list(hp.box_images), _read_id_list(hp.unlabeled_images))
         self.splits, self.train_streams = splits, streams
-        self.summary = split_summary(manifest, splits, streams)
+        self.summary = split_summary(manifest, splits, streams, notes)
         if self.trainer is None or self.trainer.is_global_zero:
             print(f"[medattn] split summary ({type(self.reader).__name__}):\n{self.summary.to_string(index=False)}")
 
@@ -230,12 +226,12 @@ class CXRDataModule(pl.LightningDataModule):
         else:
             epoch_stream = STREAM_LABEL if sizes[STREAM_LABEL] > 0 else STREAM_BOX
         world, rank = self._world()
-        sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed)
+        sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed, keyed=True)
+        # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
         dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams,
-                             load_masks=self.hparams.train_masks)
+                             load_masks=self.hparams.train_masks, seed_base=(hp.seed, run_seed(), rank))
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=collate_cxr, num_workers=hp.num_workers,
-                          worker_init_fn=partial(seed_worker_transform, rank=rank),
                           persistent_workers=hp.num_workers > 0, pin_memory=False)
 
     def _eval_dataloader(self, split: str) -> DataLoader:

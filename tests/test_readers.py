@@ -412,10 +412,12 @@ def test_csv_manifest_relative_paths_multiclass_and_uncertain(tmp_path):
 
 
 def test_readers_without_box_files(tmp_path):
-    """Box files are optional: absent (NIH, COVID) or header-only (CSV) give an empty box table."""
+    """Box files are optional: absent (NIH, COVID) or header-only (CSV) give an empty box table; an absent NIH
+    box file warns with its path (tests/test_readers_gzip.py), bbox_list=None is silent."""
     _mini_nih(tmp_path / "nih")
     (tmp_path / "nih" / "BBox_List_2017.csv").unlink()
-    manifest = NIHChestXray14(tmp_path / "nih", require_images=False).load()
+    with pytest.warns(UserWarning, match="BBox_List_2017.csv"):
+        manifest = NIHChestXray14(tmp_path / "nih", require_images=False).load()
     assert len(manifest) == 6 and len(manifest.boxes) == 0
     manifest = NIHChestXray14(tmp_path / "nih", bbox_list=None, require_images=False).load()
     assert len(manifest.boxes) == 0

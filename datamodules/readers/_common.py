@@ -52,6 +52,17 @@ def resolve_one(root: Path, pattern: str, what: str) -> Path:
     return Path(matches[0])
 
 
+def or_gz(root: Path, pattern: str) -> str:
+    """``pattern`` if it matches a file (absolute, or under ``root``; may be a glob), else ``pattern + ".gz"`` when
+    that matches: label files ship gzipped (NIH ``Data_Entry_2017_v2020.csv.gz``, ``BBox_List_2017.csv.gz``) and
+    pandas reads them as they are. An uncompressed copy wins; with neither, ``pattern`` comes back unchanged, so the
+    caller's "not found" names it (and may add the ``.gz`` it also tried)."""
+    full = Path(pattern) if Path(pattern).is_absolute() else root / pattern
+    if glob.glob(str(full)) or str(pattern).endswith(".gz") or not glob.glob(str(full) + ".gz"):
+        return str(pattern)
+    return str(pattern) + ".gz"
+
+
 def require_nonempty(frame: pd.DataFrame, what: str, source: str | Path, before: int) -> None:
     """Raise when a filter removed every row, naming the filter."""
     if len(frame) == 0:

@@ -64,7 +64,9 @@ class CheXpert:
           ``image_id`` is ``Path`` without its first component (unique across train and valid); ``folder`` is
           its first component (``train``/``valid``) and ``official_split`` is ``train_val`` for ``train/`` and
           ``test`` for ``valid/`` (the official test set is not public and papers report on ``valid``), so
-          ``CXRDataModule(use_official_test_split=True)`` with ``csv=["train.csv", "valid.csv"]`` tests on it.
+          ``CXRDataModule(use_official_test_split=True)`` with ``csv=["train.csv", "valid.csv"]`` tests on it
+          (without ``valid.csv`` in ``csv`` that is an error naming it: ``official_split_sources``).
+        * A CSV name that matches no file is also tried with ``.gz`` (``train.csv.gz``); pandas reads it as it is.
         * ``uncertainty`` (a policy for every class, a dict ``class -> policy``, or the preset ``"pcam"``):
           U-Ones -> 1, U-Zeros -> 0, U-Ignore -> NaN (masked out of the loss). Default ``"ignore"``: it invents
           no label. Classes missing from a dict use U-Ignore; the ``"pcam"`` preset covers its five classes only.
@@ -108,6 +110,7 @@ class CheXpert:
         self.require_images = require_images
         self.skip_missing = skip_missing
         self.report: dict[str, int] = {}
+        self.official_split_sources: dict[str, str] = {}
 
     def _policies(self, uncertainty: str | dict[str, str]) -> dict[str, str]:
         if isinstance(uncertainty, str) and uncertainty.lower() in UNCERTAINTY_PRESETS:
@@ -131,6 +134,7 @@ class CheXpert:
         self.report = {}
         frames = []
         for name in self.csv:
+            name = C.or_gz(self.root, str(name))
             path = Path(name) if Path(name).is_absolute() else self.root / name
             frame = C.read_csv(path, "CheXpert CSV", dtype={"Path": str})
             require_columns(frame, ["Path", *self.classes], path)
@@ -161,7 +165,25 @@ class CheXpert:
         )["_pos"].to_numpy()
         records, labels = records.iloc[keep].reset_index(drop=True), labels[keep]
         self.report["images"] = len(records)
+        self._record_official_sources(records)
         return Manifest(records, labels, list(self.classes), task="multilabel", source=str(source))
+
+    def _record_official_sources(self, records: pd.DataFrame) -> None:
+        """What the official test split (``valid/`` rows) was looked for in, for the DataModule's error."""
+        self.official_split_sources = {}
+        for name in self.csv:
+            path = Path(name) if Path(name).is_absolute() else self.root / name
+            self.official_split_sources[str(path)] = "read"
+        n_test = int((records["official_split"] == "test").sum())
+        if n_test:
+            self.official_split_sources["valid/ rows"] = f"{n_test} images"
+            return
+        if any(Path(str(name)).name.startswith("valid") for name in self.csv):
+            self.official_split_sources["valid/ rows"] = "none kept (after frontal_only / missing images), or no Path under valid/"
+            return
+        valid = self.root / "valid.csv"
+        state = "exists" if valid.is_file() or Path(f"{valid}.gz").is_file() else "missing"
+        self.official_split_sources[str(valid)] = f"{state}, not in csv={self.csv}: no valid/ rows were read"
 
     def _raw_labels(self, table: pd.DataFrame) -> np.ndarray:
         """(N, K) float: 1, 0, -1 or NaN (blank); anything else raises with its file, row and column."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ class NIHChestXray14:
 
         root/
           Data_Entry_2017.csv or Data_Entry_2017_v2020.csv   # data_entry (glob; must match exactly one file)
-          BBox_List_2017.csv                                   # bbox_list (optional: None or absent = no boxes)
-          train_val_list.txt, test_list.txt                    # official split (optional)
+          BBox_List_2017.csv                                   # bbox_list (None = no boxes; absent = a warning)
+          train_val_list.txt, test_list.txt                    # official split (needed for an official test split)
           images/00000001_000.png ...                          # image_dir; a glob such as "images_*/images"
                                                                # reads the 12-archive layout of the NIH release
           masks/<image stem>.png, lesion_masks/<stem>.png      # mask_dir / attention_mask_dir (optional)
@@ -46,6 +47,11 @@ class NIHChestXray14:
     empty trailing columns). Its ``Infiltrate`` is mapped to Data_Entry's ``Infiltration``.
 
     Choices:
+        * Gzipped label files as NIH ships them (``Data_Entry_2017_v2020.csv.gz``, ``BBox_List_2017.csv.gz``) are
+          found by the default names (``<name>.gz`` is tried when ``<name>`` matches nothing) and read as they are.
+        * A missing box file is a loud ``UserWarning`` naming the path (and ``report["box_file_missing"] = 1``):
+          0 boxes silently would turn a localisation run into a classification run. ``bbox_list=None`` means
+          "no boxes" and is silent.
         * ``No Finding`` is an all-zero row; there is no "No Finding" class. Findings outside ``classes`` are
           ignored; a finding that is not one of the 14 raises (it is a typo or a different file).
         * Boxes are ``xywh`` in pixels of the released 1024x1024 PNGs (``OriginalImage[Width,Height]`` is the
@@ -53,7 +59,9 @@ class NIHChestXray14:
           checked to lie in ``image_size`` (1 px tolerance). Boxes on images that are not in the records (for
           example after a view filter) or of classes not in ``classes`` are dropped and counted in ``report``.
         * ``records.official_split`` is ``"train_val"``, ``"test"`` or ``""`` (lists absent or image in neither);
-          ``official_test_ids`` is the set of test image ids (empty without ``test_list.txt``).
+          ``official_test_ids`` is the set of test image ids (empty without ``test_list.txt``);
+          ``official_split_sources`` maps each list file it looked for to what it found there, so that
+          ``CXRDataModule(use_official_test_split=True)`` can name them when the official test split is empty.
 
     Args:
         root: dataset folder.
@@ -114,11 +122,13 @@ class NIHChestXray14:
         self.test_list = test_list
         self.report: dict[str, int] = {}
         self.official_test_ids: set[str] = set()
+        self.official_split_sources: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     def load(self) -> Manifest:
         self.report = {}
-        entry_path = C.resolve_one(self.root, self.data_entry, "NIH Data_Entry")
+        entry_path = C.resolve_one(self.root, C.or_gz(self.root, self.data_entry),
+                                   f"NIH Data_Entry (tried {self.data_entry} and {self.data_entry}.gz)")
         entry = C.read_csv(entry_path, "NIH Data_Entry", dtype={"Image Index": str, "Patient ID": str})
         require_columns(entry, ENTRY_COLUMNS, entry_path)
         entry["_row"] = np.arange(len(entry))
@@ -180,13 +190,18 @@ class NIHChestXray14:
 
     def _official_split(self, names: pd.Series) -> np.ndarray:
         split = np.full(len(names), "", dtype=object)
+        self.official_split_sources = {}
+        self.official_test_ids = set()
         for filename, value in ((self.train_val_list, "train_val"), (self.test_list, "test")):
             if filename is None:
                 continue
             path = Path(filename) if Path(filename).is_absolute() else self.root / filename
             if not path.is_file():
+                self.official_split_sources[str(path)] = "missing"
                 continue
             ids = set(path.read_text().split())
+            found = int(names.isin(ids).sum())
+            self.official_split_sources[str(path)] = f"{len(ids)} ids, {found} of them among the {len(names)} records"
             if value == "test":
                 self.official_test_ids = ids
             split[names.isin(ids).to_numpy()] = value
@@ -212,11 +227,19 @@ class NIHChestXray14:
         return dummies.reindex(columns=self.classes, fill_value=0).to_numpy(dtype=np.float32)[codes]
 
     def _boxes(self, records: pd.DataFrame) -> pd.DataFrame:
-        self.report.update(boxes_read=0, boxes_dropped_class=0, boxes_dropped_no_image=0)
+        self.report.update(boxes_read=0, boxes_dropped_class=0, boxes_dropped_no_image=0, box_file_missing=0)
         if self.bbox_list is None:
             return C.empty_boxes()
-        path = Path(self.bbox_list) if Path(self.bbox_list).is_absolute() else self.root / self.bbox_list
+        name = C.or_gz(self.root, self.bbox_list)
+        path = Path(name) if Path(name).is_absolute() else self.root / name
         if not path.is_file():
+            self.report["box_file_missing"] = 1
+            warnings.warn(
+                f"NIHChestXray14: the label file was found but the box file is not: no {path} (nor {path}.gz). "
+                f"Reading 0 boxes, so there is no box stream and no localisation metric. Put BBox_List_2017.csv "
+                f"there, point bbox_list at it, or pass bbox_list=None to say there are no boxes.",
+                UserWarning, stacklevel=3,
+            )
             return C.empty_boxes()
         table = C.read_csv(path, "NIH BBox_List", dtype={"Image Index": str, "Finding Label": str})
         require_columns(table, BBOX_COLUMNS, path)
