@@ -40,8 +40,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.method_callbacks import module_callbacks
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import masked_ce
+from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
+from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
 from lightning_modules.registry import register_method
 from networks.dcmt import select_class
@@ -157,10 +159,13 @@ class MeanTeacherModule(MedAttnModule):
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
         self.metrics = nn.ModuleDict({f"{stage}_{name}": SliceMetrics(k, tiou_thresholds, tior_thresholds)
                                       for stage in ("val", "test") for name in self.eval_names})
+        self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
+                                 for i, name in enumerate(self.eval_names)}
 
     # ------------------------------------------------------------------------------------ plumbing
     def configure_callbacks(self):
-        return [EMATeacher(decay=self.hparams.ema_decay)]
+        # the EMA teacher is the method: added here, so any Trainer runs it (callbacks.method_callbacks)
+        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=self.hparams.ema_decay)})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -265,6 +270,9 @@ class MeanTeacherModule(MedAttnModule):
                 continue
             metrics = self.metrics[f"{stage}_{name}"]
             metrics.classification.update(out.logits[known].float().softmax(-1), target[known])
+            if stage == "test":
+                record_test_predictions(self.test_predictions[name], batch, out.logits.detach().float().softmax(-1),
+                                        prediction_targets("multiclass", batch["labels"], batch["label_mask"]))
             has_mask = known & batch.get("has_attention_mask", torch.ones_like(known))
             if bool(has_mask.any()):
                 cams = net.cams(out.feature_map[has_mask])
@@ -277,6 +285,8 @@ class MeanTeacherModule(MedAttnModule):
             suffix = "" if i == 0 else f"_{name}"
             values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
             self.log_dict(values, sync_dist=False)  # torchmetrics synchronised the states already
+            if stage == "test":
+                self.test_predictions[name].finish(self, self.class_names)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -4,7 +4,7 @@ L. Luo, H. Chen, Y. Zhou, H. Lin, P.-A. Heng, "OXnet: Deep Omni-supervised Thora
 X-rays", MICCAI 2021 (arXiv:2104.03218). Stage 2 of the recipe: the student (:class:`networks.oxnet.OXnet`) starts
 from a stage-1 :class:`~lightning_modules.retinanet.RetinaNetModule` checkpoint, the teacher is its EMA
 (``callbacks.ema_teacher.EMATeacher``), and the class prototypes are updated by
-``callbacks.prototype_momentum.PrototypeMomentum``. Maths: :mod:`networks.oxnet`.
+``callbacks.prototype_momentum.PrototypeMomentum``; the module adds both itself (``configure_callbacks``). Maths: :mod:`networks.oxnet`.
 
 One training batch holds three streams (``datamodules/batch.py``), each with a fixed count per rank:
 
@@ -39,7 +39,9 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from callbacks.ema_teacher import eval_model_names, make_teacher
+from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.method_callbacks import module_callbacks
+from callbacks.prototype_momentum import PrototypeMomentum
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.registry import register_method
@@ -92,6 +94,11 @@ class OXnetModule(MedAttnModule):
         freeze_bn: keep the student's BatchNorm statistics at their stage-1 values (reference); also what makes
             DDP and single-process runs agree.
         eval_model: ``"student"``, ``"teacher"`` or ``"both"`` (teacher keys get a ``_teacher`` suffix).
+        ema_decay: α cap of the teacher EMA (0.99); prototype_beta: momentum β of the class prototypes (0.7). The
+            module adds ``EMATeacher(ema_decay)`` and ``PrototypeMomentum(prototype_beta)`` itself
+            (:meth:`configure_callbacks`), so OXnet trains as OXnet under any ``Trainer``; a copy listed in
+            ``trainer.callbacks`` is dropped with a note if identical and is an error if not
+            (:mod:`callbacks.method_callbacks`).
     """
 
     def __init__(
@@ -127,6 +134,8 @@ class OXnetModule(MedAttnModule):
         max_detections: int = 100,
         freeze_bn: bool = True,
         eval_model: str = "student",
+        ema_decay: float = 0.99,
+        prototype_beta: float = 0.7,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
@@ -158,6 +167,12 @@ class OXnetModule(MedAttnModule):
                 raise ValueError(f"the network has {self.student.num_classes} classes but the data has "
                                  f"{datamodule.num_classes} {datamodule.class_names}")
             self.class_names = list(datamodule.class_names)
+
+    def configure_callbacks(self):
+        # The EMA teacher and the prototype momentum are part of the method, not options of a config.
+        hp = self.hparams
+        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=hp.ema_decay),
+                                       "prototype_beta": lambda: PrototypeMomentum(beta=hp.prototype_beta)})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -314,7 +329,8 @@ def _tiny(tmp_dir: Path):
     data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=60, image_size=64, seed=0,
                                       box_fraction=0.5),
                          image_size=64, box_fraction=0.2, unlabeled_fraction=0.3, box_batch_size=1,
-                         labeled_batch_size=1, unlabeled_batch_size=1, two_views=True, eval_batch_size=8)
+                         labeled_batch_size=1, unlabeled_batch_size=1, two_views=True, eval_batch_size=8,
+                         min_per_class=0)  # 60 tiny images: class counts per split are not the point
     net = OXnet(RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5),
                           fpn_channels=16, head_depth=1, anchor_size_factor=2.0))
     return OXnetModule(net, freeze_bn=False), data

@@ -30,8 +30,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.method_callbacks import module_callbacks
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import masked_ce
+from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
+from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
 from lightning_modules.mean_teacher import offset_sigmoid_rampup, sigmoid_rampup, softmax_mse
 from lightning_modules.registry import register_method
@@ -86,9 +88,12 @@ class SubjectAggregationModule(MedAttnModule):
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
         self.metrics = nn.ModuleDict({f"{stage}_{name}": SubjectMetrics(k)
                                       for stage in ("val", "test") for name in (*self.eval_names, "meanpool")})
+        self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
+                                 for i, name in enumerate(self.eval_names)}
 
     def configure_callbacks(self):
-        return [EMATeacher(decay=self.hparams.ema_decay)]
+        # the EMA teacher is the method: added here, so any Trainer runs it (callbacks.method_callbacks)
+        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=self.hparams.ema_decay)})
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -158,6 +163,9 @@ class SubjectAggregationModule(MedAttnModule):
                          batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
             if bool(known.any()):
                 self.metrics[f"{stage}_{name}"].update(logits[known].float().softmax(-1), target[known])
+            if stage == "test":
+                record_test_predictions(self.test_predictions[name], batch, logits.detach().float().softmax(-1),
+                                        prediction_targets("multiclass", batch["labels"], batch["label_mask"]))
         if bool(known.any()):
             self.metrics[f"{stage}_meanpool"].update(batch["mean_probabilities"][known].float(), target[known])
 
@@ -168,6 +176,8 @@ class SubjectAggregationModule(MedAttnModule):
             else:
                 suffix = "" if i == 0 else f"_{name}"
                 values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
+                if stage == "test":
+                    self.test_predictions[name].finish(self, self.class_names)
             self.log_dict(values, sync_dist=False)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
