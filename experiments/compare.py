@@ -29,7 +29,12 @@ group, else its name, else its parent folder (``--by`` chooses). The label fract
 ``label_ratio`` or ``1 - unlabeled_fraction`` of the data config, else 1. The seed is ``seed_everything``.
 If the same (method, labels, seed) appears more than once, the run with the latest run id (time-stamped) is
 kept and the others are listed. Cells show the mean ± sample standard deviation (n − 1) over seeds; one seed
-shows the value alone; "(k/n)" marks a metric that only k of the n runs logged.
+shows the value alone; "(k/n)" marks a metric that only k of the n runs logged. A metric whose runs also logged
+``<metric>_ci_low`` / ``<metric>_ci_high`` (the patient-level bootstrap 95 % interval of one run's test set,
+e.g. ``test/auroc_ci_low``; :mod:`lightning_modules.metrics.bootstrap`) shows it after the seed spread as
+``[low, high]``, each bound averaged over the runs: "± std" is the spread due to the seed, "[low, high]" the
+uncertainty due to the finite test set. The bounds are kept in the csv as ``<metric> ci_low`` / ``ci_high`` and are
+not shown as columns of their own.
 
 Writes ``<out>/<name>.csv`` (mean, std, n per metric), ``<name>.md``, ``<name>_runs.csv`` (one row per run),
 ``<name>.png`` (bars with error bars), ``<name>_labels.png`` (AUROC and localisation against the label
@@ -321,10 +326,27 @@ def runs_table(runs: list[Run], val: str = "best", monitor: str | None = None, b
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
+CI_SUFFIXES = ("_ci_low", "_ci_high", "_ci_resamples")
+
+
+def _is_ci(column: str) -> bool:
+    """``test/auroc_ci_low``, ``test/auroc_ci_high_teacher``: bootstrap bounds, shown inside their metric's cell."""
+    return any(suffix in column for suffix in CI_SUFFIXES)
+
+
+def _ci_columns(metric: str) -> tuple[str, str]:
+    """``test/auroc`` -> ``test/auroc_ci_low``; ``test/auroc_teacher`` -> ``test/auroc_ci_low_teacher``."""
+    for base in ("auroc",):
+        head, sep, tail = metric.rpartition(f"/{base}")
+        if sep and (tail == "" or tail.startswith("_")):
+            return f"{head}/{base}_ci_low{tail}", f"{head}/{base}_ci_high{tail}"
+    return f"{metric}_ci_low", f"{metric}_ci_high"
+
+
 def select_metrics(table: pd.DataFrame, patterns: list[str] | None) -> list[str]:
     """Columns matching the glob ``patterns`` (in pattern order), else the HEADLINE metrics that runs logged (their
     ``val/`` twins when no run was tested), else every ``test/*``."""
-    columns = [c for c in table.columns if "/" in c and c not in ("pair", "role")]
+    columns = [c for c in table.columns if "/" in c and c not in ("pair", "role") and not _is_ci(c)]
     if patterns:
         chosen = []
         for pattern in patterns:
@@ -359,14 +381,20 @@ def aggregate(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             row[f"{metric} mean"] = values.mean() if len(values) else float("nan")
             row[f"{metric} std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
             row[f"{metric} n"] = len(values)
+            low, high = _ci_columns(metric)
+            if low in runs and high in runs:  # mean bounds of the single-run bootstrap intervals
+                row[f"{metric} ci_low"] = runs[low].dropna().astype(float).mean()
+                row[f"{metric} ci_high"] = runs[high].dropna().astype(float).mean()
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def format_cell(mean: float, std: float, count: int, n: int, digits: int = 3) -> str:
+def format_cell(mean: float, std: float, count: int, n: int, digits: int = 3, ci: tuple[float, float] | None = None) -> str:
     if count == 0 or math.isnan(mean):
         return "–"
     text = f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+    if ci is not None and not any(math.isnan(float(b)) for b in ci):
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
     return text + (f" ({count}/{n})" if count < n else "")
 
 
@@ -375,7 +403,9 @@ def markdown(summary: pd.DataFrame, metrics: list[str], digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
         cells = [format_cell(row[f"{m} mean"], row[f"{m} std"], int(row[f"{m} n"]), int(row["n"]),
-                             0 if m.startswith("time/") else digits) for m in metrics]
+                             0 if m.startswith("time/") else digits,
+                             (row[f"{m} ci_low"], row[f"{m} ci_high"]) if f"{m} ci_low" in row else None)
+                 for m in metrics]
         lines.append(f"| {row['method']} | {row['labels']:g} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

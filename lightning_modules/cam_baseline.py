@@ -10,18 +10,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
 
 from datamodules.batch import STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import (log_metric_collection, masked_bce, masked_ce, metric_scores,
-                                              metric_targets, stage_metrics)
+                                              metric_targets, prediction_targets, record_test_predictions,
+                                              stage_metrics)
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
+from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 
 
 class CAMClassifierModule(MedAttnModule):
     """Image classifier with class activation maps.
+
+    AUROC: macro over the classes with positives and negatives (``<stage>/auroc_classes`` of them, the project
+    policy of :mod:`lightning_modules.metrics.classification`). Test: per-image scores in ``test_predictions.csv``
+    of the run directory and the patient-level bootstrap 95 % interval ``test/auroc_ci_low``/``_high``.
 
     Args:
         net: an ``nn.Module`` with ``forward(x) -> logits (B, K)`` and ``attention_maps(x) -> (B, K, h, w)``,
@@ -51,8 +58,9 @@ class CAMClassifierModule(MedAttnModule):
             self.train_metrics, self.val_metrics, self.test_metrics = (
                 MaskedMultilabelAUROC(num_classes, self.class_names) for _ in range(3))
         else:
-            metrics = stage_metrics(task, num_classes)
+            metrics = stage_metrics(task, num_classes, self.class_names)
             self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
+        self.test_predictions = TestPredictions()
         self.localization = localization
         self.test_localization = localization_metrics(num_classes, self.class_names, cam_threshold=cam_threshold,
                                                       prefix="test/loc/")
@@ -66,7 +74,9 @@ class CAMClassifierModule(MedAttnModule):
                                  f"{datamodule.num_classes} classes {datamodule.class_names}; set "
                                  f"model.net.init_args.num_classes={datamodule.num_classes}")
             self.class_names = list(datamodule.class_names)
-            for metric in (self.train_metrics, self.val_metrics, self.test_metrics, *self.test_localization.values()):
+            members = [m for c in (self.train_metrics, self.val_metrics, self.test_metrics)
+                       for m in (c.values() if isinstance(c, MetricCollection) else [c])]
+            for metric in (*members, *self.test_localization.values()):
                 if hasattr(metric, "class_names"):
                     metric.class_names = list(self.class_names)
             if datamodule.task != self.task:
@@ -102,6 +112,9 @@ class CAMClassifierModule(MedAttnModule):
             labeled = batch["stream"] != STREAM_UNLABELED
             metrics.update(metric_scores(self.task, logits.detach())[labeled],
                            metric_targets(self.task, batch["labels"], batch["label_mask"])[labeled])
+        if stage == "test":
+            record_test_predictions(self.test_predictions, batch, metric_scores(self.task, logits.detach()),
+                                    prediction_targets(self.task, batch["labels"], batch["label_mask"]))
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -124,6 +137,7 @@ class CAMClassifierModule(MedAttnModule):
 
     def on_test_epoch_end(self) -> None:
         log_metric_collection(self, self.test_metrics, self.class_names, "test")
+        self.test_predictions.finish(self, self.class_names)
         if self.localization:
             log_metric_collection(self, self.test_localization, self.class_names, "test")
 
@@ -134,7 +148,8 @@ def _tiny(tmp_dir: Path):
     from networks.cam_classifier import CAMNet
 
     data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0),
-                         image_size=32, labeled_batch_size=4, eval_batch_size=8)
+                         image_size=32, labeled_batch_size=4, eval_batch_size=8,
+                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
     module = CAMClassifierModule(CAMNet("test_resnet", num_classes=data.num_classes))
     return module, data
 

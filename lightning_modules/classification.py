@@ -1,5 +1,8 @@
 """Shared image-classification logic: masked losses and per-stage AUROC metrics.
 
+AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the macro mean over classes
+with both positives and negatives in the evaluated set; ``<stage>/auroc_classes`` says how many entered it.
+
 Multilabel: binary cross-entropy over the known entries only (``label_mask``), so CheXpert U-Ignore entries
 and unlabeled images contribute nothing. Multiclass: cross-entropy over images whose label is known.
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MultilabelAUROC)
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.metrics.classification import DefinedMulticlassAUROC, MaskedMultilabelAUROC
 
 IGNORE = -1
 
@@ -30,16 +35,14 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tens
     return F.cross_entropy(logits[known].float(), labels[known].argmax(dim=1))
 
 
-def classification_metrics(task: str, num_classes: int) -> MetricCollection:
-    """Macro and per-class AUROC (and accuracy for multiclass). ``ignore_index`` drops unknown labels."""
+def classification_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> MetricCollection:
+    """``auroc`` (policy macro), ``auroc_classes``, ``auroc_per_class/<class>`` (NaN if undefined), and accuracy
+    for multiclass. ``IGNORE`` targets (unknown labels) are left out."""
     if task == "multilabel":
-        return MetricCollection({
-            "auroc": MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE),
-            "auroc_per_class": MultilabelAUROC(num_labels=num_classes, average=None, ignore_index=IGNORE),
-        })
+        return MetricCollection({"auroc": MaskedMultilabelAUROC(num_classes, class_names, per_class_key="auroc_per_class",
+                                                                ignore_index=IGNORE)})
     return MetricCollection({
-        "auroc": MulticlassAUROC(num_classes=num_classes, average="macro", ignore_index=IGNORE),
-        "auroc_per_class": MulticlassAUROC(num_classes=num_classes, average=None, ignore_index=IGNORE),
+        "auroc": DefinedMulticlassAUROC(num_classes, class_names, per_class_key="auroc_per_class", ignore_index=IGNORE),
         "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=IGNORE),
     })
 
@@ -52,14 +55,31 @@ def metric_targets(task: str, labels: torch.Tensor, label_mask: torch.Tensor) ->
     return torch.where(known, labels.argmax(dim=1), torch.full_like(known, IGNORE, dtype=torch.long))
 
 
+def prediction_targets(task: str, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """(B, K) per-class 0/1 targets, ``IGNORE`` where unknown (multiclass: one-vs-rest one-hot, a whole row
+    ``IGNORE`` for an image without a label), for :class:`lightning_modules.metrics.bootstrap.TestPredictions`."""
+    if task == "multilabel":
+        return metric_targets(task, labels, label_mask)
+    known = label_mask.any(dim=1, keepdim=True)
+    return torch.where(known, labels.long(), torch.full_like(labels, IGNORE, dtype=torch.long))
+
+
+def record_test_predictions(recorder, batch: dict, scores: torch.Tensor, targets: torch.Tensor) -> None:
+    """Feed ``recorder`` (a ``TestPredictions``) with a batch; the patient id is the resampling unit of the
+    bootstrap (``patient_id``, else ``subject_id``, else the image id when a dataset has no patient notion)."""
+    ids = [str(i) for i in (batch.get("image_id") or batch["subject_id"])]  # subject batches: one row per subject
+    patients = batch.get("patient_id") or batch.get("subject_id") or ids
+    recorder.update(ids, patients, scores, targets)
+
+
 def metric_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
 
 
-def stage_metrics(task: str, num_classes: int) -> dict[str, MetricCollection]:
+def stage_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> dict[str, MetricCollection]:
     """``{"train": ..., "val": ..., "test": ...}`` collections whose keys read ``val/auroc``; assign them to
     ``self.train_metrics`` / ``self.val_metrics`` / ``self.test_metrics`` (lightning-hydra-template style)."""
-    base = classification_metrics(task, num_classes)
+    base = classification_metrics(task, num_classes, class_names)
     return {stage: base.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
 
 

@@ -11,8 +11,9 @@ from typing import Sequence
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import (MulticlassAUROC, MulticlassF1Score, MulticlassRecall,
-                                         MulticlassStatScores)
+from torchmetrics.classification import MulticlassF1Score, MulticlassStatScores
+
+from lightning_modules.metrics.classification import DefinedMulticlassAUROC
 
 TIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TIOR_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -74,18 +75,30 @@ def _nanmean(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.nanmean(x) if dim is None else torch.nanmean(x, dim=dim)
 
 
+def balanced_accuracy(stats: torch.Tensor) -> torch.Tensor:
+    """Mean recall TP / (TP + FN) over the classes present in the targets, from ``MulticlassStatScores``
+    (average=None) rows ``(tp, fp, tn, fn, support)``. A class that is only predicted, never a target, has no
+    recall and is left out (sklearn's ``balanced_accuracy_score``, the reference): targets [0, 0, 1, 1],
+    predictions [0, 2, 1, 1] give (1/2 + 2/2) / 2 = 0.75. NaN without any target."""
+    tp, fn = stats[:, 0].float(), stats[:, 3].float()
+    present = (tp + fn) > 0
+    if not bool(present.any()):
+        return torch.tensor(float("nan"), device=stats.device)
+    return (tp[present] / (tp + fn)[present]).mean()
+
+
 class SliceMetrics(nn.Module):
-    """Slice-level metrics of one network in one stage: macro and per-class AUROC, balanced accuracy
-    (macro recall; classes absent from the targets are left out, as the reference), macro F1, and
-    TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean)."""
+    """Slice-level metrics of one network in one stage: macro and per-class AUROC (the project policy: mean over
+    classes with positives and negatives, ``auroc_classes`` of them; :mod:`lightning_modules.metrics.classification`),
+    balanced accuracy (:func:`balanced_accuracy`: classes absent from the targets are left out, as the reference),
+    macro F1, and TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean)."""
 
     def __init__(self, num_classes: int, tiou_thresholds: Sequence[float] = TIOU_THRESHOLDS,
                  tior_thresholds: Sequence[float] = TIOR_THRESHOLDS) -> None:
         super().__init__()
         self.classification = MetricCollection({
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
-            "auroc_per_class": MulticlassAUROC(num_classes, average=None),
-            "balanced_accuracy": MulticlassRecall(num_classes, average="macro"),
+            "auroc": DefinedMulticlassAUROC(num_classes),
+            "stats": MulticlassStatScores(num_classes, average=None),
             "f1": MulticlassF1Score(num_classes, average="macro"),
         })
         self.localisation = MaskLocalisationRate(num_classes, tiou_thresholds, tior_thresholds)
@@ -94,10 +107,12 @@ class SliceMetrics(nn.Module):
     def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
         """Flat ``{f"{prefix}{name}{suffix}": scalar}`` and reset."""
         out: dict[str, torch.Tensor] = {}
-        values = self.classification.compute()
-        out["auroc"], out["balanced_accuracy"], out["f1"] = values["auroc"], values["balanced_accuracy"], values["f1"]
-        for name, value in zip(class_names, values["auroc_per_class"]):
-            out[f"auroc/{name}"] = value
+        auroc = self.classification["auroc"].compute()
+        out["auroc"], out["auroc_classes"] = auroc["auroc"], auroc["auroc_classes"]
+        for k, name in enumerate(class_names):
+            out[f"auroc/{name}"] = auroc[f"auroc/{k}"]
+        out["balanced_accuracy"] = balanced_accuracy(self.classification["stats"].compute())
+        out["f1"] = self.classification["f1"].compute()
         loc = self.localisation.compute()
         for key, thresholds in (("tiou", self.tiou_thresholds), ("tior", self.tior_thresholds)):
             rates = loc[key]
@@ -113,11 +128,15 @@ class SliceMetrics(nn.Module):
 
 class SubjectMetrics(nn.Module):
     """Subject-level one-vs-rest metrics (dossier c, ``valid.py``): AUROC, accuracy ((TP+TN)/N per class,
-    the reference's subject "ACC"), sensitivity, specificity and F1, per class and macro (unweighted)."""
+    the reference's subject "ACC"), sensitivity, specificity and F1, per class and macro (unweighted).
+
+    A rate with an empty denominator is undefined (NaN), not 0, and left out of its macro mean: sensitivity of a
+    class without positive subjects, specificity of a class without negatives, F1 of a class neither present nor
+    predicted. AUROC follows the project policy (``auroc_classes`` = classes with positives and negatives)."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
-        self.auroc = MulticlassAUROC(num_classes, average=None)
+        self.auroc = DefinedMulticlassAUROC(num_classes)
         self.stats = MulticlassStatScores(num_classes, average=None)
 
     def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
@@ -127,16 +146,20 @@ class SubjectMetrics(nn.Module):
     def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
         auroc = self.auroc.compute()
         tp, fp, tn, fn, _ = self.stats.compute().float().unbind(-1)
+
+        def rate(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+            return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
+
         per_class = {
-            "auroc": auroc,
-            "accuracy": (tp + tn) / (tp + fp + tn + fn).clamp_min(1),
-            "sensitivity": tp / (tp + fn).clamp_min(1),
-            "specificity": tn / (tn + fp).clamp_min(1),
-            "f1": 2 * tp / (2 * tp + fp + fn).clamp_min(1),
+            "auroc": torch.stack([auroc[f"auroc/{k}"] for k in range(len(tp))]),
+            "accuracy": rate(tp + tn, tp + fp + tn + fn),
+            "sensitivity": rate(tp, tp + fn),
+            "specificity": rate(tn, tn + fp),
+            "f1": rate(2 * tp, 2 * tp + fp + fn),
         }
-        out = {}
+        out = {"auroc_classes": auroc["auroc_classes"]}
         for key, values in per_class.items():
-            out[key] = values.mean()
+            out[key] = auroc["auroc"] if key == "auroc" else _nanmean(values)
             for name, v in zip(class_names, values):
                 out[f"{key}/{name}"] = v
         self.auroc.reset()

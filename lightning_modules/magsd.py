@@ -36,8 +36,17 @@ Choices where paper and code are silent:
       repeats the max-normalised mean attention map (the map the paper uses for localisation) for every
       class; ``"class"`` weights the M maps by their positive contribution to each class logit
       (``MAGSDNet.part_logits``).
-    * Macro AUROC is the mean over classes that have both positives and negatives in the evaluated set;
-      a class without positives has an undefined AUROC (logged as NaN) instead of torchmetrics' 0.
+    * Macro AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the mean over
+      classes that have both positives and negatives in the evaluated set (``<stage>/auroc_classes`` of them);
+      an undefined class is logged as NaN instead of torchmetrics' 0.
+    * ``<stage>/recall``, ``<stage>/specificity``, ``<stage>/precision`` and ``<stage>/f1`` are **macro** means over
+      the classes. With two classes macro recall and macro specificity are both the balanced accuracy, so the
+      one-vs-rest rates of every class are logged too: ``<stage>/sensitivity/<class>`` = TP/(TP+FN) and
+      ``<stage>/specificity/<class>`` = TN/(TN+FP) (``test/sensitivity/COVID-19`` in the binary COVID-19 setup;
+      NaN when the class has no positives, resp. no negatives).
+    * At test time the per-image probabilities go to ``test_predictions.csv`` in the run directory and the
+      patient-level bootstrap 95 % interval of the macro AUROC is logged (``test/auroc_ci_low``/``_high``,
+      :mod:`lightning_modules.metrics.bootstrap`).
 
 Example::
 
@@ -58,11 +67,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score,
-                                         MulticlassPrecision, MulticlassRecall, MulticlassSpecificity,
-                                         MulticlassStatScores)
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
+                                         MulticlassRecall, MulticlassSpecificity, MulticlassStatScores)
 
 from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.metrics.bootstrap import TestPredictions
+from lightning_modules.metrics.classification import DefinedMulticlassAUROC
 from lightning_modules.registry import register_method
 from networks.attention_augment import magsd_augment
 
@@ -109,7 +119,8 @@ def frozen_bn_stats(module: nn.Module):
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, macro precision / recall (sensitivity) / specificity / F1, per-class AUROC, per-class support."""
+    """Accuracy, macro precision / recall (sensitivity) / specificity / F1, AUROC (project policy), per-class
+    stat scores (one-vs-rest sensitivity and specificity per class)."""
     k = num_classes
     return MetricCollection({
         "accuracy": MulticlassAccuracy(k, average="micro"),
@@ -117,7 +128,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "recall": MulticlassRecall(k, average="macro"),
         "specificity": MulticlassSpecificity(k, average="macro"),
         "f1": MulticlassF1Score(k, average="macro"),
-        "auroc": MulticlassAUROC(k, average=None),
+        "auroc": DefinedMulticlassAUROC(k, per_class_key="auroc_per_class"),
         "stats": MulticlassStatScores(k, average=None),
     })  # fmt: skip
 
@@ -172,6 +183,7 @@ class MAGSDModule(MedAttnModule):
             raise ValueError(f"{len(self.class_names)} class_names for a network with {self.num_classes} classes")
         self.val_metrics = classification_metrics(self.num_classes)
         self.test_metrics = classification_metrics(self.num_classes)
+        self.test_predictions = TestPredictions()
         self._generator: torch.Generator | None = None
 
     def setup(self, stage: str) -> None:
@@ -271,7 +283,7 @@ class MAGSDModule(MedAttnModule):
         return terms["total"]
 
     # ------------------------------------------------------------------------------------ evaluation
-    def _eval_step(self, stage: str, batch: dict) -> None:
+    def _eval_step(self, stage: str, batch: dict, batch_idx: int = 0) -> None:
         target, known = self.targets(batch)
         image = self.prepare_image(batch["image"])[known]
         target = target[known]
@@ -280,27 +292,43 @@ class MAGSDModule(MedAttnModule):
         logits = self.net(image).float()
         self.log(f"{stage}/loss", F.cross_entropy(logits, target), on_epoch=True, batch_size=int(target.numel()),
                  sync_dist=True)
-        getattr(self, f"{stage}_metrics").update(torch.softmax(logits, dim=1), target)
+        probabilities = torch.softmax(logits, dim=1)
+        getattr(self, f"{stage}_metrics").update(probabilities, target)
+        if stage == "test":
+            rows = known.nonzero().flatten().tolist()
+            ids = batch.get("image_id") or [f"{batch_idx}_{i}" for i in rows]
+            patients = batch.get("patient_id") or ids
+            self.test_predictions.update([ids[i] for i in rows], [patients[i] for i in rows], probabilities,
+                                         F.one_hot(target, self.num_classes))
 
     def _eval_epoch_end(self, stage: str) -> None:
         metrics = getattr(self, f"{stage}_metrics")
-        values = metrics.compute()
+        out = {}
+        for name, metric in metrics.items():
+            value = metric.compute()
+            if name == "auroc":  # {"auroc", "auroc_classes", "auroc_per_class/<k>"}
+                for key, v in value.items():
+                    head, _, k = key.partition("/")
+                    out[f"{stage}/{head}/{self.class_names[int(k)]}" if k else f"{stage}/{key}"] = v.float()
+            elif name == "stats":  # (tp, fp, tn, fn, support) per class: one-vs-rest rates
+                tp, fp, tn, fn, _ = value.float().unbind(-1)
+                nan = torch.full_like(tp, float("nan"))
+                sensitivity = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), nan)
+                specificity = torch.where(tn + fp > 0, tn / (tn + fp).clamp_min(1), nan)
+                for k, cls in enumerate(self.class_names):
+                    out[f"{stage}/sensitivity/{cls}"], out[f"{stage}/specificity/{cls}"] = sensitivity[k], specificity[k]
+            else:
+                out[f"{stage}/{name}"] = value.float()
         metrics.reset()
-        support = values.pop("stats")[:, 4].float()  # (tp, fp, tn, fn, support) per class
-        total = support.sum()
-        defined = (support > 0) & (support < total)
-        per_class = torch.where(defined, values.pop("auroc").float(), torch.nan)
-        out = {f"{stage}/{name}": value.float() for name, value in values.items()}
-        out[f"{stage}/auroc"] = per_class[defined].mean() if bool(defined.any()) else torch.tensor(torch.nan)
-        for name, value in zip(self.class_names, per_class):
-            out[f"{stage}/auroc_per_class/{name}"] = value
         self.log_dict(out)
+        if stage == "test":
+            self.test_predictions.finish(self, self.class_names)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("test", batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -322,7 +350,7 @@ def tiny(tmp_dir: Path):
 
     reader = SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, single_label=True)
     datamodule = CXRDataModule(reader, image_size=64, labeled_batch_size=4, eval_batch_size=8,
-                               val_fraction=0.2, test_fraction=0.2)
+                               val_fraction=0.2, test_fraction=0.2, min_per_class=0)  # tiny data: counts not the point
     module = MAGSDModule(MAGSDNet(num_classes=4, backbone="test_resnet", num_maps=8))
     return module, datamodule
 

@@ -40,7 +40,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import record_test_predictions
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
+from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 
@@ -99,9 +101,12 @@ class PCAMModule(MedAttnModule):
         pointing_tolerance: pointing-game tolerance in input pixels.
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
 
-    Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes) and
-    ``auroc/<class>``; at test ``test/loc/iou@T``, ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``,
-    ``test/loc/maxboxacc@δ``, ``test/loc/pointing``, ``test/loc/pxap`` (and per class).
+    Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes, the project
+    policy of :mod:`lightning_modules.metrics.classification`), ``auroc_classes`` (how many) and
+    ``auroc/<class>``; at test ``test/auroc_ci_low``/``_high`` (patient-level bootstrap 95 % interval, from the
+    per-image probabilities written to ``test_predictions.csv`` in the run directory), ``test/loc/iou@T``,
+    ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``, ``test/loc/maxboxacc@δ``, ``test/loc/pointing``,
+    ``test/loc/pxap`` (and per class).
 
     Example::
 
@@ -137,6 +142,7 @@ class PCAMModule(MedAttnModule):
         self.train_auroc = MaskedMultilabelAUROC(k, self.class_names)
         self.val_auroc = MaskedMultilabelAUROC(k, self.class_names)
         self.test_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.test_predictions = TestPredictions()
         self.localization = localization
         self.test_localization = localization_metrics(k, self.class_names, cam_threshold=cam_threshold,
                                                       pointing_tolerance=pointing_tolerance, prefix="test/loc/")
@@ -190,7 +196,9 @@ class PCAMModule(MedAttnModule):
         self._eval_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        _, logit_maps = self._eval_step(batch, "test")
+        logits, logit_maps = self._eval_step(batch, "test")
+        targets = torch.where(batch["label_mask"], batch["labels"].long(), torch.full_like(batch["labels"], -1).long())
+        record_test_predictions(self.test_predictions, batch, torch.sigmoid(logits.detach().float()), targets)
         if self.localization:
             self.update_localization(batch, self.net.maps_to_heatmaps(logit_maps))
 
@@ -220,6 +228,7 @@ class PCAMModule(MedAttnModule):
     def on_test_epoch_end(self) -> None:
         self._log_metric(self.test_auroc.compute(), "test", keep_nan=("test/auroc",))
         self.test_auroc.reset()
+        self.test_predictions.finish(self, self.class_names)
         if self.localization:
             self._log_metric(self.test_localization.compute(), "test")
             self.test_localization.reset()
@@ -231,7 +240,8 @@ def _tiny(tmp_dir: Path):
     from networks.cam_heads import PoolingClassifier
 
     data = CXRDataModule(SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, seed=0),
-                         image_size=32, labeled_batch_size=4, eval_batch_size=8)
+                         image_size=32, labeled_batch_size=4, eval_batch_size=8,
+                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
     module = PCAMModule(PoolingClassifier("test_resnet", num_classes=data.num_classes, pool="pcam"),
                         class_names=data.class_names)
     return module, data

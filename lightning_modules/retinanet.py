@@ -11,7 +11,11 @@ Evaluation (validation and test), shared with :mod:`lightning_modules.oxnet`:
     * Which images enter mAP: those whose box annotation is complete, i.e. box-stream images (``has_boxes``) and
       images known to be normal (every label known and 0), which have no lesion to box. An image with a finding
       but no boxes is left out (its missing boxes would count as false positives).
-    * ``<stage>/auroc_local``: image-level AUROC of the highest anchor probability per class.
+    * ``<stage>/auroc_local``: image-level AUROC of the highest anchor probability per class, macro over the classes
+      with positive and negative images (the project policy, :mod:`lightning_modules.metrics.classification`;
+      ``<stage>/auroc_local_classes`` of them; OXnet's global head likewise as ``auroc``/``auroc_classes``).
+    * No bootstrap interval here: detection is reported with mAP, whose patient-level bootstrap would rerun the
+      COCO evaluation per resample (the classification methods log ``test/auroc_ci_low``/``_high``).
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.classification import MultilabelAUROC
 from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.batch import STREAM_BOX
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import IGNORE, metric_targets
+from lightning_modules.metrics.classification import MaskedMultilabelAUROC
 from lightning_modules.registry import register_method
 from networks.retina import RetinaNet, detection_losses
 
@@ -49,15 +53,23 @@ def freeze_batchnorm_(module: nn.Module) -> None:
 
 def load_stage1_weights(retina: RetinaNet, checkpoint: str | Path) -> None:
     """Load a stage-1 checkpoint into ``retina``: a Lightning checkpoint of ``RetinaNetModule`` (``net.*`` keys) or
-    a plain RetinaNet ``state_dict``. Strict, so a mismatched architecture fails with the offending keys."""
+    a plain RetinaNet ``state_dict``. Strict, so a mismatched architecture fails with the offending keys.
+
+    The file is loaded as data and verified (:func:`callbacks.checkpoint_io.load_checkpoint_file`): a checkpoint
+    that holds code, or is corrupt, is refused with an error naming it. A P7 conv saved by a pyramid ending at P6
+    (networks built before P7 was dropped from such pyramids, where it never reached an output) is skipped."""
+    from callbacks.checkpoint_io import load_checkpoint_file
+
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"init_checkpoint {path} does not exist (train stage 1 first: "
                                 "medattn fit -c experiments/retinanet/synthetic.yaml)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path, map_location="cpu")
     state = state.get("state_dict", state)
     if any(k.startswith("net.") for k in state):
         state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    if not hasattr(retina.fpn.extra_blocks, "p7"):
+        state = {k: v for k, v in state.items() if not k.startswith("fpn.extra_blocks.p7.")}
     retina.load_state_dict(state, strict=True)
 
 
@@ -79,9 +91,8 @@ class DetectionEvaluation(nn.Module):
         super().__init__()
         self.suffix = suffix
         self._pairs: list[tuple[str, dict, dict]] = []  # (image id, prediction, target), on the CPU
-        self.auroc_local = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE)
-        self.auroc = MultilabelAUROC(num_labels=num_classes, average="macro", ignore_index=IGNORE) \
-            if global_scores else None
+        self.auroc_local = MaskedMultilabelAUROC(num_classes, ignore_index=IGNORE)
+        self.auroc = MaskedMultilabelAUROC(num_classes, ignore_index=IGNORE) if global_scores else None
 
     def update(self, detections: list[dict], batch: dict, local_scores: Tensor,
                global_scores: Tensor | None = None) -> None:
@@ -126,9 +137,11 @@ class DetectionEvaluation(nn.Module):
             for c, ap in zip(classes, per_class):
                 if ap >= 0 and 0 <= c < len(class_names):  # -1 = class absent from the ground truth
                     values[f"{stage}/{key}/{class_names[c]}"] = torch.tensor(ap)
-        values[f"{stage}/auroc_local"] = self.auroc_local.compute()
+        local = self.auroc_local.compute()
+        values[f"{stage}/auroc_local"], values[f"{stage}/auroc_local_classes"] = local["auroc"], local["auroc_classes"]
         if self.auroc is not None:
-            values[f"{stage}/auroc"] = self.auroc.compute()
+            image_level = self.auroc.compute()
+            values[f"{stage}/auroc"], values[f"{stage}/auroc_classes"] = image_level["auroc"], image_level["auroc_classes"]
         # every value is already global: mAP from the gathered pairs, AUROC synchronised by torchmetrics
         module.log_dict({k + self.suffix: v.float() for k, v in values.items()}, sync_dist=False)
         self._pairs = []
@@ -276,7 +289,8 @@ def _tiny(tmp_dir: Path):
 
     data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0,
                                       box_fraction=0.5),
-                         image_size=64, box_fraction=0.3, box_batch_size=2, labeled_batch_size=0, eval_batch_size=8)
+                         image_size=64, box_fraction=0.3, box_batch_size=2, labeled_batch_size=0, eval_batch_size=8,
+                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
     net = RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5), fpn_channels=16,
                     head_depth=1, anchor_size_factor=2.0)
     return RetinaNetModule(net), data

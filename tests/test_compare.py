@@ -200,3 +200,17 @@ def test_no_pairs_table_without_both_roles(tmp_path):
     baselines = C._filter(C.find_runs([RUNS]), None, ["role:baseline"])
     out = C.compare(baselines, tmp_path, plot=False)
     assert out["pairs"] is None and "pairs_md" not in out["written"]
+
+
+def test_single_run_bootstrap_interval_is_shown_next_to_the_seed_spread():
+    # two seeds of one method: auroc 0.80, 0.84 (± 0.028); their bootstrap intervals [0.70, 0.88], [0.74, 0.92]
+    # -> the cell shows the mean bounds [0.72, 0.90]; the bounds are not columns of their own
+    table = pd.DataFrame({"method": ["m", "m"], "labels": [1.0, 1.0], "seed": [0, 1], "pair": [None, None],
+                          "role": [None, None], "test/auroc": [0.80, 0.84], "test/auroc_ci_low": [0.70, 0.74],
+                          "test/auroc_ci_high": [0.88, 0.92], "test/auroc_ci_resamples": [1000, 1000]})
+    metrics = C.select_metrics(table, ["test/*"])
+    assert metrics == ["test/auroc"]
+    summary = C.aggregate(table, metrics)
+    assert summary.loc[0, "test/auroc ci_low"] == pytest.approx(0.72)
+    assert C.markdown(summary, metrics).splitlines()[2] == "| m | 1 | 2 | 0.820 ± 0.028 [0.720, 0.900] |"
+    assert C._ci_columns("test/auroc_teacher") == ("test/auroc_ci_low_teacher", "test/auroc_ci_high_teacher")
