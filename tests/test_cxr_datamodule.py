@@ -12,13 +12,14 @@ from datamodules.manifest import DataError, Manifest
 from datamodules.synthetic import SyntheticCXR
 
 
+# 120 tiny images: min_per_class=0 below, class counts per split are tested in test_splits_stratified.py
 @pytest.fixture(scope="module")
 def reader(tmp_path_factory):
     return SyntheticCXR(cache_dir=tmp_path_factory.mktemp("cache"), n_images=120, image_size=64, seed=0)
 
 
 def test_mixed_batch_follows_the_contract(reader):
-    dm = CXRDataModule(reader, image_size=48, box_fraction=0.1, unlabeled_fraction=0.3, box_batch_size=2,
+    dm = CXRDataModule(reader, min_per_class=0, image_size=48, box_fraction=0.1, unlabeled_fraction=0.3, box_batch_size=2,
                        labeled_batch_size=4, unlabeled_batch_size=3, two_views=True, seed=1)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -39,7 +40,7 @@ def test_mixed_batch_follows_the_contract(reader):
 
 
 def test_splits_are_patient_disjoint_and_eval_is_not_augmented(reader):
-    dm = CXRDataModule(reader, image_size=48, seed=0)
+    dm = CXRDataModule(reader, min_per_class=0, image_size=48, seed=0)
     dm.setup("fit")
     pids = dm.manifest.records["patient_id"].to_numpy()
     sets = {name: set(pids[idx]) for name, idx in dm.splits.items()}
@@ -51,10 +52,10 @@ def test_splits_are_patient_disjoint_and_eval_is_not_augmented(reader):
 
 def test_bad_configuration_errors_name_the_problem(reader, tmp_path):
     with pytest.raises(DataError, match="unlabeled_batch_size=2 but the training split has no unlabeled"):
-        dm = CXRDataModule(reader, image_size=32, unlabeled_batch_size=2)
+        dm = CXRDataModule(reader, min_per_class=0, image_size=32, unlabeled_batch_size=2)
         dm.train_dataloader()
     with pytest.raises(DataError, match="the test split is empty"):
-        CXRDataModule(reader, image_size=32, test_fraction=0.001).setup("fit")
+        CXRDataModule(reader, min_per_class=0, image_size=32, test_fraction=0.001).setup("fit")
 
     class EmptyReader:
         def load(self):
@@ -75,7 +76,7 @@ def test_missing_image_names_its_path(reader, tmp_path):
         def load(self):
             return manifest
 
-    dm = CXRDataModule(Fixed(), image_size=32, val_fraction=0.0, test_fraction=0.0, seed=0)
+    dm = CXRDataModule(Fixed(), min_per_class=0, image_size=32, val_fraction=0.0, test_fraction=0.0, seed=0)
     dm.setup("fit")
     from datamodules.dataset import CXRDataset
     from datamodules.transforms import CXRTransform
@@ -95,7 +96,7 @@ def test_skip_corrupt_drops_and_counts_unreadable_images(reader, tmp_path):
         def load(self):
             return manifest
 
-    dm = CXRDataModule(Fixed(), image_size=32, skip_corrupt=True)
+    dm = CXRDataModule(Fixed(), min_per_class=0, image_size=32, skip_corrupt=True)
     dm.setup("fit")
     assert len(dm.manifest) == len(manifest) - 2
     assert len(dm.report["skipped_corrupt"]) == 2
@@ -113,11 +114,11 @@ def test_train_masks_false_skips_mask_decoding_in_training_only(reader, tmp_path
         def load(self):
             return manifest
 
-    dm = CXRDataModule(Fixed(), image_size=32, labeled_batch_size=4, train_masks=False, seed=0)
+    dm = CXRDataModule(Fixed(), min_per_class=0, image_size=32, labeled_batch_size=4, train_masks=False, seed=0)
     batch = next(iter(dm.train_dataloader()))
     assert not batch["has_mask"].any() and not batch["has_attention_mask"].any()
     assert batch["mask"].abs().sum() == 0 and batch["attention_mask"].abs().sum() == 0
     with pytest.raises(DataError, match="missing_mask.png"):
         next(iter(dm.val_dataloader()))
-    loaded = next(iter(CXRDataModule(reader, image_size=32, labeled_batch_size=4, seed=0).train_dataloader()))
+    loaded = next(iter(CXRDataModule(reader, min_per_class=0, image_size=32, labeled_batch_size=4, seed=0).train_dataloader()))
     assert loaded["has_mask"].all() and loaded["mask"].sum() > 0  # the default reads the lung masks

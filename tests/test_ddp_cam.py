@@ -16,7 +16,7 @@ from networks.cam_classifier import CAMNet
 def test_cam_images_are_gathered_and_logged_once(tmp_path):
     reader = SyntheticCXR(cache_dir=tmp_path / "cache", n_images=60, image_size=64, seed=0)
     reader.prepare()
-    data = CXRDataModule(reader, image_size=32, labeled_batch_size=4, eval_batch_size=4, seed=0)
+    data = CXRDataModule(reader, image_size=32, labeled_batch_size=4, eval_batch_size=4, seed=0, min_per_class=0)
     module = CAMClassifierModule(CAMNet("test_resnet", num_classes=4))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

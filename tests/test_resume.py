@@ -175,6 +175,7 @@ def test_cli_resume_is_exact(tmp_path, monkeypatch):
             "--data.init_args.image_size", "32", "--data.init_args.reader.init_args.n_images", "60",
             "--data.init_args.reader.init_args.image_size", "64", "--data.init_args.labeled_batch_size", "4",
             "--data.init_args.eval_batch_size", "8", "--data.init_args.num_workers", "0",
+            "--data.init_args.min_per_class", "0",  # 60 tiny images: class counts are not the point
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false"]
     monkeypatch.setenv("MEDATTN_CACHE", str(tmp_path / "cache"))
