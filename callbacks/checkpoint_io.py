@@ -9,6 +9,22 @@ itself survives a power loss. A failed or killed write leaves the previous check
 file is removed on an exception, and stale ones left by a killed process (``.<name>.tmp-<pid>`` whose process is
 gone) are removed by the next write of the same file. Remote paths (``s3://`` ...) use Lightning's own writer.
 
+Loading (:func:`load_checkpoint_file`, used by ``AtomicCheckpointIO.load_checkpoint`` - hence by
+``trainer.fit/validate/test(ckpt_path=...)`` and ``medattn ... --ckpt_path`` - and by OXnet's ``init_checkpoint``):
+
+* Checkpoints are data, never code: ``torch.load(weights_only=True)``, whose unpickler builds tensors, containers
+  and primitives only. The few other objects medattn checkpoints hold (:func:`checkpoint_safe_globals`: the default
+  optimiser factory saved in the hyperparameters, ``pathlib`` paths) are allow-listed explicitly, for the load
+  only (a ``torch.serialization.safe_globals`` context, nothing process-wide). Anything else - a pickle whose
+  ``__reduce__`` would call ``os.system`` - is refused before it runs, with an error naming the file and the
+  global. ``weights_only=False``, passed explicitly, is honoured with a warning: it is for files you trust.
+* Integrity: ``torch.save`` writes a zip archive that stores a CRC-32 of every record (the pickled structure and
+  each tensor storage), in every checkpoint - ours and plain Lightning/PyTorch ones alike. Those checksums are
+  verified before unpickling (``zipfile.testzip``; ~0.05 s per 100 MB), so a flipped byte anywhere in the content,
+  a truncated file, an empty file or a file that is not a checkpoint raises :class:`CheckpointError` naming the
+  file and what is wrong, instead of loading silently wrong weights or a bare ``EOFError``. CRC-32 is not a
+  defence against tampering (a forger recomputes it); ``weights_only`` is.
+
 Example::
 
     trainer = pl.Trainer(plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(save_last=True)])
@@ -17,13 +33,23 @@ Example::
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_torch_save", "checkpoint_safe_globals",
+           "load_checkpoint_file", "verify_checkpoint"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded as what it claims to be (empty, corrupt, not a checkpoint, or
+    holding code); the message names the file."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -74,19 +100,91 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(path.parent)
 
 
+def checkpoint_safe_globals() -> list:
+    """The non-tensor Python objects that medattn checkpoints may hold, allow-listed for ``weights_only`` loading:
+    the default optimiser factory (saved with a module's hyperparameters) and ``pathlib`` paths (data-file
+    hyperparameters). Each is harmless to look up or call. Extend with ``torch.serialization.add_safe_globals``."""
+    import pathlib
+
+    from lightning_modules.base import default_optimizer  # lazy: lightning_modules imports callbacks
+
+    return [default_optimizer, pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath,
+            pathlib.PurePosixPath, pathlib.PureWindowsPath]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a non-empty zip-format checkpoint whose every record matches
+    the CRC-32 that ``torch.save`` stored for it. A legacy (pre-zip) ``torch.save`` file carries no checksum and is
+    left to the unpickler."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was never written completely (a full disk "
+                              "or a copy that failed). Use another checkpoint, e.g. the previous epoch's.")
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is corrupt: its zip structure cannot be read "
+                              f"({type(err).__name__}: {err})") from err
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is corrupt: record {bad!r} does not match the "
+                              "CRC-32 checksum stored when it was saved (the file changed on disk or in transfer). "
+                              "Use another copy or checkpoint.")
+
+
+def _unpickling_error(path: Path, err: Exception) -> CheckpointError:
+    """torch's weights-only refusal, reworded: which global was refused, and no advice to unpickle code."""
+    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+    if not found:  # not a refused object but bytes that are no pickle at all (e.g. "Unsupported operand 149")
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(err))
+        return CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) is not a PyTorch checkpoint (neither "
+                               "a zip archive nor a legacy torch.save pickle" + (f": {detail[1]})" if detail else ")"))
+    return CheckpointError(
+        f"checkpoint {path}: refused to load the Python object(s) {', '.join(found)}, which are not plain data. "
+        "medattn loads checkpoints with torch.load(weights_only=True), so a checkpoint cannot run code. If you wrote "
+        "this file yourself and the object is harmless, allow-list it with torch.serialization.add_safe_globals"
+        "([...]) before loading.")
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
+    """``torch.load`` a local checkpoint as data (``weights_only``, :func:`checkpoint_safe_globals` allowed) after
+    :func:`verify_checkpoint`. Every failure is a :class:`CheckpointError` (or ``FileNotFoundError``) naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        raise _unpickling_error(path, err) from err
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read: it is truncated, "
+                              f"corrupt or not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic (see the module docstring).
+    """``TorchCheckpointIO`` whose local writes are atomic and whose loads are data-only and verified (see the
+    module docstring).
 
     Loading: ``weights_only=None`` (what ``trainer.fit(ckpt_path=...)`` and ``medattn fit --ckpt_path`` pass) means
-    ``False`` here. Checkpoints of medattn runs hold hyperparameters such as the optimiser factory, which torch's
-    default ``weights_only=True`` loader refuses ("Unsupported global: ...default_optimizer"), so a plain resume
-    would fail. This trusts checkpoint files as torch < 2.6 did; pass ``--weights_only true`` for a file you did not
-    write.
+    ``True``: the checkpoints of every registered method load as data once :func:`checkpoint_safe_globals` is
+    allowed, so nothing needs the unpickler that runs code. An explicit ``weights_only=False`` (``--weights_only
+    false``) is honoured with a warning, for a trusted file holding some other object.
     """
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        kwargs = {} if map_location is None else {"map_location": map_location}
-        return super().load_checkpoint(path, weights_only=False if weights_only is None else weights_only, **kwargs)
+        map_location = map_location if map_location is not None else (lambda storage, loc: storage)
+        if weights_only is False:
+            rank_zero_warn(f"loading {path} with weights_only=False: unpickling can run code stored in the file; "
+                           "do this only for a checkpoint you trust")
+        if "://" in str(path) and not str(path).startswith("file://"):  # remote: Lightning's reader, still data-only
+            with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+        return load_checkpoint_file(str(path).removeprefix("file://"), map_location, weights_only is not False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path) and not str(path).startswith("file://"):

@@ -7,11 +7,12 @@ T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollár, "Focal Loss for Dense Objec
 α 0.25 γ 2, smooth-L1 β 1/9, IoU ≥ 0.5 positive, < 0.4 negative, in between ignored, no forced matching.
 
 What comes from where: the pyramid is MONAI ``FeaturePyramidNetwork`` + ``LastLevelP6P7`` (P6 from C5, P7 from
-ReLU(P6), as in the reference); the heads are MONAI ``RetinaNetClassificationHead`` / ``RetinaNetRegressionHead``
-(GroupNorm trunks); anchors are MONAI ``AnchorGenerator`` (subclassed, unrounded); encoding is MONAI
-``BoxCoder``; IoU, clipping and NMS are ``monai.data.box_utils``. This file owns the forward (backbone -> FPN ->
-heads) so that the per-level classification maps stay available to OXnet's attention branch (MONAI's
-``RetinaNetDetector`` returns only losses in training).
+ReLU(P6), as in the reference; :class:`LastLevelP6` for a pyramid ending at P6: no level is built but unused); the
+heads are MONAI ``RetinaNetClassificationHead`` / ``RetinaNetRegressionHead`` (GroupNorm trunks); anchors are
+MONAI ``AnchorGenerator`` (subclassed, unrounded); encoding is MONAI ``BoxCoder``; IoU, clipping and NMS are
+``monai.data.box_utils``. This file owns the forward (backbone -> FPN -> heads) so that the per-level
+classification maps stay available to OXnet's attention branch (MONAI's ``RetinaNetDetector`` returns only losses
+in training).
 
 Coordinate convention (decided here, and only here)
     Every box in this project is ``xyxy`` in pixels with **x = column, y = row** (``datamodules/batch.py``).
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 from networks.backbones import create_backbone
 
 __all__ = [
-    "RetinaNet", "ExactAnchorGenerator", "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "clip_boxes", "match_anchors",
+    "RetinaNet", "ExactAnchorGenerator", "LastLevelP6", "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "clip_boxes", "match_anchors",
     "encode_targets", "focal_loss", "smooth_l1", "detection_losses", "local_attention_map",
 ]
 
@@ -189,6 +190,23 @@ def local_attention_map(cls_maps: Sequence[Tensor], num_classes: int, size: Sequ
     return resized.gather(0, index).squeeze(0)
 
 
+class LastLevelP6(LastLevelP6P7):
+    """MONAI ``LastLevelP6P7`` without P7, for pyramids that end at P6: P6 = 3x3 stride-2 conv of C5.
+
+    Built as ``LastLevelP6P7`` and then stripped of ``p7`` so that, under the same seed, P6 and every module
+    created after it get the same initial weights as before P7 was dropped (the P7 conv's initialisation still
+    draws its random numbers); the state-dict keys of P6 are unchanged (``fpn.extra_blocks.p6.*``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels)
+        del self.p7
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        results.append(self.p6(results[-1] if self.use_P5 else x[-1]))
+        names.append("p6")
+        return results, names
+
+
 def _flatten(maps: Sequence[Tensor], width: int) -> Tensor:
     """Per-level (B, A·width, H, W) -> (B, Σ H·W·A, width), anchor order level -> y -> x -> anchor."""
     flat = []
@@ -253,7 +271,10 @@ class RetinaNet(nn.Module):
             raise ValueError(f"backbone {backbone!r} gives reductions {reductions} at out_indices "
                              f"{[level - 1 for level in backbone_levels]}, expected {[2**l for l in backbone_levels]}")
         self.feature_channels = tuple(self.backbone.feature_info.channels())
-        extra = LastLevelP6P7(2, self.feature_channels[-1], fpn_channels) if levels[-1] > 5 else None
+        # Only the pyramid levels the heads use get parameters: an unused P7 conv gets no gradient, which plain
+        # DDP refuses at step 2 ("parameters that were not used in producing the loss").
+        extra = {5: None, 6: LastLevelP6, 7: LastLevelP6P7}[levels[-1]]
+        extra = extra(2, self.feature_channels[-1], fpn_channels) if extra is not None else None
         self.fpn = FeaturePyramidNetwork(2, list(self.feature_channels), fpn_channels, extra_blocks=extra)
 
         self.anchor_generator = ExactAnchorGenerator(
