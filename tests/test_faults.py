@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.reliability import (AtomicCheckpointIO, CrashCheckpoint, NonFiniteGuard, OutOfMemoryHint,
                                    RngStateCallback, atomic_torch_save, first_non_finite)
 from lightning_modules.base import NonFiniteLossError
@@ -81,7 +82,7 @@ def test_exception_checkpoint_is_resumable(kind, data_root, tmp_path):
         signal.signal(signal.SIGINT, handler)
     path = tmp_path / "ckpt" / "on_exception.ckpt"
     assert path.is_file()
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint_file(path, map_location="cpu")
     assert saved["global_step"] == 4  # 3 steps of epoch 0 + 1 of epoch 1
     module, data = build("cam_baseline", data_root / "cam")
     resumed = _trainer(tmp_path, [])
@@ -100,7 +101,7 @@ def test_nan_stops_naming_term_and_step_and_keeps_last_good_checkpoint(name, dat
     message = str(info.value)
     print(f"[nan] {name}: {message.splitlines()[0]}")
     assert re.search(r"loss term '\w+' is (nan|inf|-inf) at global step 1 \(epoch \d\)", message), message
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
     assert last["global_step"] == 1 and first_non_finite(last["state_dict"]) is None
     assert not (tmp_path / "ckpt" / "on_exception.ckpt").exists()
     assert not list((tmp_path / "ckpt").glob("*step=2*"))
@@ -113,7 +114,7 @@ def test_nan_weights_are_never_checkpointed(data_root, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"refusing to write a checkpoint at global step 2: weight '.+' is not "
                                                  r"finite.*last good checkpoint is .*last.ckpt"):
         trainer.fit(module, data)
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
     assert last["global_step"] == 1 and first_non_finite(last["state_dict"]) is None
     assert not (tmp_path / "ckpt" / "on_exception.ckpt").exists()
 
@@ -218,8 +219,8 @@ def test_last_checkpoint_is_the_last_epoch(resumable, data_root, tmp_path):
     trainer = pl.Trainer(**TRAINER_QUIET, devices=1, max_epochs=3, limit_train_batches=1, limit_val_batches=1,
                          num_sanity_val_steps=0, callbacks=[WorseEveryEpoch(), checkpoint], default_root_dir=tmp_path)
     trainer.fit(module, data)
-    last = torch.load(tmp_path / "best" / "last.ckpt", map_location="cpu", weights_only=False)
-    best = torch.load(tmp_path / "best" / "best.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "best" / "last.ckpt", map_location="cpu")
+    best = load_checkpoint_file(tmp_path / "best" / "best.ckpt", map_location="cpu")
     assert best["epoch"] == 0
     assert last["epoch"] == (2 if resumable else 0)
 
@@ -241,5 +242,5 @@ def test_guard_checks_the_loss_of_modules_without_check_finite(data_root, tmp_pa
     trainer = _trainer(tmp_path, [NonFiniteGuard(check_loss=True)], max_epochs=1)
     with pytest.raises(NonFiniteLossError, match=r"loss term 'loss' is nan at global step 1 \(epoch 0\)"):
         trainer.fit(module, data)
-    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
     assert first_non_finite(last["state_dict"]) is None

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from callbacks.checkpoint_io import load_checkpoint_file
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes,
                             soft_focal_loss)
@@ -225,7 +226,7 @@ def test_trainer_fit_updates_teacher_and_prototypes_and_checkpoints_them(tmp_pat
     assert module.prototype_updates.tolist() == [3.0, 3.0, 3.0]
     assert any(not torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters()))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    state = load_checkpoint_file(tmp_path / "last.ckpt", map_location="cpu")["state_dict"]
     assert torch.equal(state["prototypes"], module.prototypes)
     restored = OXnetModule(tiny_oxnet())
     restored.load_state_dict(state)
