@@ -195,8 +195,11 @@ class _DDPCheck(pl.Callback):
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_teachers(tmp_path):
     module = _MT()
+    from ddp_utils import DestroyProcessGroup
+
+    # DestroyProcessGroup: without it a worker exits with gloo alive and sometimes aborts (SIGABRT) at teardown
     _trainer(str(tmp_path), max_steps=3, devices=2, strategy="ddp_spawn",
-             callbacks=[EMATeacher(decay=0.99), _DDPCheck()]).fit(module, _loader(n=32))
+             callbacks=[EMATeacher(decay=0.99), _DDPCheck(), DestroyProcessGroup()]).fit(module, _loader(n=32))
     gathered = torch.load(tmp_path / "teachers.pt")
     assert gathered.shape[0] == 2
     assert torch.equal(gathered[0], gathered[1])
