@@ -43,6 +43,12 @@ def _policy_output(per_class: torch.Tensor, defined: torch.Tensor, class_names: 
     return out
 
 
+def _no_samples(state) -> bool:
+    """A torchmetrics list state with nothing in it. Under DDP the synced state is one concatenated tensor, whose
+    truth value is ambiguous, so test its size rather than ``not state``."""
+    return state.numel() == 0 if torch.is_tensor(state) else len(state) == 0
+
+
 class _NamedAUROC:
     def _names(self, num: int, class_names: Sequence[str] | None) -> list[str]:
         names = list(class_names) if class_names is not None else [str(k) for k in range(num)]
@@ -74,7 +80,7 @@ class MaskedMultilabelAUROC(_NamedAUROC, MultilabelAUROC):
         super().update(preds.detach().float(), target)
 
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        if not self.target:
+        if _no_samples(self.target):
             return {"auroc": torch.tensor(float("nan")), "auroc_classes": torch.tensor(0.0)}
         defined = defined_classes(dim_zero_cat(self.target), self.ignore_index)
         if not bool(defined.any()):
@@ -105,7 +111,7 @@ class DefinedMulticlassAUROC(_NamedAUROC, MulticlassAUROC):
         super().update(preds.detach().float(), target.long())
 
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        if not self.target:
+        if _no_samples(self.target):
             return {"auroc": torch.tensor(float("nan")), "auroc_classes": torch.tensor(0.0)}
         target = dim_zero_cat(self.target)
         target = target[target != self.ignore_index]
