@@ -7,7 +7,12 @@ Used with ``medattn predict`` on a trained :class:`lightning_modules.mean_teache
 * ``features`` float32 (N, D), ``probabilities`` float32 (N, K);
 * ``image_id``, ``subject_id`` str (N,); ``slice_index`` int64 (N,);
 * ``slice_label``, ``subject_label`` int64 (N,), −1 where unknown;
-* ``class_names`` str (K,).
+* ``class_names`` str (K,);
+* ``subject_role`` str (N,) and ``subject_fold`` int64 (N,): each slice's subject's stage-1 role (``labeled``,
+  ``unlabeled``, ``val``, ``test``) and fold, and ``split_info`` (a JSON string: the split arguments), from the
+  DataModule's ``split_record()`` (:class:`datamodules.slices.SliceStackDataModule`). DC-MT stage 2 takes its
+  split from these arrays, so every subject keeps its stage-1 role; a DataModule without ``split_record`` gives a
+  file without them, which stage 2 refuses.
 
 Under DDP each rank writes a shard next to the output, then rank 0 merges them (dropping duplicates) and
 deletes the shards. Strings are stored as fixed-width unicode arrays, so ``np.load`` needs no pickle;
@@ -22,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,6 +95,8 @@ class SliceFeatureWriter(BasePredictionWriter):
         out = self.output_path.expanduser().absolute()
         out.parent.mkdir(parents=True, exist_ok=True)
         class_names = np.asarray(list(getattr(pl_module, "class_names", [])), dtype=str)
+        record = getattr(trainer.datamodule, "split_record", None) if trainer.datamodule is not None else None
+        roles = record() if callable(record) else None
         if trainer.world_size > 1:
             shard = out.with_name(f"{out.stem}.rank{trainer.global_rank}.npz")
             np.savez(shard, **self._merged(self._parts))
@@ -96,16 +104,35 @@ class SliceFeatureWriter(BasePredictionWriter):
             if trainer.is_global_zero:
                 shards = [out.with_name(f"{out.stem}.rank{r}.npz") for r in range(trainer.world_size)]
                 parts = [dict(np.load(s)) for s in shards]
-                self._write(out, self._merged(parts), class_names)
+                self._write(out, self._merged(parts), class_names, roles)
                 for s in shards:
                     s.unlink()
             trainer.strategy.barrier("slice_feature_writer_done")
         else:
-            self._write(out, self._merged(self._parts), class_names)
+            self._write(out, self._merged(self._parts), class_names, roles)
         self._parts = []
 
     @staticmethod
-    def _write(out: Path, data: dict[str, np.ndarray], class_names: np.ndarray) -> None:
+    def _with_roles(out: Path, data: dict[str, np.ndarray], roles) -> dict[str, np.ndarray]:
+        """Add ``subject_role``, ``subject_fold`` and ``split_info`` (see the module doc)."""
+        if roles is None:
+            print(f"[medattn] note: {out} records no stage-1 subject roles (the DataModule has no split_record()); "
+                  "DC-MT stage 2 will refuse it")
+            return data
+        frame, info = roles
+        frame = frame.set_index("subject_id")
+        subjects = data["subject_id"].astype(str)
+        missing = sorted(set(subjects) - set(frame.index))
+        if missing:
+            raise ValueError(f"SliceFeatureWriter: subjects {missing[:3]} were predicted but have no role in the "
+                             "DataModule's split_record()")
+        return {**data, "subject_role": frame["role"].reindex(subjects).to_numpy().astype(str),
+                "subject_fold": frame["fold"].reindex(subjects).to_numpy().astype(np.int64),
+                "split_info": np.asarray(json.dumps(info, sort_keys=True))}
+
+    @staticmethod
+    def _write(out: Path, data: dict[str, np.ndarray], class_names: np.ndarray, roles=None) -> None:
+        data = SliceFeatureWriter._with_roles(out, data, roles)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
         np.savez(tmp, class_names=class_names, **data)
         os.replace(tmp, out)

@@ -13,8 +13,9 @@ Two on-disk layouts are read into one :class:`SliceTable`:
 Intensities are clipped to the [0.1, 99.9] percentiles of the slice and min–max scaled to [0, 1]
 (dossier a.1). A subject without a subject label gets the maximum of its known slice grades.
 
-:class:`SliceStackDataModule` splits **by subject** (k-fold; the held-out fold is the test split and, unless
-``val_fraction > 0``, also the validation split, as in the DC-MT protocol), makes ``label_ratio`` of the
+:class:`SliceStackDataModule` splits **by subject** (:mod:`datamodules.subject_splits`: the held-out fold is the
+test split, ``val_fraction`` of the other subjects are validation subjects unless the config asks for the
+reference protocol with ``no_validation_split: true``), makes ``label_ratio`` of the remaining
 training subjects labeled (stratified by subject label) and returns batches that follow
 ``datamodules/batch.py``: every training batch holds ``labeled_batch_size`` labeled slices followed by
 ``unlabeled_batch_size`` unlabeled ones (``stream``), two views with shared geometry and independent
@@ -43,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, seed_worker_transform
 from datamodules.manifest import DataError, require_columns
-from datamodules.splits import kfold_by_patient
+from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, role_frame, split_subjects,  # noqa: F401
+                                        subject_folds)
 from datamodules.transforms import letterbox
 
 
@@ -236,53 +238,6 @@ class SliceReader(Protocol):
     def load(self) -> SliceTable: ...
 
 
-# ------------------------------------------------------------------------------------------ splits
-def split_subjects(subjects: pd.DataFrame, num_folds: int = 5, fold: int = 0, val_fraction: float = 0.0,
-                   label_ratio: float = 0.25, seed: int = 0,
-                   labeled_subjects: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Subject ids of ``train``, ``val``, ``test`` and ``labeled`` (⊂ train); a pure function of its inputs,
-    shared by stage 1 and stage 2 so both use the same subjects.
-
-    Folds come from the ``fold`` column when it is filled, else from a seeded patient-level k-fold.
-    ``label_ratio`` of the training subjects are labeled, drawn per subject-label stratum (at least one per
-    stratum when the ratio is positive); ``labeled_subjects`` overrides it. ``label_ratio = 0.25`` with 5 folds
-    is the size of the DC-MT protocol (one of the four training folds labeled).
-    """
-    ids = subjects["subject_id"].astype(str).to_numpy()
-    if subjects["fold"].notna().all() and len(subjects):
-        held = subjects["fold"].to_numpy() == fold
-        if not held.any():
-            raise DataError(f"fold={fold} matches no subject; folds present: {sorted(subjects['fold'].unique())}")
-        train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    else:
-        if num_folds < 2:
-            raise DataError(f"num_folds must be >= 2 (the held-out fold is the test split), got {num_folds}")
-        train_idx, test_idx = kfold_by_patient(ids, num_folds, fold, seed)
-    rng = np.random.default_rng([seed, 1])
-    train = ids[train_idx]
-    val = ids[test_idx]
-    if val_fraction > 0:
-        order = rng.permutation(len(train))
-        n_val = max(1, int(round(val_fraction * len(train))))
-        val, train = train[order[:n_val]], train[order[n_val:]]
-    if labeled_subjects is not None:
-        labeled = sorted(set(map(str, labeled_subjects)) & set(train))
-    else:
-        if not 0.0 <= label_ratio <= 1.0:
-            raise DataError(f"label_ratio must be in [0, 1], got {label_ratio}")
-        labels = subjects.set_index("subject_id").loc[train, "subject_label"].fillna(-1).to_numpy()
-        labeled = []
-        for value in np.unique(labels):
-            members = np.sort(train[labels == value])
-            want = int(round(label_ratio * len(members)))
-            if label_ratio > 0:
-                want = max(1, want)
-            labeled += list(rng.permutation(members)[:want])
-    if len(train) == 0 or len(val) == 0:
-        raise DataError(f"empty split: {len(train)} training and {len(val)} held-out subjects")
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(ids[test_idx]), "labeled": sorted(labeled)}
-
-
 # --------------------------------------------------------------------------------------- transform
 class SliceTransform:
     """Letterbox to ``image_size``, dilated attention mask, shared geometry, per-view photometry.
@@ -428,7 +383,11 @@ class SliceStackDataModule(pl.LightningDataModule):
         reader: any object with ``load() -> SliceTable`` (:class:`H5SliceReader`, :class:`NiftiSliceReader`,
             :class:`datamodules.synthetic_slices.SyntheticSlices`); ``prepare()`` is called if present.
         image_size: network input side.
-        num_folds, fold, val_fraction, label_ratio, labeled_subjects: see :func:`split_subjects`.
+        num_folds, fold, val_fraction, label_ratio, labeled_subjects, no_validation_split: see
+            :func:`datamodules.subject_splits.split_subjects`. By default 15 % of the training subjects are
+            validation subjects (stratified by subject label), so ``best.ckpt`` is never chosen on the test fold;
+            the reference protocol (no validation split, the last epoch is tested) needs ``val_fraction: 0`` and
+            ``no_validation_split: true``, and ``val_fraction: 0`` alone is an error.
             ``label_ratio`` is the single label-ratio knob (fraction of training subjects labeled).
         labeled_batch_size, unlabeled_batch_size: per-rank slices of each stream per training batch (10 + 30
             in DC-MT). ``unlabeled_batch_size = 0`` trains on the labeled slices alone.
@@ -443,11 +402,12 @@ class SliceStackDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, reader: SliceReader, image_size: int = 256, num_folds: int = 5, fold: int = 0,
-                 val_fraction: float = 0.0, label_ratio: float = 0.25, labeled_subjects: list[str] | None = None,
+                 val_fraction: float = DEFAULT_VAL_FRACTION, label_ratio: float = 0.25,
+                 labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 10, unlabeled_batch_size: int = 30, epoch_stream: str | None = None,
                  eval_batch_size: int = 40, two_views: bool = True, augment: bool = True,
                  augment_kwargs: dict | None = None, cache: bool = False, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, no_validation_split: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
@@ -486,13 +446,46 @@ class SliceStackDataModule(pl.LightningDataModule):
         hp = self.hparams
         table = self._ensure_table()
         self.split = split_subjects(table.subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio,
-                                    hp.seed, hp.labeled_subjects)
+                                    hp.seed, hp.labeled_subjects, hp.no_validation_split)
         if self.trainer is None or self.trainer.is_global_zero:
             n = {k: len(v) for k, v in self.split.items()}
             train = table.slices["subject_id"].isin(set(self.split["train"]))
             lab = table.slices["subject_id"].isin(set(self.split["labeled"])) & table.slices["label"].notna()
+            note = ("; no validation split (no_validation_split: true): no model selection, the last epoch is tested"
+                    if not self.split["val"] else "")
             print(f"[medattn] slice split: {n} subjects; {int(train.sum())} training slices, {int(lab.sum())} labeled "
-                  f"({lab.sum() / max(1, train.sum()):.1%})")
+                  f"({lab.sum() / max(1, train.sum()):.1%}){note}")
+
+    def split_record(self) -> tuple[pd.DataFrame, dict]:
+        """Each subject's role (labeled / unlabeled / val / test) and fold, and the split arguments: what the
+        stage-1 feature export stores so that DC-MT stage 2 uses exactly these subjects."""
+        self.setup()
+        hp = self.hparams
+        roles = role_frame(self.split, subject_folds(self.table.subjects, hp.num_folds, hp.seed))
+        info = {"num_folds": int(hp.num_folds), "fold": int(hp.fold), "val_fraction": float(hp.val_fraction),
+                "label_ratio": float(hp.label_ratio), "seed": int(hp.seed),
+                "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source)}
+        return roles, info
+
+    @property
+    def summary(self) -> pd.DataFrame | None:
+        """Subjects and slices per role and subject class (``split_summary.csv`` via ``SplitSummaryLogger``); an
+        absent validation split is a row that says so."""
+        if not self.split:
+            return None
+        roles = self.split_record()[0]
+        slices = self.table.slices.groupby("subject_id").size()
+        label = self.table.subjects.set_index("subject_id")["subject_label"]
+        rows = []
+        for role in ROLES:
+            ids = roles.loc[roles["role"] == role, "subject_id"]
+            row = {"split": role, "subjects": len(ids), "slices": int(slices.reindex(ids).fillna(0).sum()), "note": ""}
+            for k, name in enumerate(self.class_names):
+                row[f"subjects {name}"] = int((label.reindex(ids) == k).sum())
+            if role == "val" and not len(ids):
+                row["note"] = "no validation split (no_validation_split: true): the last epoch is tested"
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def rows(self, split: str) -> np.ndarray:
         self.setup()
@@ -537,7 +530,10 @@ class SliceStackDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=UnpaddedDistributedSampler(len(rows), world, rank),
                           collate_fn=collate_slices, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if not self.split["val"]:  # no_validation_split: Lightning skips validation for an empty list
+            return []
         return self._eval_loader(self.rows("val"))
 
     def test_dataloader(self) -> DataLoader:

@@ -11,11 +11,14 @@ probabilities are loaded but unused), ``"probabilities"`` (the K stage-1 slice p
 (every labeled *slice*), which the subject labels alone cannot give when few subjects are labeled; see the
 README's DC-MT stage-2 results for when that matters.
 
-Subjects are split with :func:`datamodules.slices.split_subjects` and the *same* arguments as stage 1
-(``num_folds``, ``fold``, ``val_fraction``, ``label_ratio``, ``seed``), so the held-out and the labeled
-subjects are the ones of stage 1. Unlabeled training subjects carry zero labels and an all-False
-``label_mask``. Note (dossier b.2): the training subjects' features come from a model that was trained on
-those slices.
+Subjects are **not split again**: the export records each subject's stage-1 role (``labeled``, ``unlabeled``,
+``val``, ``test``) and fold (``subject_role``, ``subject_fold``, ``split_info``; see
+:mod:`datamodules.subject_splits`), and that record *is* the stage-2 split, so a subject never changes role
+between the stages (re-splitting could not know a ``fold`` column of the stage-1 subject table, nor later changes
+of the split rules). A file without the record is an error naming it. The split arguments ``num_folds``,
+``fold``, ``val_fraction``, ``label_ratio`` and ``labeled_subjects`` are optional checks: when given they must
+equal what stage 1 used. Unlabeled training subjects carry zero labels and an all-False ``label_mask``. Note
+(dossier b.2): the training subjects' features come from a model that was trained on those slices.
 
 Batch keys: ``features`` (B, T, D), ``features_teacher`` (same, independent noise when
 ``feature_noise > 0``, else identical, as the reference), ``sequence_mask`` bool (B, T), ``labels`` /
@@ -28,6 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import json
+
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
@@ -37,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
 from datamodules.manifest import DataError
-from datamodules.slices import collate_slices, split_subjects
+from datamodules.slices import collate_slices
+from datamodules.subject_splits import split_from_roles
 from networks.aggregation import center_crop_or_pad
 
 __all__ = ["read_slice_features", "SubjectFeatureDataset", "SubjectFeatureDataModule"]
@@ -104,8 +110,9 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
     Args:
         features_file: the stage-1 export (``.npz``).
         seq_len: sequence length T (24).
-        num_folds, fold, val_fraction, label_ratio, labeled_subjects, seed: as stage 1 (see
-            :func:`datamodules.slices.split_subjects`); keep them equal to stage 1's.
+        num_folds, fold, val_fraction, label_ratio, labeled_subjects: optional checks against the split that
+            stage 1 recorded in ``features_file`` (the split itself always comes from that record).
+        seed: sampling seed of the training streams.
         labeled_batch_size, unlabeled_batch_size: per-rank subjects per training batch (16 + 48 in DC-MT).
         eval_batch_size: validation/test/predict batch size.
         feature_noise: σ of Gaussian noise added to each view's real slices in training (0: the reference,
@@ -114,8 +121,9 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
             aggregator's ``in_features`` must equal :attr:`num_features`.
     """
 
-    def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int = 5, fold: int = 0,
-                 val_fraction: float = 0.0, label_ratio: float = 0.25, labeled_subjects: list[str] | None = None,
+    def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int | None = None,
+                 fold: int | None = None, val_fraction: float | None = None, label_ratio: float | None = None,
+                 labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 16, unlabeled_batch_size: int = 48, eval_batch_size: int = 64,
                  feature_noise: float = 0.0, inputs: str = "features", num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
@@ -166,8 +174,37 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         self._subjects = pd.DataFrame({"subject_id": labels.index, "subject_label": labels.to_numpy().astype(float),
                                        "fold": np.nan})
         self._subjects.loc[self._subjects["subject_label"] < 0, "subject_label"] = np.nan
-        self.split = split_subjects(self._subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio, hp.seed,
-                                    hp.labeled_subjects)
+        self.split = self._stage1_split(frame)
+
+    def _stage1_split(self, frame: pd.DataFrame) -> dict[str, list[str]]:
+        """The split recorded by the stage-1 export, checked against the optional split arguments."""
+        hp, data, path = self.hparams, self._ensure(), Path(self.hparams.features_file).expanduser()
+        if "subject_role" not in data or "split_info" not in data:
+            raise DataError(f"{path}: no stage-1 subject roles (arrays 'subject_role', 'split_info'). Stage 2 must use "
+                            "exactly stage 1's subjects: re-export the slice features with `medattn predict` and "
+                            "callbacks.feature_export.SliceFeatureWriter on a SliceStackDataModule (it records them).")
+        frame = frame.assign(role=data["subject_role"].astype(str)[frame["row"].to_numpy()],
+                             fold=np.asarray(data.get("subject_fold", np.full(len(frame), -1)))[frame["row"].to_numpy()])
+        per_subject = frame.groupby("subject_id")[["role", "fold"]].nunique()
+        mixed = per_subject[(per_subject > 1).any(axis=1)]
+        if len(mixed):
+            raise DataError(f"{path}: subject {mixed.index[0]} has slices with different stage-1 roles or folds")
+        roles = frame.drop_duplicates("subject_id")[["subject_id", "role", "fold"]]
+        split = split_from_roles(roles, str(path))
+        info = json.loads(str(data["split_info"]))
+        for name in ("num_folds", "fold", "val_fraction", "label_ratio"):
+            given = getattr(hp, name)
+            if given is not None and info.get(name) is not None and float(given) != float(info[name]):
+                raise DataError(f"{path}: stage 1 used {name}={info[name]}, but stage 2 was given {name}={given}; "
+                                f"stage 2 keeps stage 1's split: drop data.init_args.{name} or re-export")
+        if hp.labeled_subjects is not None and sorted(map(str, hp.labeled_subjects)) != split["labeled"]:
+            raise DataError(f"{path}: labeled_subjects differ from the {len(split['labeled'])} subjects labeled in "
+                            "stage 1; stage 2 keeps stage 1's labeled subjects")
+        if not split["train"] or not split["test"] or (not split["val"] and not info.get("no_validation_split")):
+            raise DataError(f"{path}: the recorded split has {len(split['train'])} training, {len(split['val'])} "
+                            f"validation and {len(split['test'])} test subjects; each must be non-empty")
+        self.split_info = info
+        return split
 
     def _dataset(self, subject_ids: Sequence[str], streams: np.ndarray, train: bool) -> SubjectFeatureDataset:
         hp, data = self.hparams, self._ensure()
@@ -207,8 +244,10 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
                           sampler=UnpaddedDistributedSampler(len(ids), world, rank), collate_fn=collate_slices,
                           num_workers=self.hparams.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         self.setup()
+        if not self.split["val"]:  # stage 1 ran without a validation split: Lightning skips validation
+            return []
         return self._eval_loader(self.split["val"])
 
     def test_dataloader(self) -> DataLoader:

@@ -198,8 +198,11 @@ class SubjectAggregationModule(MedAttnModule):
         return {"subject_id": batch["subject_id"], "probabilities": logits.float().softmax(-1)}
 
 
-def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int = 3, seed: int = 0) -> Path:
-    """A small slice-feature file with a learnable signal, in the SliceFeatureWriter format."""
+def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int = 3, seed: int = 0,
+                         split: dict | None = None) -> Path:
+    """A small slice-feature file with a learnable signal, in the SliceFeatureWriter format, with the stage-1 split
+    record of ``datamodules.subject_splits.split_subjects(subjects, **split)`` (default: 3 folds, fold 0, label
+    ratio 0.5); ``split=False`` writes no record (a file from before the record existed)."""
     rng = np.random.default_rng(seed)
     rows = {k_: [] for k_ in ("features", "probabilities", "image_id", "subject_id", "slice_index", "slice_label",
                               "subject_label")}
@@ -215,9 +218,23 @@ def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int
             rows["slice_index"].append(i)
             rows["slice_label"].append(grade)
             rows["subject_label"].append(grade)
+    arrays = {key: np.asarray(v) for key, v in rows.items()}
+    if split is not False:
+        import json
+
+        import pandas as pd
+
+        from datamodules.subject_splits import role_frame, split_subjects, subject_folds
+
+        args = {"num_folds": 3, "fold": 0, "label_ratio": 0.5, "seed": 0, **(split or {})}
+        subjects = pd.DataFrame({"subject_id": [f"s{s:03d}" for s in range(n_subjects)],
+                                 "subject_label": np.arange(n_subjects) % k * 1.0, "fold": np.nan})
+        roles = role_frame(split_subjects(subjects, **args), subject_folds(subjects, args["num_folds"], args["seed"]))
+        roles = roles.set_index("subject_id").reindex(arrays["subject_id"])
+        arrays.update(subject_role=roles["role"].to_numpy().astype(str), subject_fold=roles["fold"].to_numpy(),
+                      split_info=np.asarray(json.dumps(args)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, class_names=np.array([f"grade_{i}" for i in range(k)]),
-             **{key: np.asarray(v) for key, v in rows.items()})
+    np.savez(path, class_names=np.array([f"grade_{i}" for i in range(k)]), **arrays)
     return path
 
 
@@ -226,8 +243,7 @@ def _tiny(tmp_dir: Path):
     from networks.aggregation import BiGRUAggregator
 
     path = _write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz")
-    data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, label_ratio=0.5, labeled_batch_size=2,
-                                    unlabeled_batch_size=2, eval_batch_size=8)
+    data = SubjectFeatureDataModule(path, seq_len=6, labeled_batch_size=2, unlabeled_batch_size=2, eval_batch_size=8)
     net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8)
     return SubjectAggregationModule(net, consistency_start=0), data
 

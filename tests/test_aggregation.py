@@ -89,14 +89,19 @@ def test_feature_export_roundtrip(tmp_path):
     assert (feats["subject_label"] >= 0).all() and (feats["slice_label"] == table["label"].to_numpy()).all()
 
 
-def test_subject_datamodule_split_matches_stage1(tmp_path):
-    from datamodules.slices import split_subjects
+def test_subject_datamodule_split_is_the_recorded_stage1_split(tmp_path):
+    from datamodules.subject_splits import split_subjects
 
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=15)
-    dm = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, fold=1, label_ratio=0.5, labeled_batch_size=2,
-                                  unlabeled_batch_size=2, seed=3)
+    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=15, split=dict(num_folds=3, fold=1, seed=3))
+    dm = SubjectFeatureDataModule(path, seq_len=6, labeled_batch_size=2, unlabeled_batch_size=2, seed=3)
     dm.setup()
-    assert dm.split == split_subjects(dm._subjects, 3, 1, 0.0, 0.5, 3)
+    recorded = read_slice_features(path)
+    role_of = dict(zip(recorded["subject_id"], recorded["subject_role"]))
+    for role, key in (("labeled", "labeled"), ("val", "val"), ("test", "test")):
+        assert dm.split[key] == sorted(s for s, r in role_of.items() if r == role), role
+    assert dm.split["train"] == sorted(s for s, r in role_of.items() if r in ("labeled", "unlabeled"))
+    subjects = dm._subjects.assign(fold=np.nan)
+    assert dm.split == split_subjects(subjects, 3, 1, 0.15, 0.5, 3)  # what the writer of the file computed
     assert set(dm.split["labeled"]) <= set(dm.split["train"]) and not set(dm.split["train"]) & set(dm.split["test"])
     batch = next(iter(dm.train_dataloader()))
     assert batch["features"].shape == (4, 6, 16) and batch["stream"].tolist() == [1, 1, 2, 2]

@@ -78,21 +78,24 @@ def test_split_subjects_by_subject_and_label_ratio():
     subjects = pd.DataFrame({"subject_id": [f"s{i:02d}" for i in range(40)], "subject_label": np.arange(40) % 3,
                              "fold": np.nan})
     held = []
-    for fold in range(5):
-        split = split_subjects(subjects, 5, fold, 0.0, 0.25, seed=0)
-        assert not set(split["train"]) & set(split["test"]) and split["val"] == split["test"]
+    for fold in range(5):  # the reference protocol: no validation split, asked for explicitly
+        split = split_subjects(subjects, 5, fold, 0.0, 0.25, seed=0, no_validation_split=True)
+        assert not set(split["train"]) & set(split["test"]) and split["val"] == []
         assert set(split["labeled"]) <= set(split["train"])
         assert abs(len(split["labeled"]) - 0.25 * len(split["train"])) <= 2
         labels = subjects.set_index("subject_id").loc[split["labeled"], "subject_label"]
         assert set(labels) == {0, 1, 2}  # stratified
+        assert set(subjects.set_index("subject_id").loc[split["test"], "subject_label"]) == {0, 1, 2}
         held += split["test"]
     assert sorted(held) == sorted(subjects["subject_id"])  # the folds partition the subjects
-    assert split_subjects(subjects, 5, 2, 0.0, 0.25, seed=0) == split_subjects(subjects, 5, 2, 0.0, 0.25, seed=0)
+    assert split_subjects(subjects, 5, 2, seed=0) == split_subjects(subjects, 5, 2, seed=0)
     carved = split_subjects(subjects, 5, 0, 0.25, 0.25, seed=0)
+    assert len(carved["val"]) == 8 and set(subjects.set_index("subject_id").loc[carved["val"], "subject_label"]) == {
+        0, 1, 2}
     assert not set(carved["val"]) & set(carved["train"]) and not set(carved["val"]) & set(carved["test"])
     # explicit folds from the subject table win
     with_folds = subjects.assign(fold=np.arange(40) % 4)
-    assert split_subjects(with_folds, 5, 3, 0.0, 0.25)["test"] == [f"s{i:02d}" for i in range(3, 40, 4)]
+    assert split_subjects(with_folds, 5, 3, 0.25, 0.25)["test"] == [f"s{i:02d}" for i in range(3, 40, 4)]
 
 
 def _datamodule(root, **kw) -> SliceStackDataModule:
