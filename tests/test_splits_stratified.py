@@ -13,7 +13,7 @@ import yaml
 
 from datamodules.cxr import CXRDataModule
 from datamodules.manifest import DataError, Manifest
-from datamodules.splits import kfold_by_patient, patient_strata, split_by_patient
+from datamodules.splits import kfold_by_patient, split_by_patient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,8 @@ def test_stratified_split_over_many_seeds_never_drops_a_rare_class():
 
 
 def test_multilabel_strata_are_the_rarest_positive_class():
+    from datamodules.splits import patient_strata
+
     pids = np.array(["a", "a", "b", "c", "d"])
     labels = np.array([[1, 0, 0], [1, 0, 1], [1, 0, 0], [0, 0, 0], [np.nan, 1, 0]], np.float32)
     # positives per class: 3, 1, 1 -> rarity ranks: class1 = 0 (tie with class2, lower index), class2 = 1, class0 = 2
@@ -85,9 +87,16 @@ class _Fixed:
         return self.manifest
 
 
-def _manifest(pids, labels, classes, task, official=None, boxed=()):
-    records = pd.DataFrame({"image_id": [f"im{i}" for i in range(len(pids))], "image_path": "x.png",
-                            "patient_id": pids})
+def _manifest(pids, labels, classes, task, official=None, boxed=(), folder: Path = Path(".")):
+    """One image per row, ``folder/im<i>.png``; only the boxed images' files are written (8x8 PNGs: boxes are
+    checked against the decoded image size), the splits never read the others."""
+    records = pd.DataFrame({"image_id": [f"im{i}" for i in range(len(pids))],
+                            "image_path": [str(folder / f"im{i}.png") for i in range(len(pids))], "patient_id": pids})
+    if len(boxed):
+        from PIL import Image
+
+        for i in boxed:
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"im{i}.png")
     if official is not None:
         records["official_split"] = official
     boxes = pd.DataFrame({"image_id": [f"im{i}" for i in boxed], "class_index": 0, "x_min": 1.0, "y_min": 1.0,
@@ -168,31 +177,31 @@ def test_chexpert_official_split_without_valid_csv_is_an_error(shared_data):
 
     csv = shared_data / "chexpert-sample" / "chexpert_train.head100.csv"
     reader = CheXpert(shared_data / "chexpert-sample", csv=str(csv), require_images=False)
-    dm = CXRDataModule(reader, use_official_test_split=True, val_fraction=0.1, test_fraction=0.0, min_per_class=0)
+    dm = CXRDataModule(reader, use_official_test_split=True, val_fraction=0.1, test_fraction=0.0)
     with pytest.raises(DataError, match=r"no image of CheXpert is in its official test split.*valid\.csv \(missing, "
                                         r"not in csv="):
         dm.setup("fit")
 
 
-def test_boxed_hold_out_says_it_ignores_test_fraction_and_needs_boxes():
-    pids = np.array([f"p{i}" for i in range(60)])
-    labels = np.eye(2, dtype=np.float32)[np.arange(60) % 2]
-    manifest = _manifest(pids, labels, ["a", "b"], "multiclass", boxed=range(0, 60, 4))
-    dm = CXRDataModule(_Fixed(manifest), hold_out_boxed_for_test=True, test_fraction=0.4, min_per_class=0)
+def test_boxed_hold_out_says_it_ignores_test_fraction_and_needs_boxes(tmp_path):
+    pids = np.array([f"p{i}" for i in range(400)])
+    labels = np.eye(2, dtype=np.float32)[np.arange(400) % 2]
+    manifest = _manifest(pids, labels, ["a", "b"], "multiclass", boxed=range(0, 400, 3), folder=tmp_path)
+    dm = CXRDataModule(_Fixed(manifest), hold_out_boxed_for_test=True, test_fraction=0.4)
     dm.setup("fit")
-    assert set(dm.splits["test"]) == set(range(0, 60, 4))  # 15 boxed patients, not 40 % of 60
+    assert set(dm.splits["test"]) == set(range(0, 400, 3))  # the 134 boxed patients, not 40 % of 400
     note = dm.summary.set_index("split").loc["test", "note"]
     assert note == "every patient with a boxed image (test_fraction=0.4 ignored)"
     no_boxes = _manifest(pids, labels, ["a", "b"], "multiclass")
     with pytest.raises(DataError, match="hold_out_boxed_for_test=True but _Fixed .* has no image with a box"):
-        CXRDataModule(_Fixed(no_boxes), hold_out_boxed_for_test=True, min_per_class=0).setup("fit")
+        CXRDataModule(_Fixed(no_boxes), hold_out_boxed_for_test=True).setup("fit")
 
 
 def test_a_stage_on_an_empty_split_is_an_error():
-    pids = np.array([f"p{i}" for i in range(40)])
-    labels = np.eye(2, dtype=np.float32)[np.arange(40) % 2]
+    pids = np.array([f"p{i}" for i in range(200)])
+    labels = np.eye(2, dtype=np.float32)[np.arange(200) % 2]
     dm = CXRDataModule(_Fixed(_manifest(pids, labels, ["a", "b"], "multiclass")), val_fraction=0.2,
-                       test_fraction=0.0, min_per_class=0)
+                       test_fraction=0.0)
     dm.setup("fit")
     with pytest.raises(DataError, match="stage 'test' needs the test split, which is empty"):
         dm.setup("test")
