@@ -107,6 +107,9 @@ class CXRDataModule(pl.LightningDataModule):
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"CXRDataModule: image_size must be a positive int (the network input side in "
+                             f"pixels), got {image_size!r}")
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
         self.manifest: Manifest | None = None
@@ -123,6 +126,7 @@ class CXRDataModule(pl.LightningDataModule):
                 raise DataError(f"{type(self.reader).__name__} returned no images ({manifest.source})")
             if self.hparams.skip_corrupt:
                 manifest = self._drop_corrupt(manifest)
+            manifest.check_boxes_against_images()  # boxes vs the decoded sizes (file headers), before any epoch
             self.manifest = manifest
         return self.manifest
 

@@ -342,8 +342,8 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4 or image_size % 4:
+            raise ValueError(f"LungSegmentationDataModule: image_size must be a positive multiple of 4, got {image_size!r}")
         self.root, self.metadata, self.image_dir = Path(root), metadata, image_dir
         self.mask_dirs = [d for d in (mask_dir, fallback_mask_dir) if d]
         self.views = list(views) if views else None

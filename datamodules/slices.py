@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, seed_worker_transform
 from datamodules.manifest import DataError, require_columns
+from datamodules.readers._common import where
 from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, role_frame, split_subjects,  # noqa: F401
                                         subject_folds)
 from datamodules.transforms import letterbox
@@ -73,6 +74,11 @@ class SliceTable:
             row = self.slices[bad].iloc[0]
             raise DataError(f"{self.source}: slice {row['image_id']} has label {row['label']!r}; expected an "
                             f"integer in [0, {k}) ({self.class_names}) or empty for unknown")
+        bad = self.subjects["subject_label"].notna() & ~self.subjects["subject_label"].isin(range(k))
+        if bad.any():
+            row = self.subjects[bad].iloc[0]
+            raise DataError(f"{self.source}: subject {row['subject_id']} has subject label {row['subject_label']!r}; "
+                            f"expected an integer in [0, {k}) ({self.class_names}) or empty for unknown")
         self.slices = self.slices.sort_values(["subject_id", "slice_index"]).reset_index(drop=True)
         missing = self.subjects["subject_label"].isna()
         if missing.any():  # subject grade = worst known slice grade
@@ -90,6 +96,9 @@ class SliceTable:
             seg = _nifti_slice(row["mask_path"], int(row["slice_index"]), self.slice_axis) if row["mask_path"] else None
         if seg is not None and seg.shape != image.shape:
             raise DataError(f"{row['path']}: mask of slice {row['image_id']} has shape {seg.shape}, image {image.shape}")
+        if not np.isfinite(image).all():  # NaN/inf would turn the percentile scaling into NaN everywhere
+            raise DataError(f"{row['path']}: slice {row['image_id']} holds {int((~np.isfinite(image)).sum())} NaN or "
+                            "infinite pixel(s); fix the file (medattn does not guess a fill value)")
         return normalise_intensity(image), seg
 
 
@@ -137,10 +146,34 @@ def _nifti_slice(path: str, index: int, axis: int) -> np.ndarray:
     return np.take(volume, index, axis=axis)
 
 
-def _subjects_frame(path: Path, subject_ids: Sequence[str]) -> pd.DataFrame:
+def _class_values(cells: pd.Series, num_classes: int, what: str, path: Path, unknown_negative: bool) -> pd.Series:
+    """Label cells -> float class indices (NaN = blank, or negative where ``unknown_negative``); a cell that is
+    not an integer in [0, num_classes) (``yes``, ``grade1``, ``high``, ``7`` with 3 classes) raises naming its row."""
+    values = pd.to_numeric(cells, errors="coerce")
+    blank = cells.isna() | (cells.astype(str).str.strip() == "")
+    if unknown_negative:
+        values = values.mask(values < 0)
+        blank = blank | (pd.to_numeric(cells, errors="coerce") < 0)
+    bad = ~blank & ~values.isin(range(num_classes))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        unknown = " or a negative value" if unknown_negative else ""
+        raise DataError(f"{where(path, i)}, column {cells.name!r}: {what} {cells.iloc[i]!r} is not a class index; "
+                        f"expected an integer in [0, {num_classes}), blank{unknown} for unknown")
+    return values.astype(float)
+
+
+def _subjects_frame(path: Path, subject_ids: Sequence[str], num_classes: int) -> pd.DataFrame:
     if path.is_file():
-        frame = pd.read_csv(path, dtype={"subject_id": str})
+        frame = pd.read_csv(path, dtype={"subject_id": str, "subject_label": str})
         require_columns(frame, ["subject_id", "subject_label"], path)
+        again = frame["subject_id"].duplicated().to_numpy()
+        if again.any():
+            i = int(np.flatnonzero(again)[0])
+            first = int(np.flatnonzero((frame["subject_id"] == frame["subject_id"].iloc[i]).to_numpy())[0])
+            raise DataError(f"{where(path, i)}: subject {frame['subject_id'].iloc[i]!r} is listed again (first at "
+                            f"row {first + 1}); one row per subject")
+        frame["subject_label"] = _class_values(frame["subject_label"], num_classes, "subject label", path, False)
     else:
         frame = pd.DataFrame({"subject_id": sorted(set(subject_ids)), "subject_label": np.nan})
     if "fold" not in frame.columns:
@@ -148,7 +181,6 @@ def _subjects_frame(path: Path, subject_ids: Sequence[str]) -> pd.DataFrame:
     unknown = sorted(set(subject_ids) - set(frame["subject_id"]))
     if unknown and path.is_file():
         raise DataError(f"{path}: subjects {unknown[:3]} have slices but no row here")
-    frame["subject_label"] = pd.to_numeric(frame["subject_label"], errors="coerce")
     return frame[frame["subject_id"].isin(set(subject_ids))][["subject_id", "subject_label", "fold"]].copy()
 
 
@@ -180,11 +212,16 @@ class H5SliceReader:
             if not subject or not index.isdigit():
                 raise DataError(f"{path}: file name must be <subject>_<slice index>.h5")
             with h5py.File(path, "r") as f:
-                label = float(f["label"][()]) if "label" in f else np.nan
+                raw = f["label"][()] if "label" in f else np.nan
+            try:
+                label = float(raw)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: 'label' is {raw!r}; expected a class index in [0, "
+                                f"{len(self.class_names)}) or a negative value for unknown") from None
             rows.append({"image_id": path.stem, "subject_id": subject, "slice_index": int(index),
                          "label": label if label >= 0 else np.nan, "path": str(path), "mask_path": "", "kind": "h5"})
         slices = pd.DataFrame(rows)
-        subjects = _subjects_frame(self.root / self.subjects_csv, slices["subject_id"].unique())
+        subjects = _subjects_frame(self.root / self.subjects_csv, slices["subject_id"].unique(), len(self.class_names))
         return SliceTable(slices, subjects, self.class_names, str(self.root))
 
 
@@ -208,7 +245,7 @@ class NiftiSliceReader:
         path = self.root / self.slices_csv
         if not path.is_file():
             raise DataError(f"slice table not found: {path} (columns subject_id,image_path,slice_index,label)")
-        frame = pd.read_csv(path, dtype={"subject_id": str, "image_path": str, "mask_path": str})
+        frame = pd.read_csv(path, dtype={"subject_id": str, "image_path": str, "mask_path": str, "label": str})
         require_columns(frame, ["subject_id", "image_path", "slice_index", "label"], path)
         if "mask_path" not in frame.columns:
             frame["mask_path"] = ""
@@ -218,15 +255,14 @@ class NiftiSliceReader:
         missing = frame.loc[~frame["path"].map(lambda p: Path(p).is_file()), "path"]
         if len(missing):
             raise DataError(f"{path}: row {missing.index[0] + 2} names a missing volume {missing.iloc[0]}")
-        frame["label"] = pd.to_numeric(frame["label"], errors="coerce")
-        frame.loc[frame["label"] < 0, "label"] = np.nan
+        frame["label"] = _class_values(frame["label"], len(self.class_names), "slice label", path, True)
         frame["slice_index"] = frame["slice_index"].astype(int)
         frame["image_id"] = frame["subject_id"] + "_" + frame["slice_index"].map("{:03d}".format)
         frame["kind"] = "nifti"
         if frame["image_id"].duplicated().any():
             raise DataError(f"{path}: slice {frame.loc[frame['image_id'].duplicated(), 'image_id'].iloc[0]} listed twice")
         slices = frame[["image_id", "subject_id", "slice_index", "label", "path", "mask_path", "kind"]]
-        subjects = _subjects_frame(self.root / self.subjects_csv, slices["subject_id"].unique())
+        subjects = _subjects_frame(self.root / self.subjects_csv, slices["subject_id"].unique(), len(self.class_names))
         return SliceTable(slices, subjects, self.class_names, str(path), self.slice_axis)
 
 
@@ -409,6 +445,8 @@ class SliceStackDataModule(pl.LightningDataModule):
                  augment_kwargs: dict | None = None, cache: bool = False, num_workers: int = 0,
                  seed: int = 0, no_validation_split: bool = False) -> None:
         super().__init__()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"SliceStackDataModule: image_size must be a positive int, got {image_size!r}")
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
         self.table: SliceTable | None = None

@@ -3,8 +3,14 @@
 A reader lists subjects (:class:`VolumeSubject`: an id, one file per modality, an optional label file) and loads
 them (:meth:`VolumeReader.load` -> :class:`Volume`: float32 (C, D, H, W) image, int64 (D, H, W) class map and the
 voxel spacing). Files are read with nibabel, which recognises NIfTI-1/2 (``.nii``, ``.nii.gz``), NIfTI pairs
-and Analyze 7.5 (``.hdr`` + ``.img``) from the file itself. Arrays keep nibabel's on-disk axis order (i, j, k);
-nothing is reoriented, so every modality of a subject must already share one grid (checked).
+and Analyze 7.5 (``.hdr`` + ``.img``) from the file itself. Every file is reoriented to the closest canonical
+orientation, RAS+ (``nibabel.as_closest_canonical``: axis flips and permutations only, no resampling; MONAI's
+``Orientationd(axcodes="RAS")`` does the same), so an image and a label map stored with different axis
+orders or flips still overlap voxel for voxel. After that every modality and the label map of a subject must
+share one grid: the same shape and the same affine (within 1e-3 mm), else :class:`DataError` names both files.
+Files that state no orientation (Analyze 7.5, NIfTI with qform and sform codes 0) keep their on-disk axis order:
+nibabel gives them one default affine, the same for every such file of a grid, so they stay mutually aligned
+and the same-grid check still applies. A NaN or infinite voxel is refused with the file name.
 
 Readers:
   * :class:`NiftiVolumes`: generic. Either a CSV (``subject_id``, one column per modality, a label column;
@@ -39,7 +45,7 @@ import pandas as pd
 from datamodules.manifest import DataError, require_columns
 
 __all__ = ["VolumeSubject", "Volume", "VolumeReader", "NiftiVolumes", "ISeg2017", "MNI152Tissue",
-           "read_volume", "ISEG_LABELS", "ISEG_CLASSES"]
+           "read_volume", "read_volume_affine", "ISEG_LABELS", "ISEG_CLASSES"]
 
 ISEG_CLASSES = ("background", "CSF", "GM", "WM")
 ISEG_LABELS = {0: 0, 10: 1, 150: 2, 250: 3}
@@ -60,12 +66,17 @@ class Volume:
     image: np.ndarray
     label: np.ndarray | None
     spacing: tuple[float, ...]
+    affine: np.ndarray | None = None  # voxel -> world (mm), RAS+, of every channel and of the label map
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read one 3D volume with nibabel: returns (float32 array (D, H, W), voxel spacing).
+AFFINE_TOLERANCE_MM = 1e-3
 
-    A trailing singleton dimension (Analyze and some NIfTI files store (X, Y, Z, 1)) is dropped.
+
+def read_volume_affine(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Read one 3D volume with nibabel, reoriented to RAS+: (float32 array, voxel spacing, 4x4 affine).
+
+    A trailing singleton dimension (Analyze and some NIfTI files store (X, Y, Z, 1)) is dropped. NaN or infinite
+    voxels raise :class:`DataError` naming the file.
     """
     import nibabel as nib  # local: only volume code needs it
 
@@ -74,15 +85,41 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
         raise DataError(f"volume file not found: {path}")
     try:
         img = nib.load(str(path))
+        while len(img.shape) > 3 and img.shape[-1] == 1:
+            img = img.slicer[..., 0]
+        if len(img.shape) != 3:
+            raise DataError(f"{path}: expected a 3D volume, got shape {img.shape}")
+        header = img.header
+        if "sform_code" in header and (int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0):
+            img = nib.as_closest_canonical(img)  # the file states its orientation: reorient to RAS+
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except DataError:
+        raise
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib errors)
         raise DataError(f"cannot read volume {path} (expected NIfTI .nii/.nii.gz or Analyze .hdr/.img): {err}") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise DataError(f"{path}: {int((~finite).sum())} voxel(s) are NaN or infinite (first at index "
+                        f"{tuple(int(i) for i in np.argwhere(~finite)[0])} after reorientation to RAS); fix the file "
+                        "(medattn does not guess a fill value)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return data, zooms, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """:func:`read_volume_affine` without the affine: (float32 array (D, H, W) in RAS+, voxel spacing)."""
+    data, zooms, _ = read_volume_affine(path)
     return data, zooms
+
+
+def _same_grid(subject: str, path: str, affine: np.ndarray, ref_path: str, ref: np.ndarray, what: str) -> None:
+    if not np.allclose(affine, ref, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        import nibabel as nib
+
+        raise DataError(
+            f"subject {subject}: {what} {path} and the image {ref_path} lie on different grids after reorientation "
+            f"to RAS (axis codes {''.join(nib.aff2axcodes(affine))} vs {''.join(nib.aff2axcodes(ref))}; affines "
+            f"{np.round(affine, 3).tolist()} vs {np.round(ref, 3).tolist()}); resample one onto the other first")
 
 
 def remap_labels(raw: np.ndarray, label_values: Mapping[int, int] | None, num_classes: int, source: str) -> np.ndarray:
@@ -131,22 +168,25 @@ class VolumeReader:
         if len(subject.images) != len(self.modalities):
             raise DataError(f"subject {subject.subject_id}: {len(subject.images)} image files for modalities "
                             f"{list(self.modalities)}")
-        arrays, spacing = [], None
+        arrays, spacing, affine = [], None, None
         for path in subject.images:
-            data, zooms = read_volume(path)
+            data, zooms, aff = read_volume_affine(path)
             if arrays and data.shape != arrays[0].shape:
                 raise DataError(f"subject {subject.subject_id}: {path} has shape {data.shape} but "
                                 f"{subject.images[0]} has {arrays[0].shape}; modalities must share one grid")
+            if arrays:
+                _same_grid(subject.subject_id, path, aff, subject.images[0], affine, "modality")
             arrays.append(data)
-            spacing = spacing or zooms
+            spacing, affine = spacing or zooms, aff if affine is None else affine
         label = None
         if subject.label is not None:
-            raw, _ = read_volume(subject.label)
+            raw, _, label_affine = read_volume_affine(subject.label)
             if raw.shape != arrays[0].shape:
                 raise DataError(f"subject {subject.subject_id}: label map {subject.label} has shape {raw.shape} "
                                 f"but the image {subject.images[0]} has {arrays[0].shape}")
+            _same_grid(subject.subject_id, subject.label, label_affine, subject.images[0], affine, "label map")
             label = remap_labels(raw, self.label_values, self.num_classes, subject.label)
-        return Volume(subject.subject_id, np.stack(arrays), label, tuple(spacing))
+        return Volume(subject.subject_id, np.stack(arrays), label, tuple(spacing), affine)
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:

@@ -4,6 +4,11 @@ counted skip (``CXRDataModule(skip_corrupt=True)`` -> ``report["skipped_corrupt"
 that loads (16-bit and RGBA PNGs, extra columns, uncertainty policies, an all-zero mask). Nothing may crash deep
 inside a DataLoader worker: the worker row decodes in a worker process and still surfaces a ``DataError`` naming
 the file. Per-reader details live in ``tests/test_readers_bad_input.py``; this file is the cross-cutting table.
+
+The last block is "an image loads as what it is, or not at all" (issue 18, item 4): bit depth, EXIF orientation,
+what a mask is, NIfTI orientation and NaN voxels, boxes against the decoded size, degenerate images, one file
+listed twice, slice/subject labels outside the class set, duplicated keys and ``image_size 0``, and the pixel
+limit. The inputs are written by ``tests/bad_input_writers.py``.
 """
 
 from __future__ import annotations
@@ -13,116 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datamodules.cxr import CXRDataModule
 from datamodules.io import read_gray_uint8
 from datamodules.manifest import DataError
-from datamodules.readers.chexpert import CheXpert
 from datamodules.readers.csv_manifest import CSVManifest
 from datamodules.readers.nih import NIHChestXray14
 
-ALL = ["a", "b"]  # label columns of the small CSV datasets
-
-
-# ----------------------------------------------------------------------------------------------- writers
-def png(path: Path, mode: str = "L", size=(24, 20), value: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = size
-    if mode == "I;16":
-        array = (np.arange(h * w, dtype=np.uint16).reshape(h, w) * 97).astype(np.uint16)
-        Image.fromarray(array).save(path)  # PIL writes uint16 arrays as 16-bit grayscale PNG
-        return path
-    array = np.full((h, w), 128 if value is None else value, np.uint8)
-    image = Image.fromarray(array, "L")
-    (image.convert(mode) if mode != "L" else image).save(path)
-    return path
-
-
-def truncated_png(path: Path) -> Path:
-    png(path, size=(64, 64))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def dicom(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64)
-    return path
-
-
-def csv_dataset(tmp: Path, images: dict[str, Callable[[Path], Path]] | None = None, header: str | None = None,
-                rows: list[str] | None = None) -> Path:
-    """``images.csv`` with image_path, patient_id, a, b (one patient per image) and the given image writers."""
-    images = images or {f"img{i}.png": png for i in range(4)}
-    for name, writer in images.items():
-        writer(tmp / "img" / name)
-    lines = [header or "image_path,patient_id,a,b"]
-    lines += rows if rows is not None else [f"img/{name},p{i},{i % 2},{(i + 1) % 2}" for i, name in enumerate(images)]
-    (tmp / "images.csv").write_text("\n".join(lines) + "\n")
-    return tmp / "images.csv"
-
-
-def datamodule(csv: Path, **kwargs) -> CXRDataModule:
-    reader = CSVManifest(csv, label_columns=kwargs.pop("label_columns", ALL), **kwargs.pop("reader_kwargs", {}))
-    defaults = dict(image_size=16, val_fraction=0.0, test_fraction=0.0, labeled_batch_size=4, eval_batch_size=4,
-                    augment=False, min_per_class=0)  # 4-image tables: class counts are not what these tests check
-    return CXRDataModule(reader, **{**defaults, **kwargs})
-
-
-def first_batch(dm: CXRDataModule) -> dict:
-    dm.prepare_data()
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def one_corrupt(writer: Callable[[Path], Path], **kwargs):
-    """A 4-image dataset whose image 2 is written by ``writer``, read through the DataModule's first batch."""
-    def run(tmp: Path):
-        files = {f"img{i}.png": (writer if i == 2 else png) for i in range(4)}
-        return first_batch(datamodule(csv_dataset(tmp, files), **kwargs))
-    return run
-
-
-def chexpert(tmp: Path, uncertainty: str, blank: str) -> np.ndarray:
-    header = "Path,Sex,Age,Frontal/Lateral,AP/PA,Cardiomegaly,Edema,Consolidation,Atelectasis,Pleural Effusion"
-    row = "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,-1.0,,1.0,-1.0,0.0"
-    (tmp / "train.csv").write_text(f"{header}\n{row}\n")
-    return CheXpert(tmp, uncertainty=uncertainty, blank=blank, require_images=False).load().labels[0]
-
-
-def nifti(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
-    return path
-
-
-def volumes(tmp: Path, image_shape=(12, 12, 12), label_shape=None, n: int = 2):
-    from datamodules.volumes import NiftiVolumes
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        nifti(tmp / f"s{i}_img.nii.gz", rng.random(image_shape).astype(np.float32) + 0.1)
-        nifti(tmp / f"s{i}_seg.nii.gz", (rng.random(label_shape or image_shape) > 0.5).astype(np.uint8))
-    return NiftiVolumes(tmp, images=["*_img.nii.gz"], label="*_seg.nii.gz")
-
-
-def load_volume(tmp: Path, **kwargs):
-    reader = volumes(tmp, **kwargs)
-    return reader.load(reader.subjects()[0])
-
-
-def patch_datamodule(tmp: Path, patch: int):
-    from datamodules.segmentation import VolumeSegmentationDataModule
-
-    dm = VolumeSegmentationDataModule(volumes(tmp), patch_size=patch, batch_size=1, patches_per_epoch=2)
-    dm.setup("fit")
-    return dm
+from bad_input_writers import (  # a helper module next to this file (tests/ is on sys.path)
+    ALL, png, truncated_png, dicom, csv_dataset, datamodule, first_batch, one_corrupt, chexpert,
+    load_volume, patch_datamodule, twelve_bit, exif_rotated, red_mask, red_over_xray, flipped_label,
+    shifted_label, nan_voxels, box_setup, nih_resized, warns, bomb, pixel_limit_configurable, slices,
+    nih_duplicate,
+)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -131,6 +42,7 @@ class Case:
     id: str
     run: Callable[[Path], object]
     error: str | None = None  # regex of the DataError message
+    exception: type = DataError  # an invalid argument is a ValueError naming it
     check: Callable[[object, Path], None] | None = None  # for inputs that must load / be skipped
 
 
@@ -158,8 +70,8 @@ def _labels(expected: list[float]):
 
 def _sixteen_bit(batch, tmp):
     raw = read_gray_uint8(tmp / "img" / "img2.png")
-    source = np.asarray(Image.open(tmp / "img" / "img2.png")).astype(np.int64)
-    assert raw.dtype == torch.uint8 and torch.equal(raw[0].long(), torch.from_numpy(source >> 8))
+    source = np.asarray(Image.open(tmp / "img" / "img2.png")).astype(np.int64)  # max 46463: a 16-bit image
+    assert raw.dtype == torch.uint8 and torch.equal(raw[0].long(), torch.from_numpy((source * 255 + 32767) // 65535))
     assert batch["image"].shape == (4, 1, 16, 16) and bool(torch.isfinite(batch["image"]).all())
 
 
@@ -286,15 +198,60 @@ CASES = [
          r"volume shape \(12, 12, 12\) is smaller than the patch size \(16, 16, 16\)"),
     # splits
     Case("empty validation split", _empty_split, r"the val split is empty: 1 patients"),
+    # an image loads as what it is, or not at all (issue 18, item 4)
+    Case("12-bit image in a 16-bit PNG (scaled by 4095, window recorded)", twelve_bit, check=lambda r, t: None),
+    Case("EXIF orientation (applied)", exif_rotated, check=lambda r, t: None),
+    Case("mask drawn in red on black (any non-zero channel)", red_mask, check=lambda r, t: None),
+    Case("red drawing over an X-ray given as a mask", red_over_xray,
+         r"mask .*over\.png is not binary: it holds \d+ values"),
+    Case("NIfTI label map stored flipped (reoriented to RAS)", flipped_label, check=lambda r, t: None),
+    Case("NIfTI label map on another grid", shifted_label,
+         r"subject s0: label map .*s0_seg\.nii\.gz and the image .*s0_img\.nii\.gz lie on different grids"),
+    Case("NaN voxel in a volume", nan_voxels, r"s0_img\.nii\.gz: 1 voxel\(s\) are NaN or infinite"),
+    Case("box 25x the image width, no size columns", lambda tmp: box_setup(tmp, (20, 24), "1,1,600,10"),
+         r"boxes\.csv: row 2 \(line 3\): box .* lies outside .*img1\.png, which decodes to 24 x 20"),
+    Case("box frame (CSV width/height) differs from the decoded image", lambda tmp: box_setup(
+        tmp, (20, 24), "1,1,10,10", ",48,40"),
+         r"boxes\.csv: row 1 \(line 2\): box \(1, 1, 10, 10\) was drawn on a 48 x 40 \(W x H\) image, but "
+         r".*img0\.png decodes to 24 x 20"),
+    Case("NIH boxes (1024 px) on images resized to 256 px", nih_resized,
+         r"box file of the reader of .*Data_Entry_2017\.csv: row 1 \(line 2\): box \(x_min, y_min, x_max, y_max\) = "
+         r"\(600, 500, 720, 590\) lies outside .*00000001_000\.png, which decodes to 256 x 256"),
+    Case("1x1 image (warns, naming the file)", warns(lambda p: png(p, size=(1, 1))), check=lambda r, t: None),
+    Case("constant image (warns, naming the file)", warns(lambda p: png(p, value=90)), check=lambda r, t: None),
+    Case("same file twice (img/x.png, ./img/x.png) under two patients", lambda tmp: CSVManifest(csv_dataset(
+        tmp, rows=["img/img0.png,p0,1,0", "img/img1.png,p1,0,1", "./img/img0.png,p7,0,1"]), label_columns=ALL).load(),
+         r"images\.csv: image file .*img0\.png is listed twice: row 1 \(line 2\) .*patient 'p0'.* and row 3 "
+         r"\(line 4\) as '.*\./img/img0\.png'.*patient 'p7'"),
+    *[Case(f"slice label {bad!r}", lambda tmp, bad=bad: slices(tmp, labels=("0", bad, "2")),
+           rf"slices\.csv: row 2 \(line 3\), column 'label': slice label '{bad}' is not a class index; expected an "
+           r"integer in \[0, 3\)") for bad in ("yes", "grade1", "3")],
+    *[Case(f"subject label {bad!r} with 3 classes", lambda tmp, bad=bad: slices(
+        tmp, subjects=f"subject_id,subject_label\ns0,1\ns1,{bad}\n"),
+           rf"subjects\.csv: row 2 \(line 3\), column 'subject_label': subject label '{bad}' is not a class index")
+      for bad in ("7", "high")],
+    Case("NaN pixel in a NIfTI slice", lambda tmp: slices(tmp, nan=True).load_slice(2),
+         r"v\.nii\.gz: slice s1_001 holds 1 NaN or infinite pixel\(s\)"),
+    Case("duplicated subject row in subjects.csv", lambda tmp: slices(
+        tmp, subjects="subject_id,subject_label\ns0,1\ns1,2\ns0,1\n"),
+         r"subjects\.csv: row 3 \(line 4\): subject 's0' is listed again \(first at row 1\)"),
+    Case("duplicated NIH Image Index", nih_duplicate,
+         r"Data_Entry_2017\.csv: row 3 \(line 4\), column 'Image Index': 'a\.png' is listed again \(first at row 1\)"),
+    Case("image_size 0", lambda tmp: first_batch(datamodule(csv_dataset(tmp), image_size=0)),
+         r"CXRDataModule: image_size must be a positive int .* got 0", exception=ValueError),
+    Case("decompression bomb (12000 x 12000 PNG of 150 kB)", bomb,
+         r"bomb\.png: 12000 x 12000 = 144,000,000 pixels exceeds the decoding limit of 100,000,000"),
+    Case("pixel limit is configurable", pixel_limit_configurable,
+         r"x\.png: 20 x 24 = 480 pixels exceeds the decoding limit of 400"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path):
     if case.error is not None:
-        with pytest.raises(DataError, match=case.error) as info:
+        with pytest.raises(case.exception, match=case.error) as info:
             case.run(tmp_path)
-        print(f"[bad input] {case.id}: DataError: {str(info.value).splitlines()[0][:200]}")
+        print(f"[bad input] {case.id}: {case.exception.__name__}: {str(info.value).splitlines()[0][:200]}")
     else:
         result = case.run(tmp_path)
         case.check(result, tmp_path)
@@ -302,4 +259,4 @@ def test_bad_input(case: Case, tmp_path):
 
 
 def test_matrix_is_large_enough():
-    assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 50 and len({c.id for c in CASES}) == len(CASES)

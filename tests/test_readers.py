@@ -502,7 +502,9 @@ def test_vinbig_wbf(tmp_path, monkeypatch):
     assert len(manifest.boxes) == 3
     (tmp_path / "sizes.csv").write_text("image_id,dim0,dim1\nimg1,300,400\nimg2,300,400\nimg3,300,400\n")
     sized = VinBigData(tmp_path, merge="wbf", size_csv="sizes.csv", require_images=False).load()
-    pd.testing.assert_frame_equal(sized.boxes, manifest.boxes)
+    frame = ["frame_width", "frame_height"]  # the DICOM size the boxes were drawn on (None without size_csv)
+    pd.testing.assert_frame_equal(sized.boxes.drop(columns=frame), manifest.boxes.drop(columns=frame))
+    assert (sized.boxes[frame].to_numpy() == [400, 300]).all() and manifest.boxes[frame].isna().all().all()
     (tmp_path / "sizes.csv").write_text("image_id,width,height\nimg1,200,300\nimg2,300,400\nimg3,300,400\n")
     with pytest.raises(DataError, match=r"train.csv: row 1 \(line 2\): bad box .*x_max is beyond the image width for an image of width 200"):
         VinBigData(tmp_path, size_csv="sizes.csv", require_images=False).load()

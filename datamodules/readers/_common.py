@@ -69,6 +69,17 @@ def require_nonempty(frame: pd.DataFrame, what: str, source: str | Path, before:
         raise DataError(f"{source}: no rows left after {what} ({before} rows before it)")
 
 
+def require_unique(frame: pd.DataFrame, column: str, source: str | Path) -> None:
+    """Raise naming both rows when a value of ``column`` (an image or subject key) appears twice."""
+    cells = frame[column].astype(str).str.strip()
+    again = cells.duplicated().to_numpy()
+    if again.any():
+        i = int(np.flatnonzero(again)[0])
+        first = int(np.flatnonzero((cells == cells.iloc[i]).to_numpy())[0])
+        raise DataError(f"{where(source, i)}, column {column!r}: {cells.iloc[i]!r} is listed again (first at row "
+                        f"{first + 1}); each {column!r} must appear once")
+
+
 def numeric_column(frame: pd.DataFrame, column: str, source: str | Path) -> np.ndarray:
     """Column as float64; a non-numeric cell raises naming its row and column."""
     values = pd.to_numeric(frame[column], errors="coerce")

@@ -216,7 +216,8 @@ class COVIDChestXray:
         self.report["images"] = len(records)
         self.report["masks"] = int((records["mask_path"] != "").sum())
         self.report["boxes"] = len(boxes)
-        return Manifest(records, labels, list(self.classes), boxes, self.task, str(path))
+        return Manifest(records, labels, list(self.classes), boxes, self.task, str(path),
+                        str(getattr(self, "_boxes_path", "") or ""))
 
     def _map_findings(self, meta: pd.DataFrame, path: Path) -> pd.Series:
         """Per row: the list of class names, or None when the finding maps to nothing (mapped once per value)."""
@@ -257,6 +258,7 @@ class COVIDChestXray:
 
     def _boxes(self, records: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
         self.report.update(boxes_read=0, boxes_dropped_no_image=0)
+        self._boxes_path = None
         if self.boxes_csv is None:
             return C.empty_boxes()
         path = Path(self.boxes_csv) if Path(self.boxes_csv).is_absolute() else self.root / self.boxes_csv
@@ -271,8 +273,11 @@ class COVIDChestXray:
         width = C.numeric_column(table, "width", path) if "width" in table.columns else None
         height = C.numeric_column(table, "height", path) if "height" in table.columns else None
         C.check_boxes(boxes, path, rows, width, height)
+        for column, size in (("frame_width", width), ("frame_height", height)):  # the size the boxes were drawn on
+            boxes[column] = np.nan if size is None else size
         boxes["region"] = table["label"].astype(str).to_numpy() if "label" in table.columns else ""
         boxes["source_row"] = rows
+        self._boxes_path = path
         self.report["boxes_read"] = len(boxes)
 
         position = pd.Series(np.arange(len(records)), index=records["image_id"].to_numpy())
@@ -284,5 +289,6 @@ class COVIDChestXray:
         out = boxes.iloc[img].copy()
         out["class_index"] = cls.astype(np.int64)
         self.report["boxes_dropped_no_class"] = int(len(boxes) - len(np.unique(img)))
-        columns = ["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "region", "source_row"]
+        columns = ["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "frame_width", "frame_height",
+                   "region", "source_row"]
         return out[columns].reset_index(drop=True)

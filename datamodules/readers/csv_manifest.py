@@ -37,6 +37,9 @@ class CSVManifest:
         * A mask cell that names a missing file raises like a missing image (``require_images``). A box whose
           image is not in the CSV raises; boxes are checked (finite, not inverted, non-negative, and inside
           ``width``/``height`` from the box CSV or from ``width_column``/``height_column``, 1 px tolerance).
+          That stated size is the frame the boxes were drawn on: ``CXRDataModule`` refuses an image whose file
+          decodes to another size (resized after annotation), and, without stated sizes, any box outside the
+          decoded image (``Manifest.check_boxes_against_images``).
 
     :meth:`write` is the inverse: it writes any Manifest in this format, so another reader's output (say, a filtered
     NIH subset) can be frozen into a CSV and read back identically.
@@ -156,7 +159,8 @@ class CSVManifest:
         self.report["boxes_dropped_missing_image"] = int((~kept).sum())
         boxes = boxes[kept].reset_index(drop=True)
         self.report["images"], self.report["boxes"] = len(records), len(boxes)
-        return Manifest(records, labels, list(self.label_columns), boxes, self.task, str(source))
+        return Manifest(records, labels, list(self.label_columns), boxes, self.task, str(source),
+                        str(self._boxes_path or ""))
 
     def _labels(self, table: pd.DataFrame, rows: np.ndarray, source: Path) -> np.ndarray:
         values = C.labels_from_cells(table, self.label_columns, source, rows)
@@ -178,6 +182,7 @@ class CSVManifest:
         return values.astype(np.float32)
 
     def _boxes(self, records: pd.DataFrame) -> pd.DataFrame:
+        self._boxes_path = None
         if self.boxes_csv is None:
             return C.empty_boxes()
         path = Path(self.boxes_csv) if Path(self.boxes_csv).is_absolute() else self.root / self.boxes_csv
@@ -219,8 +224,14 @@ class CSVManifest:
         elif "height" in records.columns:
             height = records["height"].to_numpy()[boxes["image_id"].map(position).to_numpy(dtype=np.int64)]
         C.check_boxes(boxes, path, rows, width, height)
+        # The stated size is the frame the boxes were drawn on: the DataModule refuses an image that decodes
+        # to another size (Manifest.check_boxes_against_images) instead of letting the boxes point elsewhere.
+        nan = np.full(len(boxes), np.nan)
+        boxes["frame_width"] = nan if width is None else np.asarray(width, dtype=np.float64)
+        boxes["frame_height"] = nan if height is None else np.asarray(height, dtype=np.float64)
         boxes["source_row"] = rows
-        return boxes[["image_id", "class_index", *BOX_XY, "source_row"]]
+        self._boxes_path = path
+        return boxes[["image_id", "class_index", *BOX_XY, "frame_width", "frame_height", "source_row"]]
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod

@@ -131,6 +131,7 @@ class NIHChestXray14:
                                    f"NIH Data_Entry (tried {self.data_entry} and {self.data_entry}.gz)")
         entry = C.read_csv(entry_path, "NIH Data_Entry", dtype={"Image Index": str, "Patient ID": str})
         require_columns(entry, ENTRY_COLUMNS, entry_path)
+        C.require_unique(entry, "Image Index", entry_path)  # else pandas fails later with InvalidIndexError
         entry["_row"] = np.arange(len(entry))
         self.report["rows"] = len(entry)
 

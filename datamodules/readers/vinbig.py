@@ -110,6 +110,7 @@ class VinBigData:
 
         findings = table[table["class_name"] != NO_FINDING]
         boxes = findings[["image_id", "x_min", "y_min", "x_max", "y_max"]].copy()
+        boxes["source_row"] = findings["_row"].to_numpy()
         for column in ("x_min", "y_min", "x_max", "y_max"):
             boxes[column] = C.numeric_column(findings, column, path)
         width, height = self._sizes(boxes["image_id"])
@@ -134,8 +135,15 @@ class VinBigData:
         if self.merge == "wbf":
             boxes = self._fuse(boxes, width is not None and self.size_csv is not None)
         self.report["images"], self.report["boxes"] = len(records), len(boxes)
-        columns = ["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "rad_id"]
-        return Manifest(records, labels, list(self.classes), boxes[columns].reset_index(drop=True), "multilabel", str(path))
+        # size_csv holds the DICOM size the boxes were drawn on: CXRDataModule refuses a file decoding to another size
+        frame = self._sizes(boxes["image_id"]) if self.size_csv is not None else (np.nan, np.nan)
+        boxes = boxes.assign(frame_width=frame[0], frame_height=frame[1])
+        if "source_row" not in boxes.columns:  # fused boxes come from several rows
+            boxes["source_row"] = np.nan
+        columns = ["image_id", "class_index", "x_min", "y_min", "x_max", "y_max", "rad_id", "frame_width",
+                   "frame_height", "source_row"]
+        return Manifest(records, labels, list(self.classes), boxes[columns].reset_index(drop=True), "multilabel",
+                        str(path), str(path))
 
     def _labels(self, findings: pd.DataFrame, table: pd.DataFrame, image_ids: pd.Index) -> np.ndarray:
         """(N, K) counts of distinct radiologists per image and class, thresholded by ``label_rule``."""
