@@ -505,6 +505,27 @@ class SliceStackDataModule(pl.LightningDataModule):
                 "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source)}
         return roles, info
 
+    def state_dict(self) -> dict:
+        """The subject split, saved in every checkpoint: a checkpoint used with another split is an error."""
+        return {"split": {k: list(v) for k, v in self.split.items()}} if self.split else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Lightning calls this after setup() when a run restores a checkpoint (fit resume, test, predict): a
+        # model must be tested and exported on the subjects it was trained with, never on another split's.
+        saved = state_dict.get("split")
+        self.setup()
+        if saved is None or saved == self.split:
+            return
+        def role(split: dict, subject: str) -> str:
+            names = {"test": "test", "val": "val", "labeled": "labeled", "train": "unlabeled"}
+            return next((v for k, v in names.items() if subject in split.get(k, ())), "absent")
+
+        moved = sorted(s for k in saved for s in set(saved[k]) ^ set(self.split.get(k, [])))
+        raise DataError(f"the checkpoint was trained on another subject split than this DataModule's: e.g. subject "
+                        f"{moved[0]} is {role(saved, moved[0])} there and {role(self.split, moved[0])} here. Use the "
+                        "training run's split arguments (num_folds, fold, val_fraction, label_ratio, labeled_subjects, "
+                        "seed, no_validation_split)")
+
     @property
     def summary(self) -> pd.DataFrame | None:
         """Subjects and slices per role and subject class (``split_summary.csv`` via ``SplitSummaryLogger``); an

@@ -135,3 +135,26 @@ def test_no_validation_split_runs_without_validation_and_tests_the_last_epoch(tm
     assert not any(k.startswith("val/") for k in trainer.callback_metrics)  # nothing was validated
     assert checkpoint.best_model_path == ""  # so the CLI and the suite test the final weights
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_checkpoint_of_another_split_is_refused(tmp_path):
+    """Predicting (exporting stage-2 roles) or testing with other split arguments than training is an error."""
+    from lightning_modules.mean_teacher import MeanTeacherModule
+    from networks.dcmt import DCMTNet
+
+    module = MeanTeacherModule(DCMTNet("test_resnet", num_classes=3, fa_channels=8, head_channels=8))
+    trained = _stage1_data(tmp_path, fold_column=False, val_fraction=0.0, no_validation_split=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, datamodule=trained)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    other = _stage1_data(tmp_path, fold_column=False)  # default: validation subjects carved from training
+    predictor = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                           callbacks=[SliceFeatureWriter(tmp_path / "f.npz")], default_root_dir=tmp_path)
+    with pytest.raises(DataError, match=r"another subject split.*subject subj\d+ is \w+ there and \w+ here"):
+        predictor.predict(module, datamodule=other, ckpt_path=tmp_path / "model.ckpt", return_predictions=False,
+                          weights_only=False)
+    same = _stage1_data(tmp_path, fold_column=False, val_fraction=0.0, no_validation_split=True)
+    predictor.predict(module, datamodule=same, ckpt_path=tmp_path / "model.ckpt", return_predictions=False,
+                          weights_only=False)
+    assert (tmp_path / "f.npz").is_file()
