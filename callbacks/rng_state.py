@@ -12,9 +12,12 @@ callback stores, per rank:
   object, not in the global state, and a resumed run rebuilds the dataset with fresh seeds.
 
 With ``num_workers > 0``, workers are seeded by PyTorch from the main process' torch generator each time the
-loader's iterator is created, so restoring the global state reproduces them too **provided the workers are
-re-created every epoch** (``persistent_workers=False``). Persistent workers keep their augmentation state in
-processes that a checkpoint cannot reach; the callback warns when such a run is resumed.
+loader's iterator is created, so restoring the global state reproduces them when they are re-created every epoch.
+The medattn training loaders go further: their samplers hand each sample a key ``(index, epoch, position)`` and
+the datasets seed the sample's augmentation from it (``datamodules/dataset.py``), so nothing random lives in a
+worker's history and resume is exact with any ``num_workers``, persistent or not. For a training loader with
+persistent workers whose dataset does not declare this (no ``seed_base`` attribute on the dataset), the callback
+still warns on resume that the workers' random state is out of reach.
 
 Under DDP the states are gathered to every rank with ``all_gather_object`` when a checkpoint is written (every
 rank writes the same callback state, rank 0 stores it) and on resume each rank takes back its own. A checkpoint
@@ -23,11 +26,22 @@ not be there: it stores this rank's state only, and other ranks then start from 
 warning).
 
 When: the states are captured at save time and restored in ``on_train_start`` of the resumed run, after which
-the training iterator is re-created (Lightning made the first one before any hook, from the unrestored
-state), so the first resumed epoch draws its loader seed exactly where the uninterrupted run does (the sanity
-check runs inside Lightning's ``isolate_rng``). Callbacks must therefore not draw random numbers in
-``on_train_start``/``on_train_epoch_start``. A mid-epoch checkpoint resumes correctly but not bit-identically:
-Lightning replays a plain DataLoader's interrupted epoch from its first batch (see ``tests/test_resume.py``).
+the training iterator is re-created (Lightning made the first one before any hook, from the unrestored state):
+
+* checkpoint at the end of epoch k (``ResumableCheckpoint``'s ``last.ckpt``): the iterator of epoch k + 1 is
+  created after ``set_epoch`` from the restored state, where the uninterrupted run creates it, so the first
+  resumed epoch draws its loader seed exactly where the uninterrupted run does;
+* checkpoint after batch b of epoch k (``last_every_n_train_steps``, or any step checkpoint): samplers with a
+  ``skip_batches`` method (the medattn training samplers) start epoch k's iterator at batch b, and the global torch
+  state is put back after ``iter`` (the uninterrupted run drew that loader seed at the start of the epoch, before
+  the checkpoint). A plain ``DataLoader`` has no such method: Lightning then replays the epoch from its first
+  batch (correct step count, not bitwise; see ``tests/test_resume.py``);
+* checkpoint written during validation after the epoch's last batch (Lightning's ``ModelCheckpoint`` with
+  ``check_val_every_n_epoch > 1``, e.g. a ``best.ckpt``): no batch of that epoch is left, so the iterator is not
+  re-created (re-creating it drew one loader seed too many and shifted every later random draw).
+
+The sanity check runs inside Lightning's ``isolate_rng``. Callbacks must not draw random numbers in
+``on_train_start``/``on_train_epoch_start``.
 
 Example::
 
@@ -218,9 +232,11 @@ class RngStateCallback(pl.Callback):
             return
         saved, self._pending = self._pending, None
         if self.warn_persistent_workers and any(loader.num_workers > 0 and loader.persistent_workers
+                                                and not hasattr(loader.dataset, "seed_base")
                                                 for loader in _train_loaders(trainer)):
-            warnings.warn("resuming with a training DataLoader that uses persistent_workers=True: its workers' "
-                          "augmentation random state is not in checkpoints, so this run is correct but not bitwise "
+            warnings.warn("resuming with a training DataLoader that uses persistent_workers=True and a dataset "
+                          "whose augmentation is not keyed per sample (no `seed_base`, see datamodules/dataset.py): "
+                          "its workers' random state is not in checkpoints, so this run is correct but not bitwise "
                           "identical to an uninterrupted one (use persistent_workers=False or num_workers=0 for exact "
                           "resume)", stacklevel=2)
         if self._restore(trainer, saved):
@@ -254,15 +270,13 @@ class RngStateCallback(pl.Callback):
 
 
 def _restart_train_iterator(trainer: pl.Trainer) -> None:
-    """Re-create the training iterator after the random state was restored.
+    """Re-create the training iterator after the random state was restored (see the module docstring).
 
     Lightning creates the first iterator of a run in ``FitLoop.setup_data``, before any hook, and that draws the
-    loader's base seed from the torch generator (and, with workers, starts them and their prefetching). In an
-    uninterrupted run the iterator of epoch k + 1 is created after ``set_epoch`` and the ``on_train_epoch_start``
-    hooks, from the restored state. Doing the same here (set the samplers' epoch, then ``iter``) makes the resumed
-    epoch draw the same base seed and, with workers, the same sampler order. Loaders with their own
-    ``state_dict`` (stateful, mid-epoch position) are left alone: a second ``iter`` would drop their position.
-    Uses Lightning internals (``fit_loop._combined_loader``, ``_data_fetcher``; checked with Lightning 2.6).
+    loader's base seed from the torch generator (and, with workers, starts them and their prefetching). Loaders
+    with their own ``state_dict`` (stateful, mid-epoch position) are left alone: a second ``iter`` would drop their
+    position. Uses Lightning internals (``fit_loop._combined_loader``, ``_data_fetcher``, the progress trackers;
+    checked with Lightning 2.6).
     """
     from lightning.fabric.utilities.data import _set_sampler_epoch
 
@@ -273,6 +287,18 @@ def _restart_train_iterator(trainer: pl.Trainer) -> None:
         return
     if any(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in combined.flattened):
         return
+    mid_epoch = fit_loop.restarting  # the checkpoint's epoch had not finished
+    done = fit_loop.epoch_loop.batch_progress.current.processed if mid_epoch else 0
+    if mid_epoch and done >= trainer.num_training_batches:
+        return  # written during the epoch-end validation: the next epoch's iterator comes from Lightning
     for dl in combined.flattened:
         _set_sampler_epoch(dl, fit_loop.epoch_progress.current.processed)
+        if done:
+            for sampler in (getattr(dl, "sampler", None), getattr(getattr(dl, "batch_sampler", None), "sampler", None)):
+                if hasattr(sampler, "skip_batches"):
+                    sampler.skip_batches(done)
+                    break
+    torch_state = torch.get_rng_state() if mid_epoch else None
     iter(fetcher)
+    if torch_state is not None:
+        torch.set_rng_state(torch_state)  # the uninterrupted run drew this loader seed before the checkpoint

@@ -1,18 +1,65 @@
-"""Map-style dataset, mixed-stream sampler and collate function for 2D images."""
+"""Map-style dataset, mixed-stream sampler and collate function for 2D images, and per-sample random keys.
+
+Augmentation randomness is a function of the sample's *key*, never of a worker's history: a training sampler
+built with ``keyed=True`` yields :class:`SampleKey` ``(index, epoch, position)`` (``position`` = the sample's place
+in this rank's epoch stream), and the dataset seeds the sample's transforms with :func:`sample_seed` of
+``(seed, run seed, rank, epoch, position, index)`` before applying them. The sampler lives in the main process
+and gets ``set_epoch`` from Lightning, so the epoch reaches persistent workers through the index they are handed
+(the dataset object itself is pickled into them once). Consequences: the augmentation of a sample does not depend
+on ``num_workers``, on ``persistent_workers``, on which worker decoded it or on what was decoded before, so a run
+resumed from a checkpoint draws exactly what the uninterrupted run draws; and a keyed sampler can start an epoch
+at any batch (:meth:`MixedStreamSampler.skip_batches`), which makes mid-epoch resume exact as well.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+import os
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler
 
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import Manifest
 from datamodules.transforms import CXRTransform
+
+
+class SampleKey(NamedTuple):
+    """What a keyed training sampler hands the dataset instead of a bare index."""
+
+    index: int
+    epoch: int
+    position: int
+
+
+def split_key(item) -> tuple[int, int, int]:
+    """``(index, epoch, position)`` of a :class:`SampleKey`; a bare index ``i`` is the key ``(i, 0, i)`` (direct
+    ``dataset[i]`` access: deterministic, the same as epoch 0 at position ``i``)."""
+    if isinstance(item, tuple):
+        index, epoch, position = item
+        return int(index), int(epoch), int(position)
+    return int(item), 0, int(item)
+
+
+def run_seed() -> int:
+    """The run's global seed (``seed_everything`` / ``--seed_everything`` stores it in ``PL_GLOBAL_SEED``), so runs
+    with different seeds augment differently; 0 when no global seed was set."""
+    value = os.environ.get("PL_GLOBAL_SEED", "")
+    try:
+        return int(value) % (2**32)
+    except ValueError:
+        return 0
+
+
+def sample_seed(base: Sequence[int], item) -> int:
+    """Seed of one sample's augmentation: a hash (``numpy.random.SeedSequence``) of ``base`` (data seed, run seed,
+    rank) and the sample's ``(epoch, position, index)``; independent streams for different keys."""
+    index, epoch, position = split_key(item)
+    entropy = [int(v) % (2**32) for v in (*base, epoch, position, index)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class CXRDataset(Dataset):
@@ -22,11 +69,14 @@ class CXRDataset(Dataset):
     an all-False ``label_mask`` so that no code path can read their ground truth (the DC-MT reference leaked
     labels of "unlabeled" slices into its attention-consistency term). Only box-stream rows carry boxes.
     ``load_masks=False`` never decodes the mask files: the masks travel as zeros, flagged absent.
+    ``seed_base``: with a random (training) transform, each sample's transform is seeded from ``seed_base`` and
+    the sample's key (see the module docstring) before it is applied.
     """
 
     def __init__(self, manifest: Manifest, transform: CXRTransform, streams: np.ndarray | int,
-                 load_masks: bool = True) -> None:
+                 load_masks: bool = True, seed_base: Sequence[int] = (0,)) -> None:
         self.manifest = manifest
+        self.seed_base = tuple(int(v) for v in seed_base)
         self.load_masks = load_masks
         self.transform = transform
         self.streams = np.broadcast_to(np.asarray(streams, dtype=np.int64), (len(manifest),)).copy()
@@ -36,7 +86,8 @@ class CXRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | SampleKey) -> dict:
+        index = split_key(item)[0]
         image_id, image_path, patient_id, mask_path, attention_path = self.records.iloc[index]
         stream = int(self.streams[index])
         image = read_gray_uint8(image_path)
@@ -44,6 +95,8 @@ class CXRDataset(Dataset):
         mask = read_mask(mask_path, hw) if mask_path and self.load_masks else None
         attention = read_mask(attention_path, hw) if attention_path and self.load_masks else None
         boxes = self._boxes.get(str(image_id)) if stream == STREAM_BOX else None
+        if self.transform.train:
+            self.transform.set_random_state(sample_seed(self.seed_base, item))
         sample = self.transform(image, boxes, mask=mask, attention_mask=attention)
         labels = torch.from_numpy(self.manifest.labels[index].copy())
         known = ~torch.isnan(labels)
@@ -72,19 +125,6 @@ def collate_cxr(samples: Sequence[dict]) -> dict:
     return batch
 
 
-def seed_worker_transform(worker_id: int, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: give each worker's MONAI transforms their own random state.
-
-    ``torch.initial_seed()`` in a worker differs per worker and per epoch; mixing in the rank (bind it with
-    ``functools.partial(seed_worker_transform, rank=global_rank)``) makes DDP ranks draw different augmentations
-    too, because the base seed is the same on every rank.
-    """
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "transform"):
-        seed = np.random.SeedSequence([torch.initial_seed() % (2**32), rank]).generate_state(1)[0]
-        info.dataset.transform.set_random_state(int(seed))
-
-
 class MixedStreamSampler(DistributedSampler):
     """Yields indices so that every consecutive block of ``sum(batch_sizes)`` holds exactly ``batch_sizes[s]``
     images of stream ``s`` (in stream order), i.e. a DataLoader with ``batch_size=sum(batch_sizes)`` and
@@ -95,6 +135,11 @@ class MixedStreamSampler(DistributedSampler):
     permutation shared by all ranks, then ``[rank::world_size]``); batch sizes are **per rank**, so the global
     batch is ``world_size * sum(batch_sizes)``. Subclassing ``DistributedSampler`` tells Lightning the sampler
     is already distributed and must not be replaced.
+
+    ``keyed=True`` yields :class:`SampleKey` ``(index, epoch, position)`` instead of bare indices, for datasets that
+    seed each sample's augmentation from its key. :meth:`skip_batches` makes the next iteration start at a given
+    batch of the epoch (mid-epoch resume); the order is a function of ``(seed, epoch)`` alone, so the batches that
+    follow are the uninterrupted run's.
     """
 
     def __init__(
@@ -105,6 +150,7 @@ class MixedStreamSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        keyed: bool = False,
     ) -> None:
         # Deliberately not calling DistributedSampler.__init__: it needs a dataset and an initialised process group.
         self.streams = np.asarray(streams)
@@ -112,8 +158,9 @@ class MixedStreamSampler(DistributedSampler):
         if epoch_stream not in self.batch_sizes:
             raise ValueError(f"epoch_stream {epoch_stream} has batch size 0")
         self.epoch_stream = epoch_stream
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_replicas, self.rank, self.seed, self.keyed = num_replicas, rank, seed, keyed
         self.epoch = 0
+        self._skip = 0
         self.members = {s: np.flatnonzero(self.streams == s) for s in self.batch_sizes}
         for s, idx in self.members.items():
             if len(idx) < num_replicas * self.batch_sizes[s] and s == epoch_stream:
@@ -127,6 +174,10 @@ class MixedStreamSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        """Start the next ``iter`` (only that one) after the first ``count`` batches of the epoch."""
+        self._skip = int(count)
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
@@ -143,12 +194,57 @@ class MixedStreamSampler(DistributedSampler):
             yield from self._shard(stream, cycle).tolist()
             cycle += 1
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[SampleKey]:
+        skip, self._skip = self._skip * self.batch_size, 0
+        return self._iterate(skip)
+
+    def _iterate(self, skip: int) -> Iterator:
         iters = {s: self._stream_iter(s) for s in self.batch_sizes}
+        position = 0
         for _ in range(self.num_batches):
             for s in sorted(self.batch_sizes):
                 for _ in range(self.batch_sizes[s]):
-                    yield next(iters[s])
+                    index = next(iters[s])
+                    if position >= skip:
+                        yield SampleKey(index, self.epoch, position) if self.keyed else index
+                    position += 1
+
+
+class KeyedSampler(DistributedSampler):
+    """Training sampler of a plain map-style dataset that yields :class:`SampleKey` (see the module docstring).
+
+    Rank ``r`` of ``num_replicas`` takes positions ``r, r + W, ...`` of the epoch's order (a permutation drawn from
+    ``(seed, epoch)`` when ``shuffle``, else ``0..length-1``), padded by wrapping to the same count on every rank as
+    ``DistributedSampler`` does. ``batch_size`` lets :meth:`skip_batches` skip whole batches.
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 batch_size: int = 1) -> None:
+        # Not calling DistributedSampler.__init__: it needs an initialised process group.
+        if length < 1:
+            raise ValueError(f"KeyedSampler needs at least one sample, got length={length}")
+        self.length, self.num_replicas, self.rank = int(length), num_replicas, rank
+        self.seed, self.shuffle, self.batch_size = seed, shuffle, int(batch_size)
+        self.epoch, self._skip = 0, 0
+        self.per_rank = math.ceil(self.length / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        """Start the next ``iter`` (only that one) after the first ``count`` batches of the epoch."""
+        self._skip = int(count)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        skip, self._skip = self._skip * self.batch_size, 0
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.length) if self.shuffle
+                 else np.arange(self.length))
+        for position in range(skip, self.per_rank):
+            index = int(order[(self.rank + position * self.num_replicas) % self.length])
+            yield SampleKey(index, self.epoch, position)
 
 
 class UnpaddedDistributedSampler(DistributedSampler):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed, split_key
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, require_columns
 from datamodules.splits import split_by_patient
@@ -81,8 +82,9 @@ def patch_start_range(box: tuple[int, int], limit: tuple[int, int], patch: int) 
 
 
 class RandomPatchDataset(Dataset):
-    """``length`` random patches; a draw is a function of the global torch RNG state and the index, so DDP ranks
-    (disjoint indices) draw different patches and every epoch draws new ones.
+    """``length`` random patches; a draw is a function of ``seed_base`` and the sample's key (epoch, position,
+    index: ``datamodules.dataset.sample_seed``), so DDP ranks draw different patches, every epoch draws new ones,
+    and no draw depends on a worker's history (exact resume with any ``num_workers``).
 
     Args:
         volumes: loaded volumes (image (C, *S), label (*S)).
@@ -91,8 +93,9 @@ class RandomPatchDataset(Dataset):
     """
 
     def __init__(self, volumes: Sequence[Volume], regions: Sequence[tuple[Box, Box]], patch_size: Sequence[int],
-                 length: int) -> None:
+                 length: int, seed_base: Sequence[int] = (0,)) -> None:
         self.volumes, self.patch_size, self.length = list(volumes), tuple(patch_size), int(length)
+        self.seed_base = tuple(int(v) for v in seed_base)
         self.ranges = [
             [patch_start_range(b, l, p) for b, l, p in zip(box, limits, self.patch_size)] for box, limits in regions
         ]
@@ -100,8 +103,8 @@ class RandomPatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
-        rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,))), int(index)])
+    def __getitem__(self, item: int | SampleKey) -> dict:
+        rng = np.random.default_rng(sample_seed(self.seed_base, item))
         v = int(rng.integers(len(self.volumes)))
         vol = self.volumes[v]
         starts = [int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[v]]
@@ -249,10 +252,17 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
             return tuple((max(b[i][0], lo), min(b[i][1], hi)) if i == a else b[i] for i in range(len(b)))
         return (cut(box, 0, mid), cut(limits, 0, mid)), (cut(box, mid, 10**9), cut(limits, mid, 10**9))
 
+    def _world(self) -> tuple[int, int]:
+        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=_collate,
-                          persistent_workers=self.num_workers > 0)
+        # patch draws = f(run seed, rank, epoch, position, index): exact resume with any number of workers
+        world, rank = self._world()
+        dataset = self.datasets["train"]
+        dataset.seed_base = (run_seed(), rank)
+        sampler = KeyedSampler(len(dataset), world, rank, shuffle=False, batch_size=self.batch_size)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=_collate, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         # Crops differ in size, so evaluation batches hold one volume.
@@ -271,36 +281,42 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
 
 # ============================================================================================== 2D lungs
 class LungDataset(Dataset):
-    """Letterboxed uint8 images and masks held in memory; training adds a random affine + gamma jitter."""
+    """Letterboxed uint8 images and masks held in memory; training adds a random affine + gamma jitter, drawn from
+    ``seed_base`` and the sample's key (``datamodules.dataset.sample_seed``), never from a worker's history."""
 
     def __init__(self, images: torch.Tensor, masks: torch.Tensor, ids: list[str], patients: list[str],
-                 augment: bool) -> None:
+                 augment: bool, seed_base: Sequence[int] = (0,)) -> None:
         self.images, self.masks, self.ids, self.patients, self.augment = images, masks, ids, patients, augment
+        self.seed_base = tuple(int(v) for v in seed_base)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | SampleKey) -> dict:
+        index = split_key(item)[0]
         image = self.images[index].float() / 255.0
         mask = self.masks[index].float()
         if self.augment:
-            image, mask = self._augment(image, mask)
+            generator = torch.Generator().manual_seed(sample_seed(self.seed_base, item))
+            image, mask = self._augment(image, mask, generator)
         return {"image": zscore(image), "label_map": (mask > 0.5).long(), "image_id": self.ids[index],
                 "patient_id": self.patients[index]}
 
     @staticmethod
-    def _augment(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(image: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # One random similarity transform shared by image and mask (scale 0.85-1.15, +-10 degrees, +-8 % shift),
         # then a gamma jitter. No flips: the heart makes the two lungs differ.
-        angle = math.radians(float(torch.empty(()).uniform_(-10, 10)))
-        scale = float(torch.empty(()).uniform_(0.85, 1.15))
-        tx, ty = (float(t) for t in torch.empty(2).uniform_(-0.08, 0.08))
+        g = {"generator": generator}
+        angle = math.radians(float(torch.empty(()).uniform_(-10, 10, **g)))
+        scale = float(torch.empty(()).uniform_(0.85, 1.15, **g))
+        tx, ty = (float(t) for t in torch.empty(2).uniform_(-0.08, 0.08, **g))
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
         theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
         grid = F.affine_grid(theta, (1, 1, *image.shape[-2:]), align_corners=False)
         image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
         mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-        gamma = float(torch.empty(()).uniform_(0.7, 1.4))
+        gamma = float(torch.empty(()).uniform_(0.7, 1.4, **g))
         return image.clamp(0, 1) ** gamma, mask
 
 
@@ -397,7 +413,12 @@ class LungSegmentationDataModule(pl.LightningDataModule):
                 records["patient_id"].iloc[idx.numpy()].tolist(), augment=self.augment and name == "train")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
+        # order = f(seed, epoch), augmentation = f(seed, run seed, rank, epoch, position, index): exact resume
+        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        dataset = self.datasets["train"]
+        dataset.seed_base = (self.seed, run_seed(), rank)
+        sampler = KeyedSampler(len(dataset), world, rank, seed=self.seed, shuffle=True, batch_size=self.batch_size)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, collate_fn=_collate, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, stage: str) -> DataLoader:

@@ -28,7 +28,7 @@ Extra keys: ``subject_id``, ``slice_index``, ``subject_label``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -42,12 +42,13 @@ from monai.transforms import (Compose, RandAffined, RandFlipd, RandGaussianNoise
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
-from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, seed_worker_transform
+from datamodules.dataset import (MixedStreamSampler, SampleKey, UnpaddedDistributedSampler, run_seed, sample_seed,
+                                 split_key)
 from datamodules.manifest import DataError, require_columns
 from datamodules.readers._common import where
 from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, role_frame, split_subjects,  # noqa: F401
                                         subject_folds)
-from datamodules.transforms import letterbox
+from datamodules.transforms import find_random_states, letterbox, reseed_random_states
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -321,13 +322,12 @@ class SliceTransform:
             if noise_std > 0:
                 photometric.append(RandGaussianNoise(prob=1.0, std=noise_std, sample_std=True))
         self.photometric = Compose(photometric) if photometric else None
+        self._states = find_random_states([self.geometric, self.photometric])
         self.set_random_state(seed)
 
     def set_random_state(self, seed: int) -> None:
-        rng = np.random.RandomState(seed % (2**32))
-        for compose in (self.geometric, self.photometric):
-            if compose is not None:
-                compose.set_random_state(seed=int(rng.randint(0, 2**31 - 1)))
+        """Reseed geometry and photometry in place (training datasets do it per sample, from the sample's key)."""
+        reseed_random_states(self._states, seed)
 
     def dilate(self, mask: torch.Tensor) -> torch.Tensor:
         if self.kernel.shape[-1] <= 1:
@@ -364,10 +364,13 @@ class SliceDataset(Dataset):
 
     ``streams[i]`` is the stream of row ``index[i]``; unlabeled rows hide their slice and subject labels.
     ``cache=True`` keeps decoded, intensity-normalised slices in memory (per worker process).
+    ``seed_base``: a training transform is reseeded per sample from it and the sample's key
+    (``datamodules.dataset.sample_seed``), so augmentation does not depend on workers or their history.
     """
 
     def __init__(self, table: SliceTable, index: np.ndarray, streams: np.ndarray, transform: SliceTransform,
-                 cache: bool = False) -> None:
+                 cache: bool = False, seed_base: Sequence[int] = (0,)) -> None:
+        self.seed_base = tuple(int(v) for v in seed_base)
         self.table, self.index = table, np.asarray(index, np.int64)
         self.streams = np.asarray(streams, np.int64)
         self.transform = transform
@@ -378,7 +381,8 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item: int | SampleKey) -> dict:
+        i = split_key(item)[0]
         row_index = int(self.index[i])
         if self.cache is not None and row_index in self.cache:
             image, seg = self.cache[row_index]
@@ -386,6 +390,8 @@ class SliceDataset(Dataset):
             image, seg = self.table.load_slice(row_index)
             if self.cache is not None:
                 self.cache[row_index] = (image, seg)
+        if self.transform.train:
+            self.transform.set_random_state(sample_seed(self.seed_base, item))
         sample = self.transform(image, seg)
         row = self.table.slices.iloc[row_index]
         stream = int(self.streams[i])
@@ -574,11 +580,12 @@ class SliceStackDataModule(pl.LightningDataModule):
         else:
             epoch_stream = STREAM_UNLABELED if hp.unlabeled_batch_size > 0 else STREAM_LABEL
         world, rank = self._world()
-        sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed)
-        dataset = SliceDataset(self.table, rows, streams, self._transform(True), hp.cache)
+        sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed, keyed=True)
+        # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
+        dataset = SliceDataset(self.table, rows, streams, self._transform(True), hp.cache,
+                               seed_base=(hp.seed, run_seed(), rank))
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=collate_slices, num_workers=hp.num_workers,
-                          worker_init_fn=partial(seed_worker_transform, rank=rank),  # per-rank augmentation
                           persistent_workers=hp.num_workers > 0)
 
     def _eval_loader(self, rows: np.ndarray) -> DataLoader:

@@ -193,7 +193,8 @@ def test_cli_resume_is_exact(tmp_path, monkeypatch):
     uninterrupted = run("full", "--trainer.max_epochs", "2")
     first = run("first", "--trainer.max_epochs", "1")
     _scramble()
-    resumed = run("resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(first))
+    # a checkpoint inside a run directory is continued in that directory (experiments/cli.py): same run id
+    resumed = run("first", "--trainer.max_epochs", "2", "--ckpt_path", str(first))
     checkpoint = load_checkpoint_file(resumed, map_location="cpu")
     assert checkpoint["global_step"] == 6 and "RngStateCallback" in checkpoint["callbacks"]
     # The experiment config's ModelCheckpoint monitors val/auroc, so with Lightning 2.6 its last.ckpt need not be the

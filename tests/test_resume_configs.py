@@ -1,0 +1,219 @@
+"""Preemption: ``last.ckpt`` after every training epoch (and every N steps), exact resume in every shipped config.
+
+* ``ResumableCheckpoint`` writes ``last.ckpt`` at the end of every training epoch whatever
+  ``check_val_every_n_epoch`` (before: only in epochs with validation, and then during validation, before the
+  epoch counted as finished), and optionally every N optimiser steps.
+* A real subprocess killed with SIGKILL mid-epoch leaves a ``last.ckpt`` that is at most one epoch (or N steps) old.
+* Through the CLI, each shipped synthetic config, shrunk only with flags, run straight vs stopped and resumed
+  with ``--ckpt_path .../last.ckpt`` at the config's own validation schedule (a stop in an epoch without
+  validation, and for configs that validate every v > 1 epochs a second stop at the validation epoch v): weights,
+  optimiser, scheduler and callback state (EMA teacher, prototypes) of the final ``last.ckpt`` differ by exactly 0.
+  Augmentation is keyed per sample (``datamodules/dataset.py``), so configs that ship ``num_workers: 1``
+  (persistent workers: cam_baseline, pcam, oxnet, retinanet) are run with their workers.
+* Mid-epoch: a step checkpoint resumes exactly too (the keyed samplers restart the epoch at the next batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resume_kill_job import BATCHES, Tiny  # noqa: E402
+
+from callbacks.reliability import AtomicCheckpointIO, ResumableCheckpoint  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------ last.ckpt every epoch
+class LastCkptProbe(pl.Callback):
+    """At the start of epoch e > 0, what ``last.ckpt`` holds: it must be the end of epoch e - 1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            return
+        if not self.path.is_file():
+            self.seen.append((trainer.current_epoch, None))
+            return
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        self.seen.append((trainer.current_epoch, ckpt["global_step"]))
+
+
+@pytest.mark.parametrize("val_every", [1, 3])
+def test_last_ckpt_written_at_the_end_of_every_epoch(tmp_path, val_every):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.randn(BATCHES * 2, 4)), batch_size=2)
+    probe = LastCkptProbe(tmp_path / "ck" / "last.ckpt")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, check_val_every_n_epoch=val_every, num_sanity_val_steps=0,
+                         plugins=[AtomicCheckpointIO()],
+                         callbacks=[ResumableCheckpoint(dirpath=tmp_path / "ck", monitor="val/score", mode="max",
+                                                        filename="best", save_last=True), probe])
+    trainer.fit(Tiny(), loader, loader)
+    assert probe.seen == [(e, e * BATCHES) for e in range(1, 5)]
+    final = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 5 * BATCHES and final["epoch"] == 4
+    assert (tmp_path / "ck" / "best.ckpt").is_file()  # top-k saving is unchanged
+
+
+def test_last_every_n_train_steps_validates_its_argument():
+    with pytest.raises(ValueError, match="last_every_n_train_steps=-1"):
+        ResumableCheckpoint(last_every_n_train_steps=-1)
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+@pytest.mark.parametrize("every_steps", [0, 2])
+def test_kill9_loses_at_most_one_epoch_or_n_steps(tmp_path, every_steps):
+    """SIGKILL (no handler can run) in the middle of epoch 2 of a run that validates every 3 epochs."""
+    progress = tmp_path / "progress.txt"
+    job = subprocess.Popen([sys.executable, str(REPO / "tests" / "resume_kill_job.py"), str(tmp_path), "3",
+                            str(every_steps)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = (2, BATCHES // 2 + 1)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            text = progress.read_text() if progress.is_file() else ""
+            if text and tuple(map(int, text.split()[:2])) >= target:
+                break
+            if job.poll() is not None:
+                pytest.fail(f"the job ended before it was killed: {job.stderr.read().decode()[-2000:]}")
+            time.sleep(0.01)
+        else:
+            pytest.fail("the job never reached the kill point")
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == -signal.SIGKILL
+    epoch, batch, step_now = map(int, progress.read_text().split())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_file(), f"killed in epoch {epoch}: no last.ckpt to resume from"
+    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    lost = step_now - saved
+    limit = every_steps or BATCHES
+    print(f"[kill -9] every_steps={every_steps}: killed at step {step_now} (epoch {epoch}, batch {batch}); "
+          f"last.ckpt at step {saved}: {lost} step(s) lost")
+    assert 0 <= lost <= limit
+
+
+# ------------------------------------------------------------------------------ shipped configs, the CLI
+def _cxr(n_images: int = 60, **batches: int) -> list[str]:
+    flags = ["--data.init_args.image_size", "32", "--data.init_args.reader.init_args.n_images", str(n_images),
+             "--data.init_args.reader.init_args.image_size", "64", "--data.init_args.eval_batch_size", "8"]
+    from datamodules.cxr import CXRDataModule
+
+    if "min_per_class" in inspect.signature(CXRDataModule).parameters:
+        flags += ["--data.init_args.min_per_class", "0"]  # 60 tiny images cannot hold 10 of every class per split
+    for name, value in batches.items():
+        flags += [f"--data.init_args.{name}", str(value)]
+    return flags
+
+
+TEST_BACKBONE = ["--model.init_args.net.init_args.backbone", "test_resnet"]
+# Only sizes shrink (image size, data size, batch sizes, backbone where the config's own is large); the schedule,
+# num_workers, augmentation, callbacks and checkpointing are the shipped config's.
+CONFIGS = {
+    "cam_baseline/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
+    "pcam/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
+    "magsd/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
+    "oxnet/synthetic": _cxr(80, box_batch_size=1, labeled_batch_size=1, unlabeled_batch_size=1),
+    "retinanet/synthetic": _cxr(80, box_batch_size=2),
+    "dcmt/synthetic": ["--data.init_args.reader.init_args.n_subjects", "20", "--data.init_args.image_size", "32",
+                       "--data.init_args.labeled_batch_size", "2", "--data.init_args.unlabeled_batch_size", "4",
+                       "--data.init_args.eval_batch_size", "16"],
+    "nonlocal_unet/synthetic": ["--data.init_args.reader.init_args.shape", "[24, 24, 24]",
+                                "--data.init_args.patch_size", "16", "--data.init_args.batch_size", "2",
+                                "--data.init_args.patches_per_epoch", "6"],
+}
+
+
+def _flat(ckpt: dict) -> dict[str, torch.Tensor]:
+    """Weights, optimiser, schedulers and callback states (not the RNG callback, the checkpoint paths or the
+    wall-clock timer) as flat tensors."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, obj) -> None:
+        if torch.is_tensor(obj):
+            out[prefix] = obj.detach().cpu()
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(f"{prefix}/{key}", value)
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(f"{prefix}/{i}", value)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            out[prefix] = torch.tensor(float(obj))
+
+    walk("model", ckpt["state_dict"])
+    walk("optimizer", ckpt["optimizer_states"])
+    walk("scheduler", ckpt.get("lr_schedulers", []))
+    for key, value in ckpt["callbacks"].items():
+        if not any(skip in key for skip in ("RngState", "Checkpoint", "Timer")):
+            walk(f"callback/{key}", value)
+    return out
+
+
+def _max_diff(a: dict, b: dict) -> tuple[float, str | None]:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    worst, where = 0.0, None
+    for key in a:
+        if a[key].shape != b[key].shape:
+            return float("inf"), key
+        d = float((a[key].double() - b[key].double()).abs().max()) if a[key].numel() else 0.0
+        if d > worst:
+            worst, where = d, key
+    return worst, where
+
+
+def _val_every(config: str) -> int:
+    trainer = yaml.safe_load((REPO / "experiments" / f"{config}.yaml").read_text()).get("trainer") or {}
+    return int(trainer.get("check_val_every_n_epoch") or 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch):
+    from experiments.cli import main
+
+    monkeypatch.setenv("MEDATTN_CACHE", str(REPO / ".pytest_cache" / "medattn-synthetic"))
+    monkeypatch.chdir(tmp_path)
+    base = ["-c", str(REPO / "experiments" / f"{config}.yaml"), *CONFIGS[config], "--seed_everything", "7",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false"]
+
+    def run(run_id: str, epochs: int, ckpt: Path | None = None) -> Path:
+        monkeypatch.setenv("MEDATTN_RUN_ID", run_id)
+        monkeypatch.delenv("MEDATTN_RUN_DIR", raising=False)
+        torch.manual_seed(1000 + epochs)  # a resumed process does not start with the first one's random state
+        main(["fit", *base, "--trainer.max_epochs", str(epochs), *(["--ckpt_path", str(ckpt)] if ckpt else [])])
+        # a resumed run may continue in its checkpoint's run directory: take the newest last*.ckpt
+        return max((tmp_path / "runs").glob("*/*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+
+    val_every = _val_every(config)
+    stops = [1, val_every] if val_every > 1 else [1]  # a stop without validation, and one at a validation epoch
+    total = stops[-1] + 1
+    straight = torch.load(run("straight", total), map_location="cpu", weights_only=False)
+    ckpt = None
+    for i, stop in enumerate(stops):
+        ckpt = run(f"part{i}", stop, ckpt)
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == stop - 1
+    resumed = torch.load(run("resumed", total, ckpt), map_location="cpu", weights_only=False)
+    diff, where = _max_diff(_flat(straight), _flat(resumed))
+    print(f"[resume-cli] {config} (validation every {val_every}): stops {stops} -> {total} epochs: "
+          f"max |diff| = {diff:.3g} at {where}")
+    assert resumed["global_step"] == straight["global_step"]
+    assert diff == 0.0, f"{config}: resumed run differs from the straight one by {diff} at {where}"
