@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+from callbacks.cam_logger import image_dir
+
 __all__ = ["BoxLogger", "draw_boxes"]
 
 
@@ -48,8 +50,8 @@ def draw_boxes(image: np.ndarray, truth: list[tuple], predicted: list[tuple], na
 class BoxLogger(pl.Callback):
     """Log ``num_images`` validation images with their top ``max_boxes`` detections above ``min_score``.
 
-    PNGs go to ``<run dir>/boxes/epoch_XXX/``; W&B (when a ``WandbLogger`` is attached) receives the images with
-    ``predictions`` and ``ground_truth`` box layers under ``key``.
+    PNGs go to ``<run dir>/boxes/epoch_XXX/`` (none in a ``fast_dev_run``); W&B (when a ``WandbLogger`` is attached)
+    receives the images with ``predictions`` and ``ground_truth`` box layers under ``key``.
     """
 
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1, max_boxes: int = 10, min_score: float = 0.2,
@@ -83,23 +85,25 @@ class BoxLogger(pl.Callback):
         valid = torch.arange(per_rank, device=image.device) < count
         gathered = pl_module.all_gather({"image": image.float(), "predicted": predicted, "truth": truth,
                                          "valid": valid})
-        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: resolve on every rank
+        run_dir = image_dir(trainer)  # a collective under DDP: resolve on every rank
         if trainer.is_global_zero:
-            self._log(trainer, pl_module, gathered, Path(run_dir))
+            self._log(trainer, pl_module, gathered, run_dir)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict, run_dir: Path) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict, run_dir: Path | None) -> None:
         flat = {k: (v.flatten(0, 1) if trainer.world_size > 1 else v).cpu() for k, v in gathered.items()}
         keep = flat["valid"].bool()
         flat = {k: v[keep][: self.num_images] for k, v in flat.items()}
         names = list(getattr(pl_module, "class_names", [str(k) for k in range(100)]))
-        out_dir = run_dir / "boxes" / f"epoch_{trainer.current_epoch:03d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = None if run_dir is None else run_dir / "boxes" / f"epoch_{trainer.current_epoch:03d}"
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
         pictures, layers = [], []
         for i in range(len(flat["image"])):
             truth = [tuple(r) for r in flat["truth"][i].tolist() if r[4] >= 0]
             predicted = [tuple(r) for r in flat["predicted"][i].tolist() if r[5] >= 0]
             picture = draw_boxes(flat["image"][i, 0].numpy(), truth, predicted, names)
-            picture.save(out_dir / f"{i:02d}.png")
+            if out_dir is not None:
+                picture.save(out_dir / f"{i:02d}.png")
             pictures.append(np.asarray(picture))
             layers.append({
                 "predictions": {"box_data": [

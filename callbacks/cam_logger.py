@@ -26,13 +26,22 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
     return (255 * ((1 - alpha) * gray[..., None] + alpha * colour)).clip(0, 255).astype(np.uint8)
 
 
+def image_dir(trainer: pl.Trainer) -> Path | None:
+    """Folder for the PNGs of the image loggers: the run directory (``trainer.log_dir``, a collective under DDP: call
+    it on every rank), else ``default_root_dir``; None in a ``fast_dev_run``, which Lightning runs without loggers or
+    checkpoints and which must not leave images in the working directory either."""
+    log_dir = trainer.log_dir
+    return None if trainer.fast_dev_run else Path(log_dir or trainer.default_root_dir)
+
+
 class CAMLogger(pl.Callback):
     """Log attention-map overlays for ``num_images`` validation images every ``every_n_epochs`` epochs.
 
     The module must implement ``attention_maps(image) -> (B, K, h, w)`` in [0, 1] and have ``class_names``.
     For each image the map of the highest-scoring class is shown (or the first positive class when the module
     has no ``forward``). W&B receives the overlay with ground-truth boxes and the attention (lesion) mask as
-    interactive layers; PNGs with boxes drawn in are also written to ``<run dir>/cams/`` for offline viewing.
+    interactive layers; PNGs with boxes drawn in are also written to ``<run dir>/cams/`` for offline viewing (none in a
+    ``fast_dev_run``, see :func:`image_dir`).
     """
 
     def __init__(self, num_images: int = 8, every_n_epochs: int = 1, key: str = "val/cam") -> None:
@@ -67,18 +76,19 @@ class CAMLogger(pl.Callback):
         gathered = pl_module.all_gather({"image": tensors[0], "maps": tensors[1], "scores": tensors[2],
                                          "attention": tensors[3], "labels": tensors[4], "boxes": boxes,
                                          "valid": valid})
-        log_dir = trainer.log_dir  # a collective under DDP (it broadcasts): never call it inside the rank-0 branch
+        out_dir = image_dir(trainer)  # a collective under DDP (it broadcasts): never call it inside the rank-0 branch
         if trainer.is_global_zero:
-            self._log(trainer, pl_module, gathered, Path(log_dir or trainer.default_root_dir))
+            self._log(trainer, pl_module, gathered, out_dir)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict, log_dir: Path) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, gathered: dict, log_dir: Path | None) -> None:
         flat = {k: (v.flatten(0, 1) if trainer.world_size > 1 else v).cpu() for k, v in gathered.items()}
         keep = flat["valid"].bool()
         flat = {k: v[keep][: self.num_images] for k, v in flat.items()}
         names = list(getattr(pl_module, "class_names", [str(k) for k in range(flat["maps"].shape[1])]))
         overlays, captions, wandb_boxes, wandb_masks = [], [], [], []
-        out_dir = log_dir / "cams" / f"epoch_{trainer.current_epoch:03d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = None if log_dir is None else log_dir / "cams" / f"epoch_{trainer.current_epoch:03d}"
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
         for i in range(len(flat["image"])):
             k = int(flat["scores"][i].argmax())
             picture = overlay(flat["image"][i, 0].numpy(), flat["maps"][i, k].numpy())
@@ -89,7 +99,8 @@ class CAMLogger(pl.Callback):
             draw = ImageDraw.Draw(pil)
             for x0, y0, x1, y1, c in box_rows:
                 draw.rectangle([x0, y0, x1, y1], outline=(255, 255, 255), width=1)
-            pil.save(out_dir / f"{i:02d}_{names[k]}.png")
+            if out_dir is not None:
+                pil.save(out_dir / f"{i:02d}_{names[k]}.png")
             overlays.append(picture)
             wandb_boxes.append({"ground_truth": {
                 "box_data": [{"position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1}, "domain": "pixel",

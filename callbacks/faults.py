@@ -1,10 +1,9 @@
 """Fault handling for long runs: a checkpoint on a crash or Ctrl-C, a ``last.ckpt`` that really is the last epoch,
 never a NaN checkpoint, and an out-of-memory hint.
 
-* :class:`ResumableCheckpoint` is ``ModelCheckpoint`` with ``last.ckpt`` rewritten at the end of every training epoch
-  (and optionally every N steps), never during validation, so resuming from it is exact (Lightning 2.6 rewrites it
-  only next to a top-k save, and with ``check_val_every_n_epoch > 1`` only during validation).
-* :class:`CrashCheckpoint` is Lightning's ``OnExceptionCheckpoint`` made safe for this codebase: it writes
+* :class:`ResumableCheckpoint` is ``ModelCheckpoint`` with ``last.ckpt`` rewritten every epoch (Lightning 2.6 only
+  rewrites it in epochs that improved the monitored metric).
+* :class:`CrashCheckpoint` (a plain callback, not Lightning's ``OnExceptionCheckpoint``, see its docstring) writes
   ``on_exception.ckpt`` next to the ``ModelCheckpoint`` files when ``fit`` stops on an exception or a
   ``KeyboardInterrupt`` (resume with ``--ckpt_path .../on_exception.ckpt``), **except** after a non-finite loss
   (:class:`lightning_modules.base.NonFiniteLossError`, a ``FloatingPointError``) or when any weight is NaN/Inf:
@@ -30,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = ["CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "ResumableCheckpoint", "first_non_finite",
@@ -59,72 +58,51 @@ def _last_good(trainer: pl.Trainer) -> str:
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the state at the end of the newest training epoch.
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the newest end-of-epoch state.
 
-    Lightning writes ``last.ckpt`` only next to a top-k save (2.6: "only save last checkpoint if a checkpoint was
-    actually saved in this step"), and with ``check_val_every_n_epoch > 1`` it saves during validation, before the
-    epoch counts as finished; a run resumed from such a file replays the end of that epoch and is not exact, and an
-    epoch without validation writes nothing, so a ``kill -9`` loses every epoch since the last validation. Here:
-
-    * ``last.ckpt`` (with ``save_last: true``) is written in ``on_train_epoch_end`` of **every** training
-      epoch, after that epoch's validation and after the module's own ``on_train_epoch_end``, whatever
-      ``check_val_every_n_epoch``, ``every_n_epochs`` or the monitored metric do. It is never written from
-      validation. Resuming from it is exact (``RngStateCallback`` restores the random streams).
-    * ``last_every_n_train_steps=N`` (default 0: off) also rewrites ``last.ckpt`` after every N-th optimiser step
-      inside an epoch, for epochs long enough that losing one matters (a preempted run then loses at most N
-      steps). The medattn training samplers restart such an epoch at the next batch, so this resume is exact too.
-    * top-k / ``best`` checkpoints follow ``ModelCheckpoint``'s rules unchanged (``monitor``, ``save_top_k``,
-      ``every_n_epochs``, ...), and a ``last.ckpt`` write never suppresses a top-k save at the same step.
+    Since Lightning 2.6, ``ModelCheckpoint(monitor=..., save_last=True)`` refreshes ``last.ckpt`` only in epochs
+    that also wrote a top-k checkpoint ("Only save last checkpoint if a checkpoint was actually saved in this
+    step"), so after an epoch without improvement ``last.ckpt`` is the *best* epoch, and a preempted job resumed
+    from it silently goes back and retrains. This subclass also writes ``last.ckpt`` at every epoch-end save
+    opportunity (``every_n_epochs``), as Lightning < 2.6 did. Arguments are ``ModelCheckpoint``'s.
 
     Example (experiment YAML)::
 
         - class_path: callbacks.reliability.ResumableCheckpoint
-          init_args: {monitor: val/auroc, mode: max, save_last: true, filename: best, last_every_n_train_steps: 0}
+          init_args: {monitor: val/auroc, mode: max, save_last: true, filename: best}
     """
 
-    def __init__(self, *args: Any, save_last: bool | str | None = None, last_every_n_train_steps: int = 0,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, save_last=save_last, **kwargs)
-        if last_every_n_train_steps < 0:
-            raise ValueError(f"ResumableCheckpoint(last_every_n_train_steps={last_every_n_train_steps}): expected an "
-                             "integer >= 0 (0 = only at the end of every epoch)")
-        self.last_every_n_train_steps = int(last_every_n_train_steps)
-        self._writing_last = False
-
-    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
-        # Lightning's own calls (next to a top-k save, possibly during validation) are ignored: see _write_last
-        if self._writing_last:
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-
-    def _write_last(self, trainer: pl.Trainer) -> None:
-        if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING
-                or trainer.sanity_checking):
+    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
+        if (not self.save_last or self._should_skip_saving_checkpoint(trainer) or self._every_n_epochs < 1
+                or (trainer.current_epoch + 1) % self._every_n_epochs
+                or self._last_global_step_saved == trainer.global_step):
             return
-        # writing last.ckpt must not count as "saved at this step", which would make ModelCheckpoint skip a top-k
-        # save due at the same step
-        saved_step = self._last_global_step_saved
-        self._writing_last = True
-        try:
-            super()._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        finally:
-            self._writing_last = False
-            self._last_global_step_saved = saved_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        n = self.last_every_n_train_steps
-        # the epoch's last batch is covered by the end-of-epoch write that follows
-        if n and trainer.global_step % n == 0 and batch_idx + 1 < trainer.num_training_batches:
-            self._write_last(trainer)
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._write_last(trainer)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
 
 
-class CrashCheckpoint(OnExceptionCheckpoint):
-    """Write a resumable checkpoint when ``fit`` stops on an exception, unless the state is not finite.
+class CrashCheckpoint(pl.Callback):
+    """Write a resumable checkpoint when training stops on an exception, unless the state is not finite.
+
+    A plain callback, deliberately not Lightning's ``OnExceptionCheckpoint``: with one of those attached, Lightning
+    2.6 turns every ``fit(ckpt_path=None)`` into ``ckpt_path="last"``, so a fresh run silently resumed from any
+    ``last.ckpt`` or ``on_exception.ckpt`` it could find (also a leftover of another experiment). Here a run resumes
+    only from the checkpoint it is given.
+
+    * Written only once training has begun (``on_train_start``, i.e. after a checkpoint was restored and the sanity
+      check ran): a failure while loading a checkpoint or setting up leaves nothing that could be mistaken for
+      progress. Never in ``fast_dev_run`` or outside ``fit``.
+    * A ``fit`` that finishes (``on_fit_end``) removes its own ``on_exception.ckpt`` and the crash checkpoint it
+      resumed from (a file named ``<filename>*.ckpt``; never ``last.ckpt`` or a named checkpoint).
 
     Args:
         dirpath: folder of the checkpoint; default: the ``ModelCheckpoint``'s folder (``<run dir>/checkpoints``).
@@ -132,13 +110,20 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         filename: file name without extension.
     """
 
+    FILE_EXTENSION = ".ckpt"
+
     def __init__(self, dirpath: str | Path | None = None, filename: str = "on_exception") -> None:
-        super().__init__(dirpath=dirpath or ".", filename=filename)
-        self._explicit_dir = dirpath is not None
+        super().__init__()
+        if not filename:
+            raise ValueError("CrashCheckpoint(filename=''): the file name cannot be empty")
+        self.dirpath = dirpath
+        self.filename = filename
         self.last_path: str | None = None
+        self._training = False
+        self._resumed_from: str | None = None
 
     def _resolve_dir(self, trainer: pl.Trainer) -> str | None:
-        if self._explicit_dir:
+        if self.dirpath is not None:
             return str(self.dirpath)
         ckpt = trainer.checkpoint_callback
         return str(ckpt.dirpath) if ckpt is not None and getattr(ckpt, "dirpath", None) else None
@@ -150,10 +135,17 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         suffix = "" if trainer.global_rank == 0 else f"-rank{trainer.global_rank}"
         return str(Path(folder) / f"{self.filename}{suffix}{self.FILE_EXTENSION}")
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._training = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = True
+        self._resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.last_path = None
-        if trainer.state.fn != TrainerFn.FITTING:
-            return  # nothing to resume after validate/test/predict
+        if trainer.state.fn != TrainerFn.FITTING or not self._training or trainer.fast_dev_run:
+            return  # nothing to resume after validate/test/predict, a failed restore or a debug run
         if isinstance(exception, FloatingPointError):
             warnings.warn(f"no exception checkpoint after a non-finite loss; {_last_good(trainer)}", stacklevel=2)
             return
@@ -169,13 +161,16 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
         self.last_path = path
         print(f"[medattn] {type(exception).__name__} at global step {trainer.global_step}: resumable checkpoint "
-              f"written to {path} (resume with --ckpt_path {path})")
+              f"written to {path} (resume with --ckpt_path {path}, or --ckpt_path last)")
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # a run that finishes normally removes the exception checkpoint of an earlier crash it resumed from
-        path = self._rank_path(trainer)
-        if path is not None and stage == "fit":
-            trainer.strategy.remove_checkpoint(path)
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the run finished: an exception checkpoint of an earlier attempt (here, or the one resumed from) is stale
+        stale = [self._rank_path(trainer)]
+        if trainer.is_global_zero and self._resumed_from and Path(self._resumed_from).name.startswith(self.filename):
+            stale.append(self._resumed_from)
+        for path in stale:
+            if path is not None and Path(path).is_file():
+                Path(path).unlink()
 
     @property
     def state_key(self) -> str:

@@ -4,8 +4,9 @@
 piece                      what it guarantees
 =========================  ================================================================================
 ``RngStateCallback``       resume at an epoch boundary is bitwise exact (every rank's RNG in the checkpoint)
-``CrashCheckpoint``        a crash or Ctrl-C leaves ``checkpoints/on_exception.ckpt`` to resume from, never one
-                           with NaN weights
+``CrashCheckpoint``        a crash, Ctrl-C or SIGTERM during training leaves ``checkpoints/on_exception.ckpt``
+                           to resume from, never one with NaN weights, never one of a failed restore; a fresh
+                           run never resumes from it unless asked (it is not an ``OnExceptionCheckpoint``)
 ``ResumableCheckpoint``    ``ModelCheckpoint`` whose ``last.ckpt`` is rewritten every epoch (use it in configs:
                            Lightning 2.6 refreshes ``last.ckpt`` only when the monitored metric improved)
 ``NonFiniteGuard``         no checkpoint with NaN/Inf weights is ever written; a NaN loss stops the run naming

@@ -9,18 +9,59 @@ Configs compose from small YAML files (``-c`` may be repeated; later files and f
 
 Environment variables override too (``PL_TRAINER__MAX_EPOCHS=3``). ``HF_HUB_OFFLINE`` defaults to 1, so a
 ``pretrained`` backbone without a local ``weights_file`` fails at once with instructions instead of hanging.
+
+Resuming (``fit``). A run resumes only when asked; a leftover checkpoint never changes what a fresh run does::
+
+    medattn fit -c experiments/pcam/synthetic.yaml --ckpt_path last          # the newest run of this experiment
+    medattn fit -c experiments/pcam/synthetic.yaml --ckpt_path runs/pcam-synthetic/pcam-synthetic-<id>/checkpoints/last.ckpt
+
+* ``--ckpt_path last`` looks at the runs ``<save_dir>/<group>/<name>-*/`` of the config's ``MedAttnLogger`` whose
+  ``config.yaml`` names the same logger ``name``, takes each run's newest resumable checkpoint (``checkpoints/
+  last.ckpt``, ``checkpoints/on_exception.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``) and resumes the newest of them.
+  None: an error naming the folder it looked in (never a silent fresh start).
+* A checkpoint inside a run directory (``<run dir>/checkpoints/*.ckpt``, with ``last`` always) is continued **in
+  that run directory**: same run id, same W&B run (``resume="allow"``), ``metrics.csv`` kept up to the checkpoint's
+  step and appended to, the previous ``config.yaml`` kept as ``config.attempt<k>.yaml``. ``ModelCheckpoint`` then
+  restores its best score and ``best.ckpt`` (it only does so in the same folder), so a worse epoch after the resume
+  never becomes ``best.ckpt`` and the after-fit test uses the true best. A checkpoint elsewhere starts a new run
+  directory (with a warning that the best score before it is not known there).
+* Resume means "the same experiment": a ``--model...``/``--data...`` value (flag or YAML) that differs from the
+  checkpoint's hyper-parameters is refused, naming the argument and both values (Lightning would silently replace
+  model arguments with the checkpoint's). Trainer flags (``--trainer.max_epochs``, devices ...) may change. A value
+  left at ``None`` takes the checkpoint's. ``test``/``validate``/``predict --ckpt_path`` likewise refuse differing
+  ``--model...`` values (the model is rebuilt from the checkpoint's hyper-parameters); ``--data...`` may differ there.
+* SLURM requeue (``SLURM_JOB_ID`` set, ``SLURM_RESTART_COUNT`` > 0, no ``--ckpt_path``): the run id (from the job id)
+  names an existing run directory, so the run continues there from its resumable checkpoint (from scratch in the
+  same directory if it has none) instead of refusing the reused run id.
+* SIGTERM (preemption) writes ``checkpoints/on_exception.ckpt`` and exits with status 143 (128 + SIGTERM), so a
+  scheduler does not mistake the run for finished. A ``fast_dev_run`` writes nothing outside its run directory and
+  no checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.reliability import reliability_callbacks
 from callbacks.run_info import SplitSummaryLogger
+from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
+                                 resumable_checkpoint)
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
+
+
+class ResumeError(ValueError):
+    """``--ckpt_path`` (or a SLURM requeue) cannot be honoured as given; the message says why and what to do."""
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -32,6 +73,10 @@ class RunConfigSaver(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.logger is None:
             return
+        run_dir = Path(getattr(trainer.logger, "run_dir", "") or ".")
+        if getattr(trainer.logger, "continued", False) and trainer.is_global_zero and (run_dir / "config.yaml").is_file():
+            attempt = 1 + len(list(run_dir.glob("config.attempt*.yaml")))  # keep what the earlier attempt ran with
+            (run_dir / "config.yaml").rename(run_dir / f"config.attempt{attempt}.yaml")
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -45,7 +90,170 @@ class RunConfigSaver(SaveConfigCallback):
                 pass
 
 
+def _medattn_logger(trainer_config) -> dict | None:
+    """``save_dir/group/name/project`` of the config's ``MedAttnLogger``, or None without one."""
+    logger = trainer_config.get("logger") if trainer_config is not None else None
+    for item in logger if isinstance(logger, list) else [logger]:
+        if hasattr(item, "get") and str(item.get("class_path", "")).endswith("MedAttnLogger"):
+            args = item.get("init_args") or {}
+            return {k: args.get(k) for k in ("save_dir", "group", "name", "project")}
+    return None
+
+
+def _requeued() -> bool:
+    """A SLURM job started again under the same job id (``scontrol requeue``, preemption with ``--requeue``)."""
+    try:
+        return bool(os.environ.get("SLURM_JOB_ID")) and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """A dumped config section as ``{flag: value}`` (``--model.init_args.net.init_args.backbone``), in the layout of
+    the checkpoint's hyper-parameters (``_class_path`` plus the init args)."""
+    if isinstance(value, dict) and ("class_path" in value or "_class_path" in value):
+        args = {**(value.get("init_args") or {}), **(value.get("dict_kwargs") or {}),
+                **{k: v for k, v in value.items() if k not in ("class_path", "_class_path", "init_args", "dict_kwargs",
+                                                                 "_instantiator")}}
+        out = {prefix: value.get("class_path", value.get("_class_path"))}
+        for key, item in args.items():
+            out.update(_flat(f"{prefix}.init_args.{key}", item))
+        return out
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(f"{prefix}.{key}", item).items()}
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def changed_arguments(config: dict | None, saved: dict | None, prefix: str) -> list[str]:
+    """``flag: here vs checkpoint`` for every argument given in ``config`` (a dumped ``model``/``data`` section) that
+    differs from the checkpoint's hyper-parameters or its run's ``config.yaml`` section (``saved``). Arguments missing on either side (not saved by the
+    module, added since) and arguments left at ``None`` here (the module resolved a default) are not compared."""
+    if not config or not saved:
+        return []
+    here, there = _flat(prefix, config), _flat(prefix, saved)
+    return [f"{key}: {here[key]!r} here, {there[key]!r} in the checkpoint" for key in here
+            if key in there and here[key] is not None and here[key] != there[key]]
+
+
+def _as_recorded(run_dir: Path, checkpoint: dict) -> Path:
+    """``run_dir`` spelled as the checkpoint's ``ModelCheckpoint`` recorded it (relative or absolute) when both name
+    the same folder: ``ModelCheckpoint`` restores its best score only when the ``dirpath`` string is equal."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        recorded = state.get("dirpath") if isinstance(state, dict) else None  # a ModelCheckpoint's state
+        if isinstance(recorded, str) and Path(recorded).name == "checkpoints" and \
+                Path(recorded).resolve() == (run_dir / "checkpoints").resolve():
+            return Path(recorded).parent
+    return run_dir
+
+
+def _load_hparams(path: Path) -> dict:
+    try:  # the verified, data-only loader where it exists (callbacks.checkpoint_io)
+        from callbacks.checkpoint_io import load_checkpoint_file
+    except ImportError:
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint_file(path, map_location="cpu")
+
+
 class MedAttnCLI(LightningCLI):
+    _continue: Path | None = None
+    _resume_from: dict | None = None
+
+    def _parse_ckpt_path(self) -> None:
+        """Before Lightning's (which replaces the model's arguments with the checkpoint's): resolve ``last`` and a
+        SLURM requeue, pick the run directory to continue, and refuse arguments that differ from the checkpoint's."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            if subcommand == "fit":
+                self._resolve_resume(config)
+            ckpt = config.get("ckpt_path")
+            if ckpt and Path(ckpt).is_file():
+                self._refuse_changed_arguments(subcommand, Path(ckpt))
+            if self._continue is not None and self._resume_from is not None:
+                self._continue = _as_recorded(self._continue, self._resume_from)
+        super()._parse_ckpt_path()
+
+    def _resolve_resume(self, config) -> None:
+        ckpt, logger = config.get("ckpt_path"), _medattn_logger(config.get("trainer"))
+        if ckpt == "last":
+            if logger is None:
+                raise ResumeError("--ckpt_path last resumes the newest run of this experiment, found through the "
+                                  "MedAttnLogger run directories, but this config has no MedAttnLogger "
+                                  "(trainer.logger): give the checkpoint file instead")
+            found = [(c, run) for run in experiment_runs(**logger) if (c := resumable_checkpoint(run)) is not None]
+            if not found:
+                folder, name = experiment_dir(**logger)
+                raise ResumeError(f"--ckpt_path last: no run of experiment '{name}' has a resumable checkpoint "
+                                  f"(checkpoints/last.ckpt, checkpoints/on_exception.ckpt or hpc_ckpt_*.ckpt); looked "
+                                  f"in {folder}/{name}-*/ ({len(experiment_runs(**logger))} run(s) of it there). "
+                                  "Start a fresh run without --ckpt_path, or give a checkpoint file.")
+            ckpt, self._continue = max(found, key=lambda pair: pair[0].stat().st_mtime)
+            config.ckpt_path = str(ckpt)
+            print(f"[medattn] --ckpt_path last: resuming {ckpt} (continuing in {self._continue})")
+        elif ckpt is None and logger is not None and _requeued():
+            run_dir = default_run_dir(**logger)
+            if run_dir.is_dir():
+                self._continue, found = run_dir, resumable_checkpoint(run_dir)
+                config.ckpt_path = str(found) if found else None
+                print(f"[medattn] SLURM requeue (job {os.environ['SLURM_JOB_ID']}, restart "
+                      f"{os.environ['SLURM_RESTART_COUNT']}): continuing in {run_dir} "
+                      + (f"from {found}" if found else "from scratch (no resumable checkpoint there)"))
+        elif ckpt and Path(ckpt).is_file():
+            path = Path(ckpt)
+            if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+                self._continue = path.parent.parent
+            else:
+                warnings.warn(f"--ckpt_path {ckpt} is not inside a run directory (<run dir>/checkpoints/): the "
+                              "resumed run gets a new run directory, where ModelCheckpoint does not know the best "
+                              "score before the checkpoint", stacklevel=2)
+
+    def _refuse_changed_arguments(self, subcommand: str, ckpt: Path) -> None:
+        checkpoint = _load_hparams(ckpt)
+        if subcommand == "fit":
+            self._resume_from = checkpoint
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        dumped = dumped.get(subcommand, dumped)
+        # the run's config.yaml has every argument (the checkpoint's hyper-parameters lack those a module does not
+        # save, such as the network and the optimiser); both are compared
+        run_config = {}
+        if self._continue is not None and (self._continue / "config.yaml").is_file():
+            run_config = yaml.safe_load((self._continue / "config.yaml").read_text()) or {}
+        sections = [("model", "hyper_parameters")] + ([("data", "datamodule_hyper_parameters")]
+                                                      if subcommand == "fit" else [])
+        changed = []
+        for section, key in sections:
+            for saved in (run_config.get(section), checkpoint.get(key)):
+                changed += [c for c in changed_arguments(dumped.get(section), saved, f"--{section}")
+                            if c.split(":")[0] not in {d.split(":")[0] for d in changed}]
+        if changed:
+            what = ("a resumed run continues the same experiment, so model and data arguments must equal the "
+                    "checkpoint's; trainer flags such as --trainer.max_epochs may change" if subcommand == "fit" else
+                    "the model is rebuilt from the checkpoint's hyper-parameters, which would silently replace them")
+            raise ResumeError(f"--ckpt_path {ckpt}: these arguments differ from the checkpoint's ({what}):\n  "
+                              + "\n  ".join(changed) + "\nUse the checkpoint's values, or start a new run.")
+
+    def instantiate_classes(self) -> None:
+        if self._continue is None:
+            super().instantiate_classes()
+            return
+        with continue_run(self._continue, self._resume_from):
+            super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        run_dir = getattr(trainer_config.get("logger"), "run_dir", None)
+        if run_dir is not None and not trainer_config.get("default_root_dir"):
+            # Lightning's own files (a SLURM hpc_ckpt_*.ckpt, profiler output) go into the run directory, not the cwd
+            kwargs.setdefault("default_root_dir", str(run_dir))
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.fast_dev_run:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.save_last = False  # Lightning 2.6 writes last.ckpt in on_train_end even in fast_dev_run
+        return trainer
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, evaluate the best checkpoint (or the final weights) on the test split")
@@ -85,7 +293,16 @@ def main(args=None) -> None:
         compare(argv[1:])
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    MedAttnCLI(args=args)
+    try:
+        MedAttnCLI(args=args)
+    except ResumeError as err:
+        print(f"medattn: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        # Lightning raises it as SystemExit() (status 0) after the crash checkpoint is written: a preempted run must
+        # not look finished to the scheduler
+        print(f"[medattn] stopped by SIGTERM: exit status {SIGTERM_EXIT}", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,18 @@ Run directory: ``<save_dir>/<group or project>/<name>-<run_id>/`` with ``config.
 ``hparams.yaml``, ``checkpoints/`` and ``wandb/offline-run-*`` (or ``wandb/run-*`` online). ``run_id`` is
 shared by every DDP rank: it comes from ``MEDATTN_RUN_ID``, ``TORCHELASTIC_RUN_ID`` (torchrun) or
 ``SLURM_JOB_ID``, or is made by rank 0 and inherited by the ranks Lightning launches.
+
+Continuing a run (``medattn fit --ckpt_path ...``, SLURM requeue; see ``experiments/cli.py``): inside
+:func:`continue_run` the logger reuses that run directory instead of making a new one: same run id, the same W&B run
+(``resume="allow"``), and ``metrics.csv`` kept up to the checkpoint's step and appended to (rows logged after the
+checkpoint belong to the lost part of the run and are logged again). :func:`experiment_runs` and
+:func:`resumable_checkpoint` find the runs of one experiment and their newest resumable checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import netrc
 import os
 import secrets
@@ -22,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 RUN_DIR_ENV = "MEDATTN_RUN_DIR"
+_continuing: dict[str, Any] = {}  # set by continue_run()
 
 
 def wandb_credentials_present() -> bool:
@@ -43,12 +52,73 @@ def _run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def experiment_dir(save_dir: str | Path | None, group: str | None, name: str | None,
+                   project: str | None = "medattn") -> tuple[Path, str]:
+    """``(<save_dir>/<group or project>, name)``: the folder holding the runs ``<name>-<run id>`` of one experiment
+    (``MedAttnLogger``'s defaults for missing values)."""
+    project = project or "medattn"
+    return Path(save_dir or "runs") / (group or project).replace("/", "-"), name or project
+
+
+def default_run_dir(save_dir, group, name, project="medattn") -> Path:
+    """The run directory a new ``MedAttnLogger`` would make now (the run id from the environment, see ``_run_id``)."""
+    folder, name = experiment_dir(save_dir, group, name, project)
+    return folder / f"{name}-{_run_id()}"
+
+
+def resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest (modification time) of ``checkpoints/last.ckpt``, ``checkpoints/on_exception.ckpt`` and Lightning's
+    SLURM ``hpc_ckpt_*.ckpt`` of a run directory, or None."""
+    run_dir = Path(run_dir)
+    found = [run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "on_exception.ckpt",
+             *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _logged_name(run_dir: Path) -> tuple[str | None, str | None]:
+    """(name, group) of the logger in a run directory's ``config.yaml``."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None, None
+    logger = (config.get("trainer") or {}).get("logger")
+    for item in logger if isinstance(logger, list) else [logger]:
+        if isinstance(item, dict) and str(item.get("class_path", "")).endswith("MedAttnLogger"):
+            args = item.get("init_args") or {}
+            return args.get("name") or args.get("project") or "medattn", args.get("group")
+    return None, None
+
+
+def experiment_runs(save_dir, group, name, project="medattn") -> list[Path]:
+    """The run directories of one experiment: ``<name>-*`` whose ``config.yaml`` names the same logger ``name`` (so
+    ``pcam-synthetic`` does not match ``pcam-synthetic-avg-<id>``)."""
+    folder, name = experiment_dir(save_dir, group, name, project)
+    return sorted(p for p in folder.glob(f"{name}-*") if p.is_dir() and _logged_name(p)[0] == name)
+
+
+@contextlib.contextmanager
+def continue_run(run_dir: str | Path, checkpoint: dict | None = None):
+    """Inside the block, ``MedAttnLogger`` continues in ``run_dir`` (see the module docstring). ``checkpoint``: the
+    checkpoint the run resumes from (``global_step``), or None for a restart from scratch in the same directory."""
+    # the step Lightning logs with (optimiser steps; global_step counts each optimiser of a multi-optimiser module)
+    loop = ((checkpoint or {}).get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    step = None if checkpoint is None else int(loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+    _continuing.update(run_dir=Path(run_dir), step=step)
+    try:
+        yield
+    finally:
+        _continuing.clear()
+
+
 def make_run_dir(save_dir: str | Path, group: str, name: str) -> Path:
-    """A fresh run directory, or the parent's one in a rank that Lightning launched (``LOCAL_RANK`` set)."""
+    """A fresh run directory, the one being continued (:func:`continue_run`), or the parent's one in a rank that
+    Lightning launched (``LOCAL_RANK`` set)."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and os.environ.get("LOCAL_RANK") not in (None, "0"):
         return Path(inherited)
-    run_dir = Path(save_dir) / group / f"{name}-{_run_id()}"
+    run_dir = _continuing.get("run_dir") or Path(save_dir) / group / f"{name}-{_run_id()}"
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -58,6 +128,26 @@ def logger_flags(save_dir: str | Path, group: str, name: str) -> list[str]:
     the scripts that launch series of runs (acceptance runs, the suite) use them to give each arm its own group."""
     return ["--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.group", group,
             "--trainer.logger.init_args.name", name]
+
+
+def _metrics_before(path: Path, step: int | None) -> tuple[list[str], list[dict]] | None:
+    """Header and rows of an existing ``metrics.csv`` logged up to the checkpoint's ``step`` (all rows dropped for a
+    restart from scratch, ``step=None``); None when there is no such file."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+    if step is None:
+        return header, []
+
+    def logged_before(row: dict) -> bool:
+        try:
+            return int(float(row.get("step") or 0)) < step
+        except ValueError:
+            return True
+    return header, [row for row in rows if logged_before(row)]
 
 
 def _safe(method):
@@ -99,7 +189,13 @@ class MedAttnLogger(WandbLogger):
         if offline is None:
             offline = not disabled and not wandb_credentials_present()
         self._warned = False
+        self.continued = bool(_continuing)
+        kept = _metrics_before(self.run_dir / "metrics.csv", _continuing.get("step")) if self.continued else None
         self._csv = CSVLogger(save_dir=str(self.run_dir), name="", version="")
+        if kept is not None:
+            self._restore_metrics(*kept)
+        if self.continued and kwargs.get("resume") is None:
+            kwargs["resume"] = "allow"  # the same W&B run (its id is the run directory's name)
         if offline:
             # explicit, because wandb keeps process-wide settings: a process that earlier ran with
             # WANDB_MODE=disabled would otherwise make a disabled run instead of an offline one
@@ -109,6 +205,20 @@ class MedAttnLogger(WandbLogger):
         if offline:
             rank_zero_info(f"[medattn] W&B: no credentials found, logging offline. Run directory: {self.run_dir}\n"
                            f"[medattn] Upload later with: wandb sync {self.run_dir}/wandb/offline-run-*")
+
+    @rank_zero_only
+    def _restore_metrics(self, header: list[str], rows: list[dict]) -> None:
+        # Lightning's CSV writer deletes an existing metrics.csv when it opens the directory: write the kept rows
+        # back and tell it the header, so that its next save appends (or rewrites with a wider header)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            writer = self._csv.experiment
+        writer.metrics_keys = sorted(header)
+        if rows:
+            with open(writer.metrics_file_path, "w", newline="") as file:
+                table = csv.DictWriter(file, fieldnames=writer.metrics_keys)
+                table.writeheader()
+                table.writerows(rows)
 
     # Lightning builds checkpoint and config paths from save_dir/name/version: keep everything in run_dir.
     @property
