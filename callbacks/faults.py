@@ -1,8 +1,9 @@
 """Fault handling for long runs: a checkpoint on a crash or Ctrl-C, a ``last.ckpt`` that really is the last epoch,
 never a NaN checkpoint, and an out-of-memory hint.
 
-* :class:`ResumableCheckpoint` is ``ModelCheckpoint`` with ``last.ckpt`` rewritten every epoch (Lightning 2.6 only
-  rewrites it in epochs that improved the monitored metric).
+* :class:`ResumableCheckpoint` is ``ModelCheckpoint`` with ``last.ckpt`` rewritten at the end of every training epoch
+  (and optionally every N steps), never during validation, so resuming from it is exact (Lightning 2.6 rewrites it
+  only next to a top-k save, and with ``check_val_every_n_epoch > 1`` only during validation).
 * :class:`CrashCheckpoint` (a plain callback, not Lightning's ``OnExceptionCheckpoint``, see its docstring) writes
   ``on_exception.ckpt`` next to the ``ModelCheckpoint`` files when ``fit`` stops on an exception or a
   ``KeyboardInterrupt`` (resume with ``--ckpt_path .../on_exception.ckpt``), **except** after a non-finite loss
@@ -58,36 +59,68 @@ def _last_good(trainer: pl.Trainer) -> str:
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the newest end-of-epoch state.
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the state at the end of the newest training epoch.
 
-    Since Lightning 2.6, ``ModelCheckpoint(monitor=..., save_last=True)`` refreshes ``last.ckpt`` only in epochs
-    that also wrote a top-k checkpoint ("Only save last checkpoint if a checkpoint was actually saved in this
-    step"), so after an epoch without improvement ``last.ckpt`` is the *best* epoch, and a preempted job resumed
-    from it silently goes back and retrains. This subclass also writes ``last.ckpt`` at every epoch-end save
-    opportunity (``every_n_epochs``), as Lightning < 2.6 did. Arguments are ``ModelCheckpoint``'s.
+    Lightning writes ``last.ckpt`` only next to a top-k save (2.6: "only save last checkpoint if a checkpoint was
+    actually saved in this step"), and with ``check_val_every_n_epoch > 1`` it saves during validation, before the
+    epoch counts as finished; a run resumed from such a file replays the end of that epoch and is not exact, and an
+    epoch without validation writes nothing, so a ``kill -9`` loses every epoch since the last validation. Here:
+
+    * ``last.ckpt`` (with ``save_last: true``) is written in ``on_train_epoch_end`` of **every** training
+      epoch, after that epoch's validation and after the module's own ``on_train_epoch_end``, whatever
+      ``check_val_every_n_epoch``, ``every_n_epochs`` or the monitored metric do. It is never written from
+      validation. Resuming from it is exact (``RngStateCallback`` restores the random streams).
+    * ``last_every_n_train_steps=N`` (default 0: off) also rewrites ``last.ckpt`` after every N-th optimiser step
+      inside an epoch, for epochs long enough that losing one matters (a preempted run then loses at most N
+      steps). The medattn training samplers restart such an epoch at the next batch, so this resume is exact too.
+    * top-k / ``best`` checkpoints follow ``ModelCheckpoint``'s rules unchanged (``monitor``, ``save_top_k``,
+      ``every_n_epochs``, ...), and a ``last.ckpt`` write never suppresses a top-k save at the same step.
 
     Example (experiment YAML)::
 
         - class_path: callbacks.reliability.ResumableCheckpoint
-          init_args: {monitor: val/auroc, mode: max, save_last: true, filename: best}
+          init_args: {monitor: val/auroc, mode: max, save_last: true, filename: best, last_every_n_train_steps: 0}
     """
 
-    def _save_last_if_missed(self, trainer: pl.Trainer) -> None:
-        if (not self.save_last or self._should_skip_saving_checkpoint(trainer) or self._every_n_epochs < 1
-                or (trainer.current_epoch + 1) % self._every_n_epochs
-                or self._last_global_step_saved == trainer.global_step):
+    def __init__(self, *args: Any, save_last: bool | str | None = None, last_every_n_train_steps: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, save_last=save_last, **kwargs)
+        if last_every_n_train_steps < 0:
+            raise ValueError(f"ResumableCheckpoint(last_every_n_train_steps={last_every_n_train_steps}): expected an "
+                             "integer >= 0 (0 = only at the end of every epoch)")
+        self.last_every_n_train_steps = int(last_every_n_train_steps)
+        self._writing_last = False
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        # Lightning's own calls (next to a top-k save, possibly during validation) are ignored: see _write_last
+        if self._writing_last:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _write_last(self, trainer: pl.Trainer) -> None:
+        if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING
+                or trainer.sanity_checking):
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # writing last.ckpt must not count as "saved at this step", which would make ModelCheckpoint skip a top-k
+        # save due at the same step
+        saved_step = self._last_global_step_saved
+        self._writing_last = True
+        try:
+            super()._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._writing_last = False
+            self._last_global_step_saved = saved_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_train_steps
+        # the epoch's last batch is covered by the end-of-epoch write that follows
+        if n and trainer.global_step % n == 0 and batch_idx + 1 < trainer.num_training_batches:
+            self._write_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_missed(trainer)
+        self._write_last(trainer)
 
 
 class CrashCheckpoint(pl.Callback):
