@@ -55,7 +55,8 @@ def main(root: Path, val_every: int, every_steps: int) -> None:
                          plugins=[AtomicCheckpointIO()], default_root_dir=root,
                          callbacks=[ResumableCheckpoint(dirpath=root / "checkpoints", monitor="val/score", mode="max",
                                                         filename="best", save_last=True,
-                                                        last_every_n_train_steps=every_steps),
+                                                        **({"last_every_n_train_steps": every_steps} if every_steps
+                                                           else {})),
                                     Announce(root / "progress.txt")])
     trainer.fit(Tiny(), loader, loader)
 

@@ -199,9 +199,12 @@ def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch):
         monkeypatch.setenv("MEDATTN_RUN_ID", run_id)
         monkeypatch.delenv("MEDATTN_RUN_DIR", raising=False)
         torch.manual_seed(1000 + epochs)  # a resumed process does not start with the first one's random state
+        start = time.time_ns()
         main(["fit", *base, "--trainer.max_epochs", str(epochs), *(["--ckpt_path", str(ckpt)] if ckpt else [])])
-        # a resumed run may continue in its checkpoint's run directory: take the newest last*.ckpt
-        return max((tmp_path / "runs").glob("*/*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        # a resumed run may continue in its checkpoint's run directory: the last*.ckpt this run wrote
+        written = [p for p in (tmp_path / "runs").glob("*/*/checkpoints/last*.ckpt") if p.stat().st_mtime_ns >= start]
+        assert written, f"{config}: a {epochs}-epoch run wrote no last.ckpt"
+        return max(written, key=lambda p: p.stat().st_mtime_ns)
 
     val_every = _val_every(config)
     stops = [1, val_every] if val_every > 1 else [1]  # a stop without validation, and one at a validation epoch
