@@ -117,7 +117,7 @@ def test_fast_dev_run_leaves_nothing_and_a_leftover_never_resumes(workdir, one_e
     for leftover in ("checkpoints/last.ckpt", "on_exception.ckpt"):
         Path(leftover).parent.mkdir(exist_ok=True)
         shutil.copy(real, leftover)
-    again = _cli("--trainer.fast_dev_run", "true")
+    again = _cli("--trainer.fast_dev_run", "true", "--test_after_fit", "false")
     fresh = _cli("--trainer.max_epochs", "1", "--test_after_fit", "false")
     assert again.trainer.ckpt_path is None and fresh.trainer.ckpt_path is None
     assert fresh.trainer.global_step == 3  # trained from scratch: one epoch of 3 batches, not resumed at step 3
@@ -173,7 +173,6 @@ def test_changed_model_or_data_arguments_are_refused_trainer_flags_allowed(workd
 
 
 # ------------------------------------------------------------------------------------ 4. the best score survives
-@pytest.mark.slow  # two training runs
 def test_best_score_survives_a_resume(workdir):
     callbacks = ['--trainer.callbacks=[{"class_path": "callbacks.reliability.ResumableCheckpoint", "init_args": '
                  '{"monitor": "val/fake", "mode": "max", "save_last": true, "filename": "best"}}, '
@@ -191,7 +190,6 @@ def test_best_score_survives_a_resume(workdir):
 
 
 # -------------------------------------------------------------------------------------- 5. SIGTERM, stale crash
-@pytest.mark.slow  # two training runs
 def test_sigterm_exits_nonzero_and_a_finished_resume_removes_the_crash_checkpoint(workdir):
     handler = signal.getsignal(signal.SIGTERM)
     try:
