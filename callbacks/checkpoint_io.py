@@ -102,13 +102,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def checkpoint_safe_globals() -> list:
     """The non-tensor Python objects that medattn checkpoints may hold, allow-listed for ``weights_only`` loading:
-    the default optimiser factory (saved with a module's hyperparameters) and ``pathlib`` paths (data-file
-    hyperparameters). Each is harmless to look up or call. Extend with ``torch.serialization.add_safe_globals``."""
+    ``pathlib`` paths (data-file hyperparameters). The default optimiser factory, saved with a module's
+    hyperparameters, is allow-listed process-wide where it is defined (``lightning_modules/base.py``), so callbacks
+    import nothing from the Lightning modules. Each is harmless to look up or call. Extend with
+    ``torch.serialization.add_safe_globals``."""
     import pathlib
 
-    from lightning_modules.base import default_optimizer  # lazy: lightning_modules imports callbacks
-
-    return [default_optimizer, pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath,
+    return [pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath,
             pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
 

@@ -14,6 +14,13 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
 
+# Saved with the hyperparameters of every module that keeps the default optimiser. Allow-listed process-wide, so
+# that ``Module.load_from_checkpoint(path)`` (torch's default ``weights_only=True``) loads medattn checkpoints as
+# data like ``callbacks.checkpoint_io.load_checkpoint_file`` does; the allow-list only lets the unpickler look the
+# function up by name, and calling it builds an optimiser.
+torch.serialization.add_safe_globals([default_optimizer])
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf. The message names the term and the global step."""
 

@@ -180,3 +180,20 @@ def test_every_method_checkpoint_loads_as_data(name, tmp_path):
     assert set(raw["state_dict"]) == set(module.state_dict())
     loaded = AtomicCheckpointIO().load_checkpoint(path)
     assert loaded["global_step"] == 1 and "RngStateCallback" in loaded["callbacks"]
+
+
+def test_load_from_checkpoint_path_loads_the_default_optimizer_as_data(tmp_path):
+    """``Module.load_from_checkpoint`` uses torch's own loader (``weights_only=True`` by default), not medattn's: the
+    default optimiser factory saved in the hyperparameters must be allow-listed wherever it is defined."""
+    import subprocess
+    import sys
+
+    from lightning_modules.base import default_optimizer
+
+    path = tmp_path / "hp.ckpt"
+    torch.save({"hyper_parameters": {"optimizer": default_optimizer}}, path)
+    # a fresh interpreter that imports only the module file, as a user script calling load_from_checkpoint does
+    code = ("import torch, lightning_modules.base as b; "
+            f"hp = torch.load({str(path)!r}, weights_only=True)['hyper_parameters']; "
+            "assert hp['optimizer'] is b.default_optimizer")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

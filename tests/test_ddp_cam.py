@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 
 from callbacks.cam_logger import CAMLogger
+from ddp_utils import DestroyProcessGroup
 from datamodules.cxr import CXRDataModule
 from datamodules.synthetic import SyntheticCXR
 from lightning_modules.cam_baseline import CAMClassifierModule
@@ -20,7 +21,7 @@ def test_cam_images_are_gathered_and_logged_once(tmp_path):
     module = CAMClassifierModule(CAMNet("test_resnet", num_classes=4))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
                          limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path, callbacks=[CAMLogger(num_images=6)], num_sanity_val_steps=0)
+                         default_root_dir=tmp_path, callbacks=[CAMLogger(num_images=6), DestroyProcessGroup()], num_sanity_val_steps=0)
     trainer.fit(module, data)
     pngs = sorted((tmp_path / "cams" / "epoch_000").glob("*.png"))
     # 3 images per rank gathered from 2 ranks, written by rank 0 only: exactly 6 files

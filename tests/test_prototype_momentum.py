@@ -136,6 +136,7 @@ def _sgd(params):
 
 def _run(tmp_path, devices: int) -> None:
     from callbacks.ema_teacher import EMATeacher
+    from ddp_utils import DestroyProcessGroup
     from lightning_modules.oxnet import OXnetModule
     from networks.oxnet import OXnet
     from networks.retina import RetinaNet
@@ -147,7 +148,8 @@ def _run(tmp_path, devices: int) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
                          max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[EMATeacher(0.99), PrototypeMomentum(0.7), _SaveState(str(tmp_path))])
+                         callbacks=[EMATeacher(0.99), PrototypeMomentum(0.7), _SaveState(str(tmp_path)),
+                                    DestroyProcessGroup()])  # last: tears gloo down after every other hook
     trainer.fit(module, datamodule=_Data(PER_RANK * WORLD // devices))
 
 
