@@ -15,7 +15,8 @@ Intensities are clipped to the [0.1, 99.9] percentiles of the slice and min–ma
 
 :class:`SliceStackDataModule` splits **by subject** (:mod:`datamodules.subject_splits`: the held-out fold is the
 test split, ``val_fraction`` of the other subjects are validation subjects unless the config asks for the
-reference protocol with ``no_validation_split: true``), makes ``label_ratio`` of the remaining
+reference protocol with ``no_validation_split: true``), checks that every split holds ``min_per_class`` subjects
+of every class (default 10), makes ``label_ratio`` of the remaining
 training subjects labeled (stratified by subject label) and returns batches that follow
 ``datamodules/batch.py``: every training batch holds ``labeled_batch_size`` labeled slices followed by
 ``unlabeled_batch_size`` unlabeled ones (``stream``), two views with shared geometry and independent
@@ -46,8 +47,8 @@ from datamodules.dataset import (MixedStreamSampler, SampleKey, UnpaddedDistribu
                                  split_key)
 from datamodules.manifest import DataError, require_columns
 from datamodules.readers._common import where
-from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, role_frame, split_subjects,  # noqa: F401
-                                        subject_folds)
+from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, check_subject_counts, role_frame,  # noqa: F401
+                                        split_subjects, subject_folds)
 from datamodules.transforms import find_random_states, letterbox, reseed_random_states
 
 
@@ -431,6 +432,10 @@ class SliceStackDataModule(pl.LightningDataModule):
             the reference protocol (no validation split, the last epoch is tested) needs ``val_fraction: 0`` and
             ``no_validation_split: true``, and ``val_fraction: 0`` alone is an error.
             ``label_ratio`` is the single label-ratio knob (fraction of training subjects labeled).
+        min_per_class: smallest number of **subjects** of each subject class in the train, val and test splits
+            (default 10, as ``CXRDataModule``); fewer is an error naming the split, the class and the counts
+            (:func:`datamodules.subject_splits.check_subject_counts`: subjects, because the split is drawn over
+            subjects and the subject-level metrics are per subject). ``0`` turns the check off.
         labeled_batch_size, unlabeled_batch_size: per-rank slices of each stream per training batch (10 + 30
             in DC-MT). ``unlabeled_batch_size = 0`` trains on the labeled slices alone.
         epoch_stream: ``"unlabeled"`` (one pass over the unlabeled slices per epoch, as the reference) or
@@ -449,7 +454,7 @@ class SliceStackDataModule(pl.LightningDataModule):
                  labeled_batch_size: int = 10, unlabeled_batch_size: int = 30, epoch_stream: str | None = None,
                  eval_batch_size: int = 40, two_views: bool = True, augment: bool = True,
                  augment_kwargs: dict | None = None, cache: bool = False, num_workers: int = 0,
-                 seed: int = 0, no_validation_split: bool = False) -> None:
+                 seed: int = 0, no_validation_split: bool = False, min_per_class: int = 10) -> None:
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"SliceStackDataModule: image_size must be a positive int, got {image_size!r}")
@@ -489,8 +494,12 @@ class SliceStackDataModule(pl.LightningDataModule):
             return
         hp = self.hparams
         table = self._ensure_table()
-        self.split = split_subjects(table.subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio,
-                                    hp.seed, hp.labeled_subjects, hp.no_validation_split)
+        split = split_subjects(table.subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio,
+                               hp.seed, hp.labeled_subjects, hp.no_validation_split)
+        # checked before it is kept: a refused split must not be used by a later setup() call
+        check_subject_counts(table.subjects, split, table.class_names, hp.min_per_class,
+                             f"{type(self.reader).__name__} ({table.source})")
+        self.split = split
         if self.trainer is None or self.trainer.is_global_zero:
             n = {k: len(v) for k, v in self.split.items()}
             train = table.slices["subject_id"].isin(set(self.split["train"]))
@@ -508,7 +517,8 @@ class SliceStackDataModule(pl.LightningDataModule):
         roles = role_frame(self.split, subject_folds(self.table.subjects, hp.num_folds, hp.seed))
         info = {"num_folds": int(hp.num_folds), "fold": int(hp.fold), "val_fraction": float(hp.val_fraction),
                 "label_ratio": float(hp.label_ratio), "seed": int(hp.seed),
-                "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source)}
+                "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source),
+                "min_per_class": int(hp.min_per_class)}
         return roles, info
 
     def state_dict(self) -> dict:

@@ -147,11 +147,12 @@ def class_counts(labels: np.ndarray, task: str, class_names: Sequence[str], inde
 
 def check_class_counts(
     labels: np.ndarray, task: str, class_names: Sequence[str], splits: dict[str, np.ndarray], min_per_class: int,
-    source: str = "",
+    source: str = "", unit: str = "images",
 ) -> None:
     """Raise a :class:`DataError` when a non-empty split holds fewer than ``min_per_class`` examples of a class
     (for multilabel tasks: fewer positives, or fewer negatives, of a class). The message names the split, the
-    class and every split's counts. ``min_per_class=0`` turns the check off."""
+    class and every split's counts. ``min_per_class=0`` turns the check off. ``unit`` names what a row of
+    ``labels`` is in the message (``"subjects"`` for the subject-level check of DC-MT)."""
     if min_per_class <= 0:
         return
     # Evaluation splits first: theirs is the count that decides whether a reported metric means anything.
@@ -162,7 +163,7 @@ def check_class_counts(
             if n < min_per_class:
                 negative = cls.startswith("not ") and cls not in class_names
                 what = f"negatives of class {cls[4:]!r}" if negative else f"examples of class {cls!r}"
-                across = ", ".join(f"{split} {pc[cls]} of {len(splits[split])} images" for split, pc in counts.items())
+                across = ", ".join(f"{split} {pc[cls]} of {len(splits[split])} {unit}" for split, pc in counts.items())
                 raise DataError(
                     f"{source + ': ' if source else ''}the {name} split has {n} {what}, fewer than "
                     f"min_per_class={min_per_class}, so its metrics for that class say little ({what} per split: "

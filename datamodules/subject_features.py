@@ -17,7 +17,11 @@ Subjects are **not split again**: the export records each subject's stage-1 role
 between the stages (re-splitting could not know a ``fold`` column of the stage-1 subject table, nor later changes
 of the split rules). A file without the record is an error naming it. The split arguments ``num_folds``,
 ``fold``, ``val_fraction``, ``label_ratio`` and ``labeled_subjects`` are optional checks: when given they must
-equal what stage 1 used. Unlabeled training subjects carry zero labels and an all-False ``label_mask``. Note
+equal what stage 1 used. The recorded split is checked again: each of train, val (unless stage 1 ran without a
+validation split) and test must be non-empty, every split must hold ``min_per_class`` subjects of every class
+(default: the threshold stage 1 checked, recorded in ``split_info``), and a fit needs labeled subjects; each
+failure is an error naming the file. Unlabeled training subjects carry zero labels and an all-False
+``label_mask``. Note
 (dossier b.2): the training subjects' features come from a model that was trained on those slices.
 
 Batch keys: ``features`` (B, T, D), ``features_teacher`` (same, independent noise when
@@ -43,7 +47,7 @@ from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
 from datamodules.manifest import DataError
 from datamodules.slices import collate_slices
-from datamodules.subject_splits import split_from_roles
+from datamodules.subject_splits import check_subject_counts, split_from_roles
 from networks.aggregation import center_crop_or_pad
 
 __all__ = ["read_slice_features", "SubjectFeatureDataset", "SubjectFeatureDataModule"]
@@ -119,13 +123,17 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
             whose student and teacher see identical inputs and differ by dropout only).
         inputs: ``"features"`` (reference), ``"probabilities"`` or ``"features+probabilities"``; the
             aggregator's ``in_features`` must equal :attr:`num_features`.
+        min_per_class: smallest number of subjects of each class in the train, val and test splits
+            (:func:`datamodules.subject_splits.check_subject_counts`); ``None`` (default) takes the value stage 1
+            checked, as recorded in ``features_file`` (10 when the record has none); ``0`` turns the check off.
     """
 
     def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int | None = None,
                  fold: int | None = None, val_fraction: float | None = None, label_ratio: float | None = None,
                  labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 16, unlabeled_batch_size: int = 48, eval_batch_size: int = 64,
-                 feature_noise: float = 0.0, inputs: str = "features", num_workers: int = 0, seed: int = 0) -> None:
+                 feature_noise: float = 0.0, inputs: str = "features", num_workers: int = 0, seed: int = 0,
+                 min_per_class: int | None = None) -> None:
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
@@ -203,6 +211,9 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         if not split["train"] or not split["test"] or (not split["val"] and not info.get("no_validation_split")):
             raise DataError(f"{path}: the recorded split has {len(split['train'])} training, {len(split['val'])} "
                             f"validation and {len(split['test'])} test subjects; each must be non-empty")
+        # Stage 1 checked these subjects already when its threshold was > 0; a stricter stage-2 value is checked here.
+        threshold = hp.min_per_class if hp.min_per_class is not None else int(info.get("min_per_class", 10))
+        check_subject_counts(self._subjects, split, self.class_names, threshold, str(path))
         self.split_info = info
         return split
 
@@ -229,6 +240,10 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         self.setup()
         hp = self.hparams
         ids = self.split["train"]
+        if not self.split["labeled"] and hp.labeled_batch_size > 0:
+            raise DataError(f"{Path(hp.features_file).expanduser()}: stage 1 recorded no labeled training subject, "
+                            "so stage 2 has nothing to supervise; re-run stage 1 with label_ratio > 0 or "
+                            "labeled_subjects")
         streams = np.where(np.isin(ids, self.split["labeled"]), STREAM_LABEL, STREAM_UNLABELED)
         sizes = {STREAM_LABEL: hp.labeled_batch_size, STREAM_UNLABELED: hp.unlabeled_batch_size}
         epoch_stream = STREAM_UNLABELED if hp.unlabeled_batch_size > 0 else STREAM_LABEL

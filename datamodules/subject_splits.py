@@ -16,6 +16,13 @@ known (:func:`datamodules.splits.kfold_by_patient`, :func:`datamodules.splits.sp
 the validation split get the floor or ceiling of each class's share); a ``fold`` column in the subject table
 overrides the k-fold.
 
+Class counts. Stratification spreads the classes; :func:`check_subject_counts` then *verifies* that every split
+holds at least ``min_per_class`` **subjects** of every class, with the check and wording of the CXR path
+(:func:`datamodules.splits.check_class_counts`). The unit is the subject, not the slice: the split is drawn over
+subjects, DC-MT's subject-level metrics (and the whole of stage 2) are per subject, and the slices of one subject
+are correlated, so twenty slices of two subjects are two examples of their class, not twenty. The slice-level
+metrics therefore rest on at least ``min_per_class`` subjects of each subject class too.
+
 Stage 2 (:class:`datamodules.subject_features.SubjectFeatureDataModule`) does not split again: the stage-1 feature
 export records every subject's role and fold (:func:`role_frame`), and stage 2 turns it back into the split
 (:func:`split_from_roles`), so a subject never changes role between the stages.
@@ -29,9 +36,10 @@ import numpy as np
 import pandas as pd
 
 from datamodules.manifest import DataError
-from datamodules.splits import kfold_by_patient, split_by_patient
+from datamodules.splits import check_class_counts, kfold_by_patient, split_by_patient
 
-__all__ = ["ROLES", "DEFAULT_VAL_FRACTION", "split_subjects", "subject_folds", "role_frame", "split_from_roles"]
+__all__ = ["ROLES", "DEFAULT_VAL_FRACTION", "split_subjects", "subject_folds", "role_frame", "split_from_roles",
+           "check_subject_counts"]
 
 ROLES = ("labeled", "unlabeled", "val", "test")
 DEFAULT_VAL_FRACTION = 0.15
@@ -123,6 +131,21 @@ def split_subjects(subjects: pd.DataFrame, num_folds: int = 5, fold: int = 0,
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"empty split: {len(train)} training and {len(test)} test subjects")
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test), "labeled": sorted(labeled)}
+
+
+def check_subject_counts(subjects: pd.DataFrame, split: dict[str, list[str]], class_names: Sequence[str],
+                         min_per_class: int, source: str = "") -> None:
+    """Raise a :class:`DataError` when the ``train``, ``val`` or ``test`` subjects of ``split`` hold fewer than
+    ``min_per_class`` subjects of a class (by ``subject_label``; unknown labels count for no class), naming the
+    split, the class and every split's counts; an empty split (no validation split) is not checked.
+    ``min_per_class=0`` turns the check off."""
+    ids = subjects["subject_id"].astype(str).to_numpy()
+    labels = np.asarray(subjects["subject_label"], dtype=np.float64)
+    one_hot = np.full((len(ids), len(class_names)), np.nan)
+    known = ~np.isnan(labels)
+    one_hot[known] = np.eye(len(class_names))[labels[known].astype(np.int64)]
+    positions = {name: np.flatnonzero(np.isin(ids, list(split[name]))) for name in ("train", "val", "test")}
+    check_class_counts(one_hot, "multiclass", class_names, positions, min_per_class, source, unit="subjects")
 
 
 def role_frame(split: dict[str, list[str]], folds: pd.Series) -> pd.DataFrame:

@@ -318,7 +318,7 @@ def _tiny(tmp_dir: Path):
     data = SliceStackDataModule(SyntheticSlices(cache_dir=Path(tmp_dir) / "synthetic", n_subjects=10, image_size=32,
                                                 min_slices=4, max_slices=6),
                                 image_size=32, labeled_batch_size=2, unlabeled_batch_size=4, eval_batch_size=8,
-                                label_ratio=0.5, cache=True)
+                                label_ratio=0.5, cache=True, min_per_class=0)  # 10 subjects: counts not the point
     net = DCMTNet("test_resnet", num_classes=3, fa_channels=16, head_channels=16)
     return MeanTeacherModule(net, consistency_start=0), data
 
