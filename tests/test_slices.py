@@ -163,27 +163,26 @@ def test_eval_and_predict_loaders(root):
     assert dm.num_classes == 3 and dm.task == "multiclass"
 
 
-def test_ddp_ranks_workers_draw_different_augmentations(root, monkeypatch):
-    """Every rank starts its DataLoader workers from the same base seed (seed_everything), so the training
-    loader's ``worker_init_fn`` must mix in the rank: worker 0 of rank 0 and worker 0 of rank 1 draw different
-    augmentations, and a rank draws the same ones again. Simulated in-process (the worker's torch seed and
-    ``get_worker_info`` set by hand) to stay fast and deterministic."""
-    import datamodules.dataset as dataset_module
+def test_ddp_ranks_workers_draw_different_augmentations(root):
+    """Augmentation is keyed per sample (``datamodules/dataset.py``): the same key (index, epoch, position) gives the
+    same draw again whatever was drawn before (no worker history), another rank or epoch a different one."""
+    from datamodules.dataset import SampleKey
 
-    def worker_draws(rank: int) -> torch.Tensor:
+    def draws(rank: int, epoch: int = 0, warm_up: bool = False) -> torch.Tensor:
         dm = _datamodule(root)
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, is_global_zero=rank == 0)
         loader = dm.train_dataloader()
-        monkeypatch.setattr(dataset_module, "get_worker_info", lambda: SimpleNamespace(id=0, dataset=loader.dataset))
-        with torch.random.fork_rng():
-            torch.manual_seed(1234)  # the worker's torch.initial_seed(), identical on every rank
-            loader.worker_init_fn(0)
-        return torch.stack([loader.dataset[i]["image"] for i in range(3)])
+        assert loader.worker_init_fn is None and loader.sampler.keyed
+        if warm_up:  # a worker that transformed other samples first
+            for i in range(4):
+                loader.dataset[SampleKey(i, epoch, 50 + i)]
+        return torch.stack([loader.dataset[SampleKey(i, epoch, i)]["image"] for i in range(3)])
 
-    rank0, rank1 = worker_draws(0), worker_draws(1)
-    torch.testing.assert_close(worker_draws(0), rank0, rtol=0, atol=0)
-    torch.testing.assert_close(worker_draws(1), rank1, rtol=0, atol=0)
+    rank0, rank1 = draws(0), draws(1)
+    torch.testing.assert_close(draws(0, warm_up=True), rank0, rtol=0, atol=0)
+    torch.testing.assert_close(draws(1), rank1, rtol=0, atol=0)
     assert not torch.allclose(rank0, rank1)
+    assert not torch.allclose(draws(0, epoch=1), rank0)
 
 
 def test_bad_inputs_name_the_file(tmp_path):
