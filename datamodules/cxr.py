@@ -247,7 +247,7 @@ class CXRDataModule(pl.LightningDataModule):
         streams = np.where(boxed.to_numpy(), STREAM_BOX, STREAM_LABEL)
         dataset = CXRDataset(manifest, self._transform(train=False), streams)
         world, rank = self._world()
-        sampler = UnpaddedDistributedSampler(len(dataset), world, rank)
+        sampler = UnpaddedDistributedSampler(len(dataset), world, rank, f"the {split} split")
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, collate_fn=collate_cxr,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from datamodules.io import read_gray_uint8, read_mask
-from datamodules.manifest import Manifest
+from datamodules.manifest import DataError, Manifest
 from datamodules.transforms import CXRTransform
 
 
@@ -251,7 +251,14 @@ class UnpaddedDistributedSampler(DistributedSampler):
     """Evaluation sampler: rank r takes positions ``r, r + world, ...`` with no padding, so every image is
     evaluated exactly once and epoch-level metrics equal a single-process run."""
 
-    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, what: str = "an evaluation split") -> None:
+        # Every rank knows ``length``, so every rank refuses together. Without this check the ranks that get no
+        # item fail in Lightning ("DataLoader ... has zero length") while the others wait for them in a collective
+        # until the process-group timeout (30 minutes by default).
+        if 0 < length < num_replicas:
+            raise DataError(f"{what} has {length} item(s), fewer than the {num_replicas} DDP ranks, so rank(s) "
+                            f"{length}..{num_replicas - 1} would evaluate nothing and the ranks would wait for each "
+                            "other. Use fewer devices, or a larger split.")
         self.length, self.num_replicas, self.rank = length, num_replicas, rank
         self.epoch = 0
 

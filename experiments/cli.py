@@ -52,6 +52,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.reliability import reliability_callbacks
 from callbacks.run_info import SplitSummaryLogger
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
@@ -146,14 +147,6 @@ def _as_recorded(run_dir: Path, checkpoint: dict) -> Path:
     return run_dir
 
 
-def _load_hparams(path: Path) -> dict:
-    try:  # the verified, data-only loader where it exists (callbacks.checkpoint_io)
-        from callbacks.checkpoint_io import load_checkpoint_file
-    except ImportError:
-        import torch
-
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return load_checkpoint_file(path, map_location="cpu")
 
 
 class MedAttnCLI(LightningCLI):
@@ -210,7 +203,7 @@ class MedAttnCLI(LightningCLI):
                               "score before the checkpoint", stacklevel=2)
 
     def _refuse_changed_arguments(self, subcommand: str, ckpt: Path) -> None:
-        checkpoint = _load_hparams(ckpt)
+        checkpoint = load_checkpoint_file(ckpt, map_location="cpu")  # verified, data only
         if subcommand == "fit":
             self._resume_from = checkpoint
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))

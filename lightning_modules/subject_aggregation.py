@@ -243,7 +243,8 @@ def _tiny(tmp_dir: Path):
     from datamodules.subject_features import SubjectFeatureDataModule
     from networks.aggregation import BiGRUAggregator
 
-    path = _write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz")
+    # 2 validation subjects, so that a 2-process DDP run gives each rank one
+    path = _write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz", split={"val_fraction": 0.25})
     data = SubjectFeatureDataModule(path, seq_len=6, labeled_batch_size=2, unlabeled_batch_size=2, eval_batch_size=8)
     net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8)
     return SubjectAggregationModule(net, consistency_start=0), data

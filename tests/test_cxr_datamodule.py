@@ -122,3 +122,16 @@ def test_train_masks_false_skips_mask_decoding_in_training_only(reader, tmp_path
         next(iter(dm.val_dataloader()))
     loaded = next(iter(CXRDataModule(reader, min_per_class=0, image_size=32, labeled_batch_size=4, seed=0).train_dataloader()))
     assert loaded["has_mask"].all() and loaded["mask"].sum() > 0  # the default reads the lung masks
+
+
+def test_evaluation_split_smaller_than_the_ranks_is_refused_on_every_rank():
+    """1 validation item and 2 DDP ranks: rank 1 would get nothing, fail alone in Lightning, and leave rank 0 waiting
+    in a collective until the process-group timeout. Every rank must refuse at once, naming the split."""
+    from datamodules.dataset import UnpaddedDistributedSampler
+    from datamodules.manifest import DataError
+
+    for rank in (0, 1):
+        with pytest.raises(DataError, match=r"the val split has 1 item\(s\), fewer than the 2 DDP ranks"):
+            UnpaddedDistributedSampler(1, 2, rank, "the val split")
+    assert [list(UnpaddedDistributedSampler(3, 2, r)) for r in (0, 1)] == [[0, 2], [1]]  # no padding, none lost
+    assert len(UnpaddedDistributedSampler(0, 2, 1)) == 0  # an empty split is the DataModule's to refuse

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resume_kill_job import BATCHES, Tiny  # noqa: E402
 
+from callbacks.checkpoint_io import load_checkpoint_file  # noqa: E402
 from callbacks.reliability import AtomicCheckpointIO, ResumableCheckpoint  # noqa: E402
 
 
@@ -48,7 +49,7 @@ class LastCkptProbe(pl.Callback):
         if not self.path.is_file():
             self.seen.append((trainer.current_epoch, None))
             return
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(self.path, map_location="cpu")
         self.seen.append((trainer.current_epoch, ckpt["global_step"]))
 
 
@@ -65,7 +66,7 @@ def test_last_ckpt_written_at_the_end_of_every_epoch(tmp_path, val_every):
                                                         filename="best", save_last=True), probe])
     trainer.fit(Tiny(), loader, loader)
     assert probe.seen == [(e, e * BATCHES) for e in range(1, 5)]
-    final = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    final = load_checkpoint_file(tmp_path / "ck" / "last.ckpt", map_location="cpu")
     assert final["global_step"] == 5 * BATCHES and final["epoch"] == 4
     assert (tmp_path / "ck" / "best.ckpt").is_file()  # top-k saving is unchanged
 
@@ -102,7 +103,7 @@ def test_kill9_loses_at_most_one_epoch_or_n_steps(tmp_path, every_steps):
     epoch, batch, step_now = map(int, progress.read_text().split())
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"killed in epoch {epoch}: no last.ckpt to resume from"
-    saved = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    saved = load_checkpoint_file(last, map_location="cpu")["global_step"]
     lost = step_now - saved
     limit = every_steps or BATCHES
     print(f"[kill -9] every_steps={every_steps}: killed at step {step_now} (epoch {epoch}, batch {batch}); "
@@ -217,12 +218,12 @@ def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch):
     val_every = _val_every(config)
     stops = [1, val_every] if val_every > 1 else [1]  # a stop without validation, and one at a validation epoch
     total = stops[-1] + 1
-    straight = torch.load(run("straight", total), map_location="cpu", weights_only=False)
+    straight = load_checkpoint_file(run("straight", total), map_location="cpu")
     ckpt = None
     for i, stop in enumerate(stops):
         ckpt = run(f"part{i}", stop, ckpt)
-        assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == stop - 1
-    resumed = torch.load(run("resumed", total, ckpt), map_location="cpu", weights_only=False)
+        assert load_checkpoint_file(ckpt, map_location="cpu")["epoch"] == stop - 1
+    resumed = load_checkpoint_file(run("resumed", total, ckpt), map_location="cpu")
     diff, where = _max_diff(_flat(straight), _flat(resumed))
     print(f"[resume-cli] {config} (validation every {val_every}): stops {stops} -> {total} epochs: "
           f"max |diff| = {diff:.3g} at {where}")

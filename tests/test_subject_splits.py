@@ -152,9 +152,7 @@ def test_checkpoint_of_another_split_is_refused(tmp_path):
     predictor = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                            callbacks=[SliceFeatureWriter(tmp_path / "f.npz")], default_root_dir=tmp_path)
     with pytest.raises(DataError, match=r"another subject split.*subject subj\d+ is \w+ there and \w+ here"):
-        predictor.predict(module, datamodule=other, ckpt_path=tmp_path / "model.ckpt", return_predictions=False,
-                          weights_only=False)
+        predictor.predict(module, datamodule=other, ckpt_path=tmp_path / "model.ckpt", return_predictions=False)
     same = _stage1_data(tmp_path, fold_column=False, val_fraction=0.0, no_validation_split=True)
-    predictor.predict(module, datamodule=same, ckpt_path=tmp_path / "model.ckpt", return_predictions=False,
-                          weights_only=False)
+    predictor.predict(module, datamodule=same, ckpt_path=tmp_path / "model.ckpt", return_predictions=False)
     assert (tmp_path / "f.npz").is_file()
