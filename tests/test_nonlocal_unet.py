@@ -192,7 +192,8 @@ def test_registered_tiny_fits_validates_and_tests(tmp_path):
     module, data = spec.tiny(tmp_path)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
     trainer.fit(module, data)
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
     assert {"train/loss", "val/loss", "val/dice", "val/dice_GM", "val/hd95", "val/mhd"} <= set(trainer.callback_metrics)

@@ -145,12 +145,14 @@ def test_registered_tiny_fit_and_test(tmp_path):
     assert "2005.14480" in spec.paper
     module, data = spec.tiny(tmp_path)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=2)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=2,
+                       default_root_dir=tmp_path)
     trainer.fit(module, data)
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
     assert "train/loss" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
     results = trainer.test(module, data, verbose=False)[0]
     assert "test/auroc" in results and "test/loss" in results
+    assert (tmp_path / "test_predictions.csv").is_file()  # in the run's folder, never the working directory
     assert module.class_names == data.class_names
 
 
