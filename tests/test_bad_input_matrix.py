@@ -215,7 +215,7 @@ CASES = [
          r"boxes\.csv: row 1 \(line 2\): box \(1, 1, 10, 10\) was drawn on a 48 x 40 \(W x H\) image, but "
          r".*img0\.png decodes to 24 x 20"),
     Case("NIH boxes (1024 px) on images resized to 256 px", nih_resized,
-         r"box file of the reader of .*Data_Entry_2017\.csv: row 1 \(line 2\): box \(x_min, y_min, x_max, y_max\) = "
+         r"BBox_List_2017\.csv: row 1 \(line 2\): box \(x_min, y_min, x_max, y_max\) = "
          r"\(600, 500, 720, 590\) lies outside .*00000001_000\.png, which decodes to 256 x 256"),
     Case("1x1 image (warns, naming the file)", warns(lambda p: png(p, size=(1, 1))), check=lambda r, t: None),
     Case("constant image (warns, naming the file)", warns(lambda p: png(p, value=90)), check=lambda r, t: None),

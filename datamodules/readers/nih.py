@@ -163,7 +163,8 @@ class NIHChestXray14:
         self.report["boxes_label_not_positive"] = int((box_label != 1).sum())
         self.report["images"] = len(records)
         self.report["boxes"] = len(boxes)
-        return Manifest(records.reset_index(drop=True), labels, list(self.classes), boxes, "multilabel", str(entry_path))
+        return Manifest(records.reset_index(drop=True), labels, list(self.classes), boxes, "multilabel", str(entry_path),
+                        boxes_source=self._box_path)
 
     # ------------------------------------------------------------------------------------------------------------
     def _records(self, entry: pd.DataFrame, source: Path) -> pd.DataFrame:
@@ -229,6 +230,7 @@ class NIHChestXray14:
 
     def _boxes(self, records: pd.DataFrame) -> pd.DataFrame:
         self.report.update(boxes_read=0, boxes_dropped_class=0, boxes_dropped_no_image=0, box_file_missing=0)
+        self._box_path = ""  # the box file, named by the manifest's box checks
         if self.bbox_list is None:
             return C.empty_boxes()
         name = C.or_gz(self.root, self.bbox_list)
@@ -242,6 +244,7 @@ class NIHChestXray14:
                 UserWarning, stacklevel=3,
             )
             return C.empty_boxes()
+        self._box_path = str(path)
         table = C.read_csv(path, "NIH BBox_List", dtype={"Image Index": str, "Finding Label": str})
         require_columns(table, BBOX_COLUMNS, path)
         rows = np.arange(len(table))
