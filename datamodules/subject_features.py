@@ -9,7 +9,7 @@ slices are ordered by ``slice_index`` and centre-cropped or zero-padded to ``seq
 probabilities are loaded but unused), ``"probabilities"`` (the K stage-1 slice probabilities only) or
 ``"features+probabilities"`` (both, concatenated). The probabilities carry the slice-level supervision of stage 1
 (every labeled *slice*), which the subject labels alone cannot give when few subjects are labeled; see the
-README's DC-MT stage-2 results for when that matters.
+DC-MT stage-2 results in docs/results.md for when that matters.
 
 Subjects are **not split again**: the export records each subject's stage-1 role (``labeled``, ``unlabeled``,
 ``val``, ``test``) and fold (``subject_role``, ``subject_fold``, ``split_info``; see

@@ -39,9 +39,9 @@ not shown as columns of their own.
 Writes ``<out>/<name>.csv`` (mean, std, n per metric), ``<name>.md``, ``<name>_runs.csv`` (one row per run),
 ``<name>.png`` (bars with error bars), ``<name>_labels.png`` (AUROC and localisation against the label
 fraction, when runs have several fractions) and ``<name>_pairs.md`` (method − baseline differences, paired
-by seed, for runs tagged ``pair:<p>`` and ``role:method|baseline``). ``--readme FILE --section KEY`` also
-replaces the text between ``<!-- KEY:start -->`` and ``<!-- KEY:end -->`` in FILE by the table (and the
-differences).
+by seed, for runs tagged ``pair:<p>`` and ``role:method|baseline``). ``--doc FILE --section KEY`` (older name
+``--readme``; the tables live in ``docs/results.md``) also replaces the text between ``<!-- KEY:start -->``
+and ``<!-- KEY:end -->`` in FILE by the table (and the differences).
 """
 
 from __future__ import annotations
@@ -569,8 +569,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default="results", help="output file stem")
     parser.add_argument("--digits", type=int, default=3)
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--readme", type=Path, help="also write the table into this file, between markers")
-    parser.add_argument("--section", default="results", help="marker key for --readme")
+    parser.add_argument("--doc", "--readme", dest="readme", type=Path, metavar="FILE",
+                        help="also write the table into this Markdown file (docs/results.md), between markers")
+    parser.add_argument("--section", default="results", help="marker key for --doc")
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run paths or --wandb ENTITY/PROJECT")

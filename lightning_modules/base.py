@@ -32,7 +32,7 @@ class MedAttnModule(pl.LightningModule):
         optimizer: a callable ``params -> Optimizer`` (LightningCLI fills it from an ``optimizer:`` block).
         scheduler: optional callable ``optimizer -> LRScheduler``, stepped every epoch.
         channels_last: convert the model and the image batches to ``channels_last`` (about 2x with bf16
-            on conv nets; see the README's performance table).
+            on conv nets; see the table in docs/performance.md).
 
     Contract used by callbacks:
         ``attention_maps(image) -> (B, K, h, w)`` float in [0, 1], one map per class, at any resolution

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                     DataLoader(plain, batch_size=args.batch_size, num_workers=w, shuffle=True), len(plain)))
         results = interleaved(cases, args.repeats)
 
-    table = dataloader_table({"images_per_second": results})  # the same table as the README report
+    table = dataloader_table({"images_per_second": results})  # the same table as the docs/performance.md report
     print(table)
     write("dataloader", {"args": vars(args), "images_per_second": results}, table)
 

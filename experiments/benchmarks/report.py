@@ -2,7 +2,9 @@
 
     python -m experiments.benchmarks.report                       # print
     python -m experiments.benchmarks.report --out benchmarks.md
-    python -m experiments.benchmarks.report --readme README.md    # replace <!-- benchmarks:start/end --> there
+    python -m experiments.benchmarks.report --doc docs/performance.md   # replace <!-- benchmarks:start/end --> there
+
+``--readme`` is the older name of ``--doc``.
 
 Known layouts get one table each: the training-step benchmarks (any JSON with ``lightning_step_ms`` and
 ``bare_step_ms``: Lightning module vs a bare PyTorch loop, one row per method), the data loader and the precision
@@ -116,8 +118,9 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, help="write the Markdown here")
-    parser.add_argument("--readme", type=Path, help="replace the text between the markers in this file")
-    parser.add_argument("--section", default="benchmarks", help="marker key for --readme")
+    parser.add_argument("--doc", "--readme", dest="readme", type=Path, metavar="FILE",
+                        help="replace the text between the markers in this file (docs/performance.md)")
+    parser.add_argument("--section", default="benchmarks", help="marker key for --doc")
     args = parser.parse_args(argv)
     text = render(args.results)
     print(text)

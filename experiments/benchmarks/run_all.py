@@ -1,12 +1,12 @@
 """Run every benchmark of ``experiments/benchmarks/``, one fresh process each, then render the tables.
 
-    python -m experiments.benchmarks.run_all                      # defaults of every benchmark (the README's)
+    python -m experiments.benchmarks.run_all                      # defaults of every benchmark (docs/performance.md's)
     python -m experiments.benchmarks.run_all --profile quick      # smaller settings, a smoke check
     python -m experiments.benchmarks.run_all --only precision dataloader --accelerator gpu
     python -m experiments.benchmarks.run_all --dry-run            # print the commands
 
 Each benchmark writes ``results/<name>.json`` (with the machine description) and usually ``.md``; then
-``experiments.benchmarks.report`` renders them all (``--readme README.md`` updates the README between its
+``experiments.benchmarks.report`` renders them all (``--doc docs/performance.md`` updates that page between its
 ``<!-- benchmarks:start -->`` / ``<!-- benchmarks:end -->`` markers). ``--profile quick`` overwrites the same
 JSON files with small settings, so commit the JSONs of a default run only. Benchmarks run one after the other
 (never two at once: they time the whole machine). A benchmark that does not exist yet is skipped with a note;
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--no-report", action="store_true")
-    parser.add_argument("--readme", help="pass to the report: update this file between the benchmark markers")
+    parser.add_argument("--doc", "--readme", dest="readme", metavar="FILE",
+                        help="pass to the report: update this file (docs/performance.md) between the benchmark markers")
     args = parser.parse_args(argv)
 
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
