@@ -184,7 +184,7 @@ def test_draw_boxes_colours_truth_and_predictions():
     from callbacks.box_logger import draw_boxes
 
     picture = np.asarray(draw_boxes(np.zeros((32, 32)), [(2, 2, 10, 10, 0)], [(15, 15, 30, 30, 0.9, 1)], ["a", "b"]))
-    assert picture[2, 5].tolist() == [255, 255, 255]  # ground truth: white top edge, x = column 5, y = row 2
+    assert picture[2, 5].tolist() == [0, 255, 0]  # ground truth: green top edge, x = column 5, y = row 2
     assert picture[30, 20].tolist() not in ([0, 0, 0], [255, 255, 255])  # prediction: class colour, bottom edge
 
 
