@@ -197,6 +197,15 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
     def in_channels(self) -> int:
         return self.reader.in_channels
 
+    @property
+    def spatial_dims(self) -> int:
+        return 3
+
+    @property
+    def roi_size(self) -> list[int]:
+        """The sliding-window ROI of evaluation: the training patch (the network sees inputs of that size)."""
+        return list(self.patch_size)
+
     def prepare_data(self) -> None:
         self.reader.prepare()
 
@@ -339,6 +348,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
     class_names = ["background", "lung"]
     num_classes = 2
     in_channels = 1
+    spatial_dims = 2  # no ``roi_size``: the model predicts whole images (the CLI links what is defined here)
 
     def __init__(
         self,

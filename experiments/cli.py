@@ -7,6 +7,16 @@ Configs compose from small YAML files (``-c`` may be repeated; later files and f
                 -c experiments/configs/model/cam_baseline.yaml -c experiments/configs/data/synthetic.yaml
     medattn fit -c experiments/pcam/synthetic.yaml --trainer.max_epochs 3 --seed_everything 1
 
+Values the data knows are not written in configs: the class count and names, the input channels, ``spatial_dims``,
+the per-slice feature size (DC-MT stage 2) and the sliding-window ROI (= ``data.patch_size``) are linked from the
+DataModule's properties to the model on instantiation (``DATA_LINKS``; the DataModule reads its reader's index for
+them, the same read ``setup`` uses). The links are ``LightningCLI.link_arguments(apply_on="instantiate")`` with
+targets inside the nested network (``model.init_args.net.init_args.num_classes``, OXnet's ``...retina.init_args...``):
+jsonargparse skips a link whose source property the DataModule lacks or whose target the chosen class lacks, so
+one parser serves every method (``_LinkedInstantiator`` keeps such skipped links out of the hyper-parameters). A
+config that still sets a linked value is accepted when it equals the data's and refused otherwise, with one
+``ConfigLinkError`` naming the argument and the data's value.
+
 Environment variables override too (``PL_TRAINER__MAX_EPOCHS=3``). ``HF_HUB_OFFLINE`` defaults to 1, so a
 ``pretrained`` backbone without a local ``weights_file`` fails at once with instructions instead of hanging.
 
@@ -49,13 +59,12 @@ from typing import Any
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.reliability import reliability_callbacks
-from callbacks.image_logger import ImageLogger
-from callbacks.run_info import RunSummary, SplitSummaryLogger
+from callbacks.run_info import SplitSummaryLogger
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
                                  resumable_checkpoint)
 
@@ -150,6 +159,97 @@ def _as_recorded(run_dir: Path, checkpoint: dict) -> Path:
 
 
 
+# (DataModule property, model argument under ``model.init_args``): filled on instantiation, from the reader.
+DATA_LINKS = (
+    ("num_classes", "net.init_args.num_classes"),
+    ("num_classes", "net.init_args.retina.init_args.num_classes"),  # OXnet wraps its RetinaNet
+    ("in_channels", "net.init_args.in_chans"),  # timm-style networks
+    ("in_channels", "net.init_args.retina.init_args.in_chans"),
+    ("in_channels", "net.init_args.in_channels"),  # MONAI-style networks
+    ("spatial_dims", "net.init_args.spatial_dims"),
+    ("num_features", "net.init_args.in_features"),  # DC-MT subject aggregator: per-slice input size
+    ("class_names", "class_names"),
+    ("roi_size", "roi_size"),  # sliding-window ROI = training patch
+)
+
+
+class ConfigLinkError(ValueError):
+    """A config sets a value that is linked from the data (DATA_LINKS) to something the data contradicts."""
+
+
+def forced_link_values(config) -> dict[str, Any]:
+    """``{model argument: value}`` for every linked argument the config sets itself (YAML or flag), before the
+    link overwrites it on instantiation."""
+    forced = {}
+    for source, target in DATA_LINKS:
+        key = f"model.init_args.{target}"
+        try:
+            value, owner = config[key], config[key.rsplit(".init_args.", 1)[0] + ".class_path"]
+        except (KeyError, TypeError):
+            continue
+        if value is not None and value != _default(owner, key.rsplit(".", 1)[1]):
+            forced[target] = (source, value)
+    return forced
+
+
+def _default(class_path: str, name: str) -> Any:
+    """The default of argument ``name`` of ``class_path`` (a value equal to it was not set by the config)."""
+    import importlib
+    import inspect
+
+    module, _, cls = str(class_path).rpartition(".")
+    try:
+        parameter = inspect.signature(getattr(importlib.import_module(module), cls)).parameters.get(name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _same(value: Any, known: Any) -> bool:
+    if isinstance(known, (list, tuple)):
+        if isinstance(value, int):  # an int ROI means that size along every axis
+            return all(k == value for k in known)
+        return list(value) == list(known)
+    return value == known
+
+
+def check_forced_links(forced: dict[str, Any], datamodule) -> None:
+    """One error for a linked value that a config forces to differ from what the data says (the link would
+    otherwise silently replace it). Equal values are accepted, so older configs that repeat them still run."""
+    for target, (source, value) in forced.items():
+        known = getattr(datamodule, source, None)
+        if known is None:
+            continue
+        if not _same(value, known):
+            raise ConfigLinkError(
+                f"--model.init_args.{target}={value!r} contradicts the data: {type(datamodule).__name__}."
+                f"{source} is {known!r}. This value is linked from the data; remove it from the config (or change "
+                "the data/reader settings).")
+
+
+def _has_key(section: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(section, dict) or part not in section:
+            return False
+        section = section[part]
+    return True
+
+
+class _LinkedInstantiator(_InstantiatorFn):
+    """Lightning's instantiator (it records the module's hyper-parameters), given only the links whose target the
+    chosen classes have. jsonargparse reports a link it skipped for a missing target as applied, and Lightning would
+    then write e.g. ``in_channels`` into the hyper-parameters of a network that takes ``in_chans`` (or fail on
+    OXnet's ``retina`` in another network), so a checkpoint would not load."""
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any):
+        self.cli._dump_config()
+        section = self.cli.config_dump.get(self.key, {})
+        section = {**section, **(section.get("init_args") or {})}
+        kept = {k: v for k, v in applied_instantiation_links.items()
+                if not k.startswith(f"{self.key}.init_args.") or _has_key(section, k[len(f"{self.key}.init_args."):])}
+        return super().__call__(class_type, *args, applied_instantiation_links=kept, **kwargs)
+
+
 class MedAttnCLI(LightningCLI):
     _continue: Path | None = None
     _resume_from: dict | None = None
@@ -228,12 +328,18 @@ class MedAttnCLI(LightningCLI):
             raise ResumeError(f"--ckpt_path {ckpt}: these arguments differ from the checkpoint's ({what}):\n  "
                               + "\n  ".join(changed) + "\nUse the checkpoint's values, or start a new run.")
 
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(_LinkedInstantiator(cli=self, key="model"), LightningModule, subclasses=True)
+        self.parser.add_instantiator(_LinkedInstantiator(cli=self, key="data"), LightningDataModule, subclasses=True)
+
     def instantiate_classes(self) -> None:
+        forced = forced_link_values(self.config.get(self.subcommand, self.config) if self.subcommand else self.config)
         if self._continue is None:
             super().instantiate_classes()
-            return
-        with continue_run(self._continue, self._resume_from):
-            super().instantiate_classes()
+        else:
+            with continue_run(self._continue, self._resume_from):
+                super().instantiate_classes()
+        check_forced_links(forced, self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -251,6 +357,10 @@ class MedAttnCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after `fit`, evaluate the best checkpoint (or the final weights) on the test split")
+        # Values the data knows go to the model (see DATA_LINKS). jsonargparse skips a link whose source attribute
+        # the DataModule lacks or whose target the chosen network/module class lacks, so one parser serves all.
+        for source, target in DATA_LINKS:
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -272,8 +382,7 @@ class MedAttnCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to every run, on top of the callbacks a config lists
-            trainer_defaults={"callbacks": [SplitSummaryLogger(), ImageLogger(fallback=True), RunSummary(),
-                                            *reliability_callbacks()],
+            trainer_defaults={"callbacks": [SplitSummaryLogger(), *reliability_callbacks()],
                               "plugins": [{"class_path": "callbacks.checkpoint_io.AtomicCheckpointIO"}]},
             args=args,
             run=run,

@@ -21,6 +21,7 @@ from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metric
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
+from lightning_modules.data_check import check_data_classes
 
 
 class CAMClassifierModule(MedAttnModule):
@@ -67,13 +68,8 @@ class CAMClassifierModule(MedAttnModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "num_classes"):
-            if datamodule.num_classes != self.net.num_classes:
-                raise ValueError(f"the network has {self.net.num_classes} outputs but the data has "
-                                 f"{datamodule.num_classes} classes {datamodule.class_names}; set "
-                                 f"model.net.init_args.num_classes={datamodule.num_classes}")
-            self.class_names = list(datamodule.class_names)
+        datamodule = check_data_classes(self, self.net.num_classes)
+        if datamodule is not None:
             members = [m for c in (self.train_metrics, self.val_metrics, self.test_metrics)
                        for m in (c.values() if isinstance(c, MetricCollection) else [c])]
             for metric in (*members, *self.test_localization.values()):

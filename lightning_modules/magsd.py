@@ -75,6 +75,7 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.metrics.classification import DefinedMulticlassAUROC
 from lightning_modules.registry import register_method
 from networks.attention_augment import magsd_augment
+from lightning_modules.data_check import check_data_classes
 
 VIEW_NAMES = ("mixup", "dim", "patch")
 
@@ -195,12 +196,7 @@ class MAGSDModule(MedAttnModule):
         if task != "multiclass":
             raise ValueError(f"MAG-SD is a single-label (multiclass) method; the data is {task!r}. "
                              "Use a multiclass reader (e.g. SyntheticCXR(single_label=True), COVIDChestXray).")
-        names = list(getattr(datamodule, "class_names", []) or [])
-        if names and len(names) != self.num_classes:
-            raise ValueError(f"the data has {len(names)} classes {names} but the network has {self.num_classes} "
-                             "outputs: set model.net.init_args.num_classes")
-        if names and not self.hparams.class_names:
-            self.class_names = names
+        check_data_classes(self, self.num_classes, set_names=not self.hparams.class_names)
 
     def configure_optimizers(self):
         """One optimiser, two parameter groups: everything else, then the BAP classifier (``head_lr_scale``)."""

@@ -47,6 +47,7 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
 from lightning_modules.registry import register_method
 from networks.dcmt import select_class
+from lightning_modules.data_check import check_data_classes
 
 __all__ = ["MeanTeacherModule", "sigmoid_rampup", "offset_sigmoid_rampup", "consistency_weights",
            "normalised_mse", "bound_loss", "softmax_mse"]
@@ -174,12 +175,7 @@ class MeanTeacherModule(MedAttnModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "num_classes"):
-            if dm.num_classes != self.student.num_classes:
-                raise ValueError(f"the network has {self.student.num_classes} outputs but the data has "
-                                 f"{dm.num_classes} classes {dm.class_names}; set model.net.init_args.num_classes")
-            self.class_names = list(dm.class_names)
+        check_data_classes(self, self.student.num_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.student(self.prepare_image(image))

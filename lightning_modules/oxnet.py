@@ -48,6 +48,7 @@ from lightning_modules.registry import register_method
 from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_, load_stage1_weights
 from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes)
 from networks.retina import RetinaNet, detection_losses
+from lightning_modules.data_check import check_data_classes
 
 __all__ = ["OXnetModule"]
 
@@ -161,12 +162,7 @@ class OXnetModule(MedAttnModule):
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "num_classes"):
-            if datamodule.num_classes != self.student.num_classes:
-                raise ValueError(f"the network has {self.student.num_classes} classes but the data has "
-                                 f"{datamodule.num_classes} {datamodule.class_names}")
-            self.class_names = list(datamodule.class_names)
+        check_data_classes(self, self.student.num_classes)
 
     def configure_callbacks(self):
         # The EMA teacher and the prototype momentum are part of the method, not options of a config.

@@ -45,6 +45,7 @@ from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metric
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
+from lightning_modules.data_check import check_data_classes
 
 __all__ = ["PCAMModule", "pcam_bce"]
 
@@ -150,16 +151,11 @@ class PCAMModule(MedAttnModule):
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "num_classes"):
+        datamodule = check_data_classes(self, self.net.num_classes)
+        if datamodule is None:
             return
-        if datamodule.num_classes != self.net.num_classes:
-            raise ValueError(f"the network has {self.net.num_classes} outputs but the data has {datamodule.num_classes} "
-                             f"classes {datamodule.class_names}; set model.net.init_args.num_classes="
-                             f"{datamodule.num_classes}")
         if getattr(datamodule, "task", "multilabel") != "multilabel":
             raise ValueError(f"PCAMModule is multi-label (one binary head per task); the data task is {datamodule.task!r}")
-        self.class_names = list(datamodule.class_names)
         for metric in (self.train_auroc, self.val_auroc, self.test_auroc, *self.test_localization.values()):
             if hasattr(metric, "class_names"):
                 metric.class_names = list(self.class_names)

@@ -33,6 +33,7 @@ from lightning_modules.classification import IGNORE, metric_targets
 from lightning_modules.metrics.classification import MaskedMultilabelAUROC
 from lightning_modules.registry import register_method
 from networks.retina import RetinaNet, detection_losses
+from lightning_modules.data_check import check_data_classes
 
 __all__ = ["RetinaNetModule", "DetectionEvaluation", "box_complete", "freeze_batchnorm_", "load_stage1_weights"]
 
@@ -199,13 +200,7 @@ class RetinaNetModule(MedAttnModule):
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "num_classes"):
-            if datamodule.num_classes != self.net.num_classes:
-                raise ValueError(f"the network has {self.net.num_classes} classes but the data has "
-                                 f"{datamodule.num_classes} {datamodule.class_names}; set "
-                                 f"model.net.init_args.num_classes={datamodule.num_classes}")
-            self.class_names = list(datamodule.class_names)
+        check_data_classes(self, self.net.num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)

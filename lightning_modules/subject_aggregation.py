@@ -37,6 +37,7 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
 from lightning_modules.mean_teacher import offset_sigmoid_rampup, sigmoid_rampup, softmax_mse
 from lightning_modules.registry import register_method
+from lightning_modules.data_check import check_data_classes
 
 __all__ = ["SubjectAggregationModule", "subject_consistency_weight"]
 
@@ -102,12 +103,8 @@ class SubjectAggregationModule(MedAttnModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "num_classes"):
-            if dm.num_classes != self.student.num_classes:
-                raise ValueError(f"the aggregator has {self.student.num_classes} outputs but the data has "
-                                 f"{dm.num_classes} classes; set model.net.init_args.num_classes")
-            self.class_names = list(dm.class_names)
+        dm = check_data_classes(self, self.student.num_classes, what="aggregator")
+        if dm is not None:
             expected = getattr(self.student, "in_features", None)
             if hasattr(dm, "num_features") and expected is not None and dm.num_features != expected:
                 raise ValueError(f"the aggregator takes {expected} inputs per slice but the data gives "
