@@ -62,9 +62,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.checkpoint_io import load_checkpoint_file
+from callbacks.checkpoint_io import CheckpointError, load_checkpoint_file
 from callbacks.reliability import reliability_callbacks
 from callbacks.run_info import SplitSummaryLogger
+from datamodules.manifest import DataError
+from experiments import cli_support
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
                                  resumable_checkpoint)
 
@@ -368,7 +370,40 @@ class MedAttnCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         best = "best" if checkpoint is not None and getattr(checkpoint, "best_model_path", "") else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
+        self._evaluate("test", model=self.model, datamodule=self.datamodule, ckpt_path=best)
+
+    # `medattn test|validate` run these (LightningCLI calls a CLI method named after the subcommand when it exists)
+    def test(self, **kwargs: Any):
+        return self._evaluate("test", **kwargs)
+
+    def validate(self, **kwargs: Any):
+        return self._evaluate("validate", **kwargs)
+
+    def _evaluate(self, stage: str, verbose: bool = True, **kwargs: Any):
+        """``trainer.test``/``validate`` printing the headline metrics only (cli_support.headline_table): the
+        per-class values go to metrics.csv and W&B."""
+        results = getattr(self.trainer, stage)(verbose=False, **kwargs)
+        if verbose and self.trainer.is_global_zero and results:
+            names = getattr(self.model, "class_names", None) or getattr(self.datamodule, "class_names", None) or []
+            table = cli_support.headline_table(results, names, title=stage.capitalize())
+            if table:
+                print(table)
+        return results
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)):  # `--x.init_args.y.init_args.z null` means None (see restore_nulls)
+            cli_support.restore_nulls(self.config, argv, self.config.get("subcommand"))
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `compare` is dispatched by main() before the CLI parses anything; registered here so --help lists it
+        from jsonargparse import ArgumentParser
+
+        description = "tabulate finished runs (CSV/Markdown/PNG); `medattn compare --help` for its options"
+        parser._subcommands_action.add_subcommand("compare", ArgumentParser(description=description),
+                                                  help=description)
 
     def __init__(self, args=None, run: bool = True) -> None:
         super().__init__(
@@ -378,7 +413,10 @@ class MedAttnCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"overwrite": False},
-            parser_kwargs={"default_env": True},
+            # allow_abbrev=False: a typo (--trainer.max_epoch) is an error, never a silent prefix match; the
+            # subcommand parsers take their own kwargs, so it is given to each of them too
+            parser_kwargs={"default_env": True, "allow_abbrev": False,
+                           **{name: {"allow_abbrev": False} for name in LightningCLI.subcommands()}},
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to every run, on top of the callbacks a config lists
@@ -389,7 +427,14 @@ class MedAttnCLI(LightningCLI):
         )
 
 
+# errors a user fixes (a path, a file, a flag): one line, no traceback (cli_support); anything else is a bug
+USER_ERRORS = (DataError, FileNotFoundError, CheckpointError, ResumeError, ConfigLinkError)
+
+
 def main(args=None) -> None:
+    """Run the CLI. A data, weights, checkpoint or config error (and the original error jsonargparse wraps when a
+    class refuses its arguments) is printed as one line naming the file and what to do, exit status 2;
+    ``MEDATTN_DEBUG=1`` shows the traceback instead. SIGTERM exits with 143."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["compare"]:  # `medattn compare ...`: tabulate finished runs (experiments/compare.py)
         from experiments.compare import main as compare
@@ -399,14 +444,16 @@ def main(args=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         MedAttnCLI(args=args)
-    except ResumeError as err:
-        print(f"medattn: error: {err}", file=sys.stderr)
-        sys.exit(2)
     except SIGTERMException:
         # Lightning raises it as SystemExit() (status 0) after the crash checkpoint is written: a preempted run must
         # not look finished to the scheduler
         print(f"[medattn] stopped by SIGTERM: exit status {SIGTERM_EXIT}", file=sys.stderr)
         sys.exit(SIGTERM_EXIT)
+    except Exception as err:  # noqa: BLE001 - reported in one line when it is a user's error, re-raised otherwise
+        found = cli_support.user_error(err, USER_ERRORS)
+        if found is None or cli_support.debug():
+            raise
+        cli_support.report_and_exit(found)
 
 
 if __name__ == "__main__":

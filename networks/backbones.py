@@ -31,7 +31,9 @@ def create_backbone(name: str, *, pretrained: bool = False, weights_file: str | 
     if weights_file is not None:
         weights_file = Path(weights_file).expanduser()
         if not weights_file.is_file():
-            raise FileNotFoundError(f"weights_file {weights_file} does not exist (backbone {name!r})")
+            raise FileNotFoundError(
+                f"weights_file {weights_file} does not exist (backbone {name!r}): give the path of a .safetensors/.pth "
+                f"file of timm's {name!r}, or weights_file null (with pretrained false) to start from random weights")
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights_file)},
                                  in_chans=in_chans, **kwargs)
     if pretrained and hub_offline():
