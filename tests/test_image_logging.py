@@ -37,9 +37,11 @@ def test_explicit_logger_turns_the_fallback_off(tmp_path):
     assert not (tmp_path / "images").exists()
 
 
-def test_cam_logger_on_slices_without_boxes(tmp_path):
-    """On 00a25c0 this raised KeyError: 'boxes' (DC-MT slice batches carry no boxes)."""
-    module, data = build("dcmt", tmp_path / "data")
+@pytest.mark.parametrize("name", ["dcmt", "nonlocal_unet"])
+def test_cam_logger_on_slices_without_boxes_and_on_volumes(name, tmp_path):
+    """On 00a25c0 this raised KeyError: 'boxes' (DC-MT slice batches carry no boxes) and ValueError in
+    F.interpolate (3D Non-local U-Net volumes)."""
+    module, data = build(name, tmp_path / "data")
     trainer = pl.Trainer(**QUIET, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                          callbacks=[CAMLogger(num_images=2)])
     trainer.fit(module, data)
