@@ -46,7 +46,7 @@ def test_cam_logger_on_slices_without_boxes_and_on_volumes(name, tmp_path):
                          callbacks=[CAMLogger(num_images=2)])
     trainer.fit(module, data)
     pngs = sorted((tmp_path / "cams" / "epoch_000").glob("*.png"))
-    assert len(pngs) == 2 and min(Image.open(pngs[0]).size) >= 256
+    assert len(pngs) == min(2, data.val_dataloader().batch_size) and min(Image.open(pngs[0]).size) >= 256
 
 
 def test_draw_helpers_scale_boxes_and_outline_masks():
