@@ -53,6 +53,17 @@ def test_missing_weights_file_is_one_line_naming_it(tmp_path, capsys):
     assert str(missing) in line and "FileNotFoundError" in line and "weights_file null" in line
 
 
+def test_error_wrapped_by_jsonargparse_is_reported_as_the_original(capsys, monkeypatch):
+    """A constructor that refuses its arguments (here: pretrained without a weights file, offline) is shown as its
+    own message, not as jsonargparse's "Does not validate against any of the Union subtypes"."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "-c", BASE, *TINY, NET + "pretrained", "true", "--trainer.logger", "false"])
+    assert stop.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith("medattn: error: RuntimeError: pretrained=True") and "weights_file" in line
+
+
 def test_debug_switch_gives_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDATTN_DEBUG", "1")
     with pytest.raises(Exception) as raised:  # noqa: PT011 - jsonargparse's wrapper, with the original as cause
@@ -93,6 +104,7 @@ def test_null_on_the_command_line_means_none():
                            "--trainer.logger", "false"], run=False)
     assert cli.config.model.init_args.net.init_args.weights_file is None
     assert cli.model.net.num_classes == 4  # built: a 'None' string would have failed "weights_file None does not exist"
+    assert "weights_file: null" in cli.parser.dump(cli.config, skip_none=False)  # as RunConfigSaver writes config.yaml
 
 
 def test_prefix_abbreviation_is_an_error(capsys):
