@@ -64,6 +64,15 @@ def test_error_wrapped_by_jsonargparse_is_reported_as_the_original(capsys, monke
     assert line.startswith("medattn: error: RuntimeError: pretrained=True") and "weights_file" in line
 
 
+def test_forced_linked_value_is_one_line(capsys):
+    """``ConfigLinkError`` (a config forcing a value the data contradicts) reaches the terminal as one line too."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "-c", BASE, *TINY, NET + "num_classes", "3", "--trainer.logger", "false"])
+    assert stop.value.code == 2
+    line = _error_line(capsys)
+    assert "ConfigLinkError" in line and "num_classes=3" in line and "num_classes is 4" in line
+
+
 def test_debug_switch_gives_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDATTN_DEBUG", "1")
     with pytest.raises(Exception) as raised:  # noqa: PT011 - jsonargparse's wrapper, with the original as cause
