@@ -5,7 +5,7 @@
     python -m experiments.suite --preset labels           # the semi/weak pairs at 10 %, 25 % and 100 % labels
     python -m experiments.suite --preset full --dry-run   # print the plan and every command, run nothing
     python -m experiments.suite --arms pcam cam_baseline --seeds 0 1 2 --labels 0.1 1.0 --minutes 30
-    python -m experiments.suite --dataset nih --arms pcam pcam_avg pcam_lse     # experiments/pcam/nih*.yaml
+    python -m experiments.suite --dataset nih --arms pcam pcam_avg pcam_lse     # experiments/pcam/nih.yaml (+ avg.yaml / lse.yaml)
     python -m experiments.suite --arms pcam cam_baseline -c my_reader.yaml --name mydata   # your data
     python -m experiments.suite --configs a.yaml b.yaml --seeds 0 1   # offline grid: a list of config files
     python -m experiments.suite --grid experiments/sweeps/pcam.yaml    # offline twin of a W&B sweep (grid)
@@ -79,13 +79,14 @@ class Arm:
     knob: str = "labels"  # "labels" (unlabeled_fraction / label_ratio), "box" (box_fraction) or "none"
     init_from: str | None = None  # arm whose checkpoint (same seed and labels) initialises this one
     init_flag: str = "--model.init_args.init_checkpoint"
+    overlays: tuple[str, ...] = ()  # configs composed after ``config`` (-c), e.g. a pooling variant
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("pcam", "experiments/pcam/{dataset}.yaml", "pcam", "method"),
     Arm("cam_baseline", "experiments/cam_baseline/{dataset}.yaml", "pcam", "baseline"),
-    Arm("pcam_avg", "experiments/pcam/{dataset}_avg.yaml", "pcam", "baseline"),
-    Arm("pcam_lse", "experiments/pcam/{dataset}_lse.yaml", "pcam", "baseline"),
+    Arm("pcam_avg", "experiments/pcam/{dataset}.yaml", "pcam", "baseline", overlays=("experiments/pcam/avg.yaml",)),
+    Arm("pcam_lse", "experiments/pcam/{dataset}.yaml", "pcam", "baseline", overlays=("experiments/pcam/lse.yaml",)),
     Arm("magsd", "experiments/magsd/{dataset}.yaml", "magsd", "method"),
     Arm("resnet50", "experiments/magsd/{dataset}_baseline.yaml", "magsd", "baseline"),
     Arm("dcmt", "experiments/dcmt/{dataset}.yaml", "dcmt", "method"),
@@ -190,7 +191,7 @@ def plan(arms: list[Arm], seeds: list[int], labels: list[float], dataset: str, n
     available.sort(key=lambda a: (a.init_from is not None,))  # dependencies run first, order otherwise kept
     runs = []
     for frac, seed, arm in itertools.product(labels, seeds, available):
-        configs = [arm.config.format(dataset=dataset), *extra_configs]
+        configs = [arm.config.format(dataset=dataset), *arm.overlays, *extra_configs]
         flags = budget_flags(arm, merged_config(configs), frac)
         if flags is None:
             if seed == seeds[0]:

@@ -13,7 +13,8 @@ from experiments.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 COMPLETE = sorted(p for p in EXPERIMENTS.rglob("*.yaml")
-                  if "configs" not in p.parts and "sweeps" not in p.parts and "model" in (yaml.safe_load(p.read_text()) or {}))
+                  if "configs" not in p.parts and "sweeps" not in p.parts
+                  and {"model", "data"} <= set(yaml.safe_load(p.read_text()) or {}))  # overlays (pcam/avg.yaml) hold no data
 FRAGMENTS = sorted((EXPERIMENTS / "configs").rglob("*.yaml"))
 BASE = EXPERIMENTS / "cam_baseline" / "synthetic.yaml"
 

@@ -105,3 +105,30 @@ def test_setup_check_without_the_cli_names_both_counts(tmp_path):
     with pytest.raises(ValueError, match=rf"has {data.num_classes + 1} outputs but the data .* has "
                                          rf"{data.num_classes} classes"):
         trainer.fit(wrong, data)
+
+
+def _printed(configs: list[str], capsys) -> dict:
+    from experiments.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *(a for c in configs for a in ("-c", str(EXPERIMENTS / c))), "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "nih", "chexpert"])
+@pytest.mark.parametrize("variant, pool", [("avg", {"pool": "avg"}), ("lse", {"pool": "lse", "pool_kwargs": {"gamma": 0.5}})])
+def test_pooling_overlay_changes_only_the_pooling_and_the_run_name(dataset, variant, pool, capsys):
+    """``-c pcam/<dataset>.yaml -c pcam/<variant>.yaml`` is the base config with another pooling: every other
+    value (network, loss, data, schedule, callbacks, logger group and tags) is the base's."""
+    base = _printed([f"pcam/{dataset}.yaml"], capsys)
+    composed = _printed([f"pcam/{dataset}.yaml", f"pcam/{variant}.yaml"], capsys)
+    net = composed["model"]["init_args"]["net"]["init_args"]
+    assert {k: net[k] for k in pool} == pool
+    assert composed["trainer"]["logger"]["init_args"]["name"] == f"pcam_{variant}"
+    base_logger, logger = base["trainer"]["logger"]["init_args"], composed["trainer"]["logger"]["init_args"]
+    assert {k: v for k, v in logger.items() if k != "name"} == {k: v for k, v in base_logger.items() if k != "name"}
+    for key in pool:
+        base["model"]["init_args"]["net"]["init_args"][key] = net[key]
+    base["trainer"]["logger"]["init_args"]["name"] = logger["name"]
+    assert composed == base

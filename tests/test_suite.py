@@ -119,14 +119,14 @@ def test_grid_from_a_sweep_yaml(tmp_path):
 
 
 def test_grid_from_config_files(tmp_path, capsys):
-    configs = [str(ROOT / "experiments" / "pcam" / f) for f in ("synthetic.yaml", "synthetic_lse.yaml")]
+    configs = [str(ROOT / "experiments" / f) for f in ("pcam/synthetic.yaml", "cam_baseline/synthetic.yaml")]
     S.main(["--configs", *configs, "--seeds", "0", "1",
             "--dry-run", "--tag", "T", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     cmds = _commands_from(printed)
     assert list(cmds) == ["configs-00-s0", "configs-00-s1", "configs-01-s0", "configs-01-s1"]
     assert "--trainer.max_time" not in cmds["configs-00-s0"]  # a plain grid keeps the configs' own budgets
-    assert "method:pcam/synthetic_lse" in _flag(cmds["configs-01-s1"], "--trainer.logger.init_args.tags")
+    assert "method:cam_baseline/synthetic" in _flag(cmds["configs-01-s1"], "--trainer.logger.init_args.tags")
 
 
 def test_grid_needs_explicit_values(tmp_path):

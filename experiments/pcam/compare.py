@@ -9,8 +9,8 @@ seeds, test the best checkpoint (val/auroc), and tabulate AUROC and weak localis
 Every run is a separate, sequential ``medattn`` process (never two at once: on a 2-core machine two runs would
 each get one core and the budget would mean nothing). Each run is equivalent to
 ``medattn fit -c <config> --seed_everything <seed>`` followed by ``medattn test ... --ckpt_path best``.
-Arms (``--arms``): ``pcam`` (experiments/pcam/synthetic.yaml), ``avg`` (synthetic_avg.yaml: GAP pooling with the
-same per-class 1×1 heads = the CAM baseline with PCAM's loss and backbone), ``lse`` (synthetic_lse.yaml) and
+Arms (``--arms``): ``pcam`` (experiments/pcam/synthetic.yaml), ``avg`` (synthetic.yaml + the avg.yaml overlay: GAP pooling with the
+same per-class 1×1 heads = the CAM baseline with PCAM's loss and backbone), ``lse`` (+ lse.yaml) and
 ``cam_baseline`` (experiments/cam_baseline/synthetic.yaml, the repository's GAP + linear CAM module), all with
 the same ``trainer.max_time``/``max_epochs`` budget. Localisation uses the same metrics for all arms
 (``lightning_modules.weak_localization``): heatmaps are σ(logit map) for PCAM and min-max CAMs otherwise.
@@ -33,27 +33,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ARMS = {
-    "pcam": "experiments/pcam/synthetic.yaml",
-    "avg": "experiments/pcam/synthetic_avg.yaml",
-    "lse": "experiments/pcam/synthetic_lse.yaml",
-    "cam_baseline": "experiments/cam_baseline/synthetic.yaml",
+    "pcam": ["experiments/pcam/synthetic.yaml"],
+    "avg": ["experiments/pcam/synthetic.yaml", "experiments/pcam/avg.yaml"],  # overlays composed with -c
+    "lse": ["experiments/pcam/synthetic.yaml", "experiments/pcam/lse.yaml"],
+    "cam_baseline": ["experiments/cam_baseline/synthetic.yaml"],
 }
 KEYS = ("test/auroc", "test/loc/iou@0.3", "test/loc/iobb@0.5", "test/loc/maxboxacc_v2", "test/loc/maxboxacc@0.5",
         "test/loc/pointing", "test/loc/pxap", "fit_seconds", "epochs")
 
 
-def run_one(config: str, seed: int, out: Path, overrides: list[str]) -> dict:
+def run_one(configs: list[str], seed: int, out: Path, overrides: list[str]) -> dict:
     """Child process: fit, then test the best checkpoint; write the metrics as JSON."""
     from experiments.cli import MedAttnCLI
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cli = MedAttnCLI(args=["-c", config, "--seed_everything", str(seed), *overrides], run=False)
+    cli = MedAttnCLI(args=[*(a for c in configs for a in ("-c", c)), "--seed_everything", str(seed), *overrides], run=False)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     ckpt = "best" if cli.trainer.checkpoint_callback is not None and cli.trainer.checkpoint_callback.best_model_path else None
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)[0]
-    result = {"config": config, "seed": seed, "overrides": overrides, "fit_seconds": fit_seconds,
+    result = {"config": configs, "seed": seed, "overrides": overrides, "fit_seconds": fit_seconds,
               "epochs": cli.trainer.current_epoch, "global_step": cli.trainer.global_step, "checkpoint": ckpt,
               **{k: float(v) for k, v in metrics.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:  # child: one fit + test
         child = argparse.ArgumentParser(prog="compare.py run")
-        child.add_argument("--config", required=True)
+        child.add_argument("--config", action="append", required=True)
         child.add_argument("--seed", type=int, required=True)
         child.add_argument("--out", type=Path, required=True)
         child.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                 target = args.out / "runs" / f"{arm}-seed{seed}.json"
                 flags = ["--trainer.max_time", args.max_time, "--trainer.max_epochs", str(args.max_epochs),
                          "--trainer.logger.init_args.save_dir", str(args.out / "logs"), *args.override]
-                cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--config", ARMS[arm], "--seed",
+                cmd = [sys.executable, str(Path(__file__).resolve()), "run", *(a for c in ARMS[arm] for a in ("--config", c)), "--seed",
                        str(seed), "--out", str(target), "--", *flags]
                 print(" ".join(cmd), flush=True)
                 if args.dry_run or target.is_file():
