@@ -5,7 +5,7 @@
   at an existing file (and, with ``#anchor``, at an existing heading of it).
 - Every generated-table command in the docs (``--doc FILE --section KEY``) names a file that holds the KEY markers,
   and every marker pair has such a command, so ``medattn compare`` and the benchmark report write where a reader
-  looks; every ``experiments/...yaml`` path the docs name exists.
+  looks; every ``experiments/...yaml`` path, ``python -m`` module and ``python script.py`` the docs name exists.
 """
 
 from __future__ import annotations
@@ -109,6 +109,23 @@ def test_every_config_path_in_the_docs_exists():
                 if not (ROOT / one).is_file():
                     missing.append(f"{page.relative_to(ROOT)}: {one}")
     assert checked >= 20 and not missing, "\n".join(missing)
+
+
+def test_every_module_and_script_in_the_docs_exists():
+    import importlib.util
+
+    checked, missing = 0, []
+    for page in PAGES:
+        text = page.read_text()
+        for module in re.findall(r"(?:python|torchrun .*?) -m ([A-Za-z_][\w.]*)", text):
+            checked += 1
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"{page.relative_to(ROOT)}: python -m {module}")
+        for script in re.findall(r"python ([\w/]+\.py)", text):
+            checked += 1
+            if not (ROOT / script).is_file():
+                missing.append(f"{page.relative_to(ROOT)}: python {script}")
+    assert checked >= 10 and not missing, "\n".join(missing)
 
 
 def test_doc_flag_writes_between_markers(tmp_path):
