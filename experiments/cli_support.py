@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,6 +87,26 @@ def null_flags(argv: Sequence[str] | None) -> list[str]:
             out.append(key[2:])
         elif not eq and i + 1 < len(argv) and argv[i + 1] == "null":
             out.append(key[2:])
+    return out
+
+
+def rewrite_nulls(argv: Sequence[str]) -> list[str]:
+    """``--a.init_args.b.init_args.c null`` given as ``--a.init_args.b '{"init_args": {"c": null}}'``, which
+    jsonargparse merges into ``b``'s arguments with a real None (so ``--print_config`` shows ``null`` too). Only
+    for two class levels: deeper keys go through the same string formatting again; :func:`restore_nulls` fixes
+    those after parsing."""
+    out, argv, i = [], [str(a) for a in argv], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        given = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if arg.startswith("--") and given == "null" and key.count(".init_args.") == 2:
+            parent, _, name = key.rpartition(".init_args.")
+            out += [parent, json.dumps({"init_args": {name: None}})]
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
     return out
 
 

@@ -116,6 +116,15 @@ def test_null_on_the_command_line_means_none():
     assert "weights_file: null" in cli.parser.dump(cli.config, skip_none=False)  # as RunConfigSaver writes config.yaml
 
 
+def test_null_shows_as_null_in_print_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", BASE, NET + "weights_file", "some.pth", NET + "weights_file=null", "--print_config"])
+    import yaml
+
+    net = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["net"]["init_args"]
+    assert net["weights_file"] is None and net["backbone"] == "resnet10t"  # merged, the YAML's backbone kept
+
+
 def test_prefix_abbreviation_is_an_error(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["fit", "-c", BASE, "--trainer.max_epoch", "1", "--print_config"])
