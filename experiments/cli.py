@@ -17,6 +17,11 @@ one parser serves every method (``_LinkedInstantiator`` keeps such skipped links
 config that still sets a linked value is accepted when it equals the data's and refused otherwise, with one
 ``ConfigLinkError`` naming the argument and the data's value.
 
+Data roots: a config names its data as ``${MEDATTN_DATA}/<dataset>`` (``root: ${MEDATTN_DATA}/covid-cxr-mini``). The
+CLI replaces the prefix before anything is built, with the environment variable ``MEDATTN_DATA`` when set and
+otherwise ``<repository>/../shared/data`` (the project's layout), so ``medattn fit -c experiments/magsd/covid_cxr.yaml``
+works from any directory. A flag (``--data.init_args.reader.init_args.root /data/covid``) overrides as usual.
+
 Environment variables override too (``PL_TRAINER__MAX_EPOCHS=3``). ``HF_HUB_OFFLINE`` defaults to 1, so a
 ``pretrained`` backbone without a local ``weights_file`` fails at once with instructions instead of hanging.
 
@@ -175,6 +180,24 @@ DATA_LINKS = (
 )
 
 
+DATA_VAR = "MEDATTN_DATA"
+DATA_PLACEHOLDER = "${MEDATTN_DATA}"
+
+
+def data_root() -> Path:
+    """Where ``${MEDATTN_DATA}`` in a config points: the ``MEDATTN_DATA`` environment variable, else the project's
+    layout ``<repository>/../shared/data`` (resolved from this file, never from the working directory)."""
+    return Path(os.environ.get(DATA_VAR) or Path(__file__).resolve().parents[2] / "shared" / "data").expanduser()
+
+
+def expand_data_root(config) -> None:
+    """Replace a leading ``${MEDATTN_DATA}`` in every string value of ``config`` (a parsed jsonargparse
+    namespace) by :func:`data_root`, so a config finds its data from any working directory."""
+    for key, value in list(config.items()):
+        if isinstance(value, str) and value.startswith(DATA_PLACEHOLDER):
+            config[key] = str(data_root()) + value[len(DATA_PLACEHOLDER):]
+
+
 class ConfigLinkError(ValueError):
     """A config sets a value that is linked from the data (DATA_LINKS) to something the data contradicts."""
 
@@ -330,6 +353,9 @@ class MedAttnCLI(LightningCLI):
             raise ResumeError(f"--ckpt_path {ckpt}: these arguments differ from the checkpoint's ({what}):\n  "
                               + "\n  ".join(changed) + "\nUse the checkpoint's values, or start a new run.")
 
+    def before_instantiate_classes(self) -> None:
+        expand_data_root(self.config.get(self.subcommand, self.config) if self.subcommand else self.config)
+
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_LinkedInstantiator(cli=self, key="model"), LightningModule, subclasses=True)
         self.parser.add_instantiator(_LinkedInstantiator(cli=self, key="data"), LightningDataModule, subclasses=True)
@@ -391,10 +417,6 @@ class MedAttnCLI(LightningCLI):
         return results
 
     def parse_arguments(self, parser, args) -> None:
-        if isinstance(args, (list, tuple)):
-            args = cli_support.rewrite_nulls(args)
-        elif args is None and sys.argv[1:] != (rewritten := cli_support.rewrite_nulls(sys.argv[1:])):
-            sys.argv[1:] = rewritten  # not passed as args: Lightning warns when both args and sys.argv are given
         super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else args
         if isinstance(argv, (list, tuple)):  # `--x.init_args.y.init_args.z null` means None (see restore_nulls)

@@ -132,3 +132,33 @@ def test_pooling_overlay_changes_only_the_pooling_and_the_run_name(dataset, vari
         base["model"]["init_args"]["net"]["init_args"][key] = net[key]
     base["trainer"]["logger"]["init_args"]["name"] = logger["name"]
     assert composed == base
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "covid-cxr-mini" / "metadata.csv").is_file(),
+                    reason=f"the covid-cxr-mini sample is not at {SHARED} (the repository's ../shared/data)")
+def test_shipped_data_configs_work_from_any_directory(tmp_path, monkeypatch):
+    """``root: ${MEDATTN_DATA}/covid-cxr-mini`` resolves against the repository, not the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDATTN_DATA", raising=False)
+    cli = MedAttnCLI(args=["-c", str(ROOT / "experiments/magsd/covid_cxr.yaml"), "--trainer.logger", "false",
+                           "--trainer.callbacks", "[]"], run=False)
+    assert cli.datamodule.num_classes == 2  # metadata.csv was read (the link needs it)
+    assert Path(cli.datamodule.reader.root).resolve() == (SHARED / "covid-cxr-mini").resolve()
+
+
+def test_medattn_data_moves_every_data_root(tmp_path, monkeypatch):
+    from jsonargparse import Namespace
+
+    from experiments.cli import expand_data_root
+
+    monkeypatch.setenv("MEDATTN_DATA", str(tmp_path / "elsewhere"))
+    config = Namespace(data=Namespace(init_args=Namespace(root="${MEDATTN_DATA}/covid-cxr-mini", other="x")))
+    expand_data_root(config)
+    assert config.data.init_args.root == str(tmp_path / "elsewhere" / "covid-cxr-mini")
+    assert config.data.init_args.other == "x"
+    shipped = [p for p in EXPERIMENTS.rglob("*.yaml") if "shared/data" in
+               "\n".join(line for line in p.read_text().splitlines() if not line.lstrip().startswith("#"))]
+    assert not shipped, f"configs naming ../shared/data directly (use ${{MEDATTN_DATA}}): {shipped}"
