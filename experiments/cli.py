@@ -417,6 +417,10 @@ class MedAttnCLI(LightningCLI):
         return results
 
     def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (list, tuple)):
+            args = cli_support.rewrite_nulls(args)
+        elif args is None and sys.argv[1:] != (rewritten := cli_support.rewrite_nulls(sys.argv[1:])):
+            sys.argv[1:] = rewritten  # not passed as args: Lightning warns when both args and sys.argv are given
         super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else args
         if isinstance(argv, (list, tuple)):  # `--x.init_args.y.init_args.z null` means None (see restore_nulls)
