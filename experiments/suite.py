@@ -88,7 +88,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("pcam_avg", "experiments/pcam/{dataset}.yaml", "pcam", "baseline", overlays=("experiments/pcam/avg.yaml",)),
     Arm("pcam_lse", "experiments/pcam/{dataset}.yaml", "pcam", "baseline", overlays=("experiments/pcam/lse.yaml",)),
     Arm("magsd", "experiments/magsd/{dataset}.yaml", "magsd", "method"),
-    Arm("resnet50", "experiments/magsd/{dataset}_baseline.yaml", "magsd", "baseline"),
+    Arm("resnet50", "experiments/magsd/{dataset}.yaml", "magsd", "baseline", overlays=("experiments/magsd/resnet50.yaml",)),
     Arm("dcmt", "experiments/dcmt/{dataset}.yaml", "dcmt", "method"),
     Arm("dcmt_supervised", "experiments/dcmt/{dataset}_labeled_only.yaml", "dcmt", "baseline"),
     Arm("retinanet", "experiments/retinanet/{dataset}.yaml", "oxnet", "baseline", knob="box"),

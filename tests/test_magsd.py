@@ -344,7 +344,7 @@ def test_v7labs_reader_errors_name_the_row(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ configs, crossval
-CONFIGS = ["synthetic.yaml", "synthetic_baseline.yaml", "covid_cxr.yaml", "covid_4class.yaml"]
+CONFIGS = ["synthetic.yaml", "synthetic.yaml+resnet50.yaml", "covid_cxr.yaml", "covid_4class.yaml"]  # + = overlay
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -353,11 +353,11 @@ def test_experiment_configs_parse_and_build(name, tmp_path):
 
     from experiments.cli import MedAttnCLI
 
-    config = Path(__file__).resolve().parents[1] / "experiments" / "magsd" / name
-    cli = MedAttnCLI(args=["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+    configs = [Path(__file__).resolve().parents[1] / "experiments" / "magsd" / n for n in name.split("+")]
+    cli = MedAttnCLI(args=[*(a for c in configs for a in ("-c", str(c))), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
                            "--model.init_args.net.init_args.backbone=test_resnet"], run=False)
     assert cli.model.net.num_classes in (2, 4)
-    if "baseline" not in name:
+    if "resnet50" not in name:
         assert isinstance(cli.model, MAGSDModule) and cli.model.net.num_scales == 3
     assert cli.datamodule.hparams.seed == 0
 

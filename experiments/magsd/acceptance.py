@@ -1,6 +1,6 @@
 """Acceptance run for MAG-SD on the built-in synthetic data: MAG-SD vs a plain ResNet-50, several seeds.
 
-Both configs (``synthetic.yaml``, ``synthetic_baseline.yaml``) use the same ResNet-50 (from scratch), the same
+Both configs (``synthetic.yaml``, and it with the ``resnet50.yaml`` overlay) use the same ResNet-50 (from scratch), the same
 split (data seed 0, 197 training images), AdamW (lr 1e-3, weight decay 0.05, cosine), epochs and a 10-minute
 ``max_time``; MAG-SD's BAP head alone runs at ``head_lr_scale`` × lr (its ×100 logit scale diverges at the
 backbone's lr). SGD at lr 1e-2 left both networks at chance in this budget. Only the model
@@ -29,7 +29,7 @@ from experiments.logging import logger_flags
 from experiments.magsd.runner import run_experiment, summary_table, to_markdown
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = {"magsd": HERE / "synthetic.yaml", "baseline": HERE / "synthetic_baseline.yaml"}
+CONFIGS = {"magsd": [HERE / "synthetic.yaml"], "baseline": [HERE / "synthetic.yaml", HERE / "resnet50.yaml"]}
 COLUMNS = ["n_train", "fit_seconds", "epochs", "steps", "test/accuracy", "test/auroc"]
 
 
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[acceptance] {method} seed {seed}", flush=True)
             # one run directory per arm and seed: <out>/runs/magsd-acceptance-<method>/<method>-s<seed>-<id>/
             logger = logger_flags(Path(args.out) / "runs", f"magsd-acceptance-{method}", f"{method}-s{seed}")
-            result = run_experiment(["-c", str(CONFIGS[method]), "--seed_everything", str(seed), *logger, *extra])
+            configs = [a for c in CONFIGS[method] for a in ("-c", str(c))]
+            result = run_experiment([*configs, "--seed_everything", str(seed), *logger, *extra])
             rows.append({"run": f"{method}/seed{seed}", "method": method, "seed": seed, **result})
     frame = pd.DataFrame(rows)
     parts, means = [], {}
