@@ -75,6 +75,11 @@ class ResumableCheckpoint(ModelCheckpoint):
       steps). The medattn training samplers restart such an epoch at the next batch, so this resume is exact too.
     * top-k / ``best`` checkpoints follow ``ModelCheckpoint``'s rules unchanged (``monitor``, ``save_top_k``,
       ``every_n_epochs``, ...), and a ``last.ckpt`` write never suppresses a top-k save at the same step.
+    * ``best_weights_only=True`` (default): top-k files hold the weights only (module ``state_dict``, hyper-parameters,
+      epoch/step, loop counters; no optimiser, scheduler or callback states), for ``medattn test``/``predict`` and
+      initialising another stage; only ``last.ckpt`` carries the full training state that resume needs. A
+      ResNet-18/AdamW best.ckpt is a third of a full one. (Not ``save_last="link"``: Lightning links ``last.ckpt`` to
+      the newest *top-k* file, a stale epoch whenever the newest epoch was not the best, which breaks exact resume.)
 
     Example (experiment YAML)::
 
@@ -83,8 +88,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, save_last: bool | str | None = None, last_every_n_train_steps: int = 0,
-                 **kwargs: Any) -> None:
+                 best_weights_only: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
+        self.best_weights_only = bool(best_weights_only)
         if last_every_n_train_steps < 0:
             raise ValueError(f"ResumableCheckpoint(last_every_n_train_steps={last_every_n_train_steps}): expected an "
                              "integer >= 0 (0 = only at the end of every epoch)")
@@ -95,6 +101,16 @@ class ResumableCheckpoint(ModelCheckpoint):
         # Lightning's own calls (next to a top-k save, possibly during validation) are ignored: see _write_last
         if self._writing_last:
             super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._writing_last or not self.best_weights_only or self.save_weights_only:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        self.save_weights_only = True  # a top-k file: weights only (see the class docstring)
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        finally:
+            self.save_weights_only = False
 
     def _write_last(self, trainer: pl.Trainer) -> None:
         if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING
