@@ -35,6 +35,8 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -96,6 +98,13 @@ def surface_distances(pred: torch.Tensor, target: torch.Tensor, num_classes: int
                 backward = compute_average_surface_distance(t, p, symmetric=False, spacing=sp).item()
             mhd[i, c - 1] = max(forward, backward)
     return hd, mhd
+
+
+
+def _show_progress() -> bool:
+    """A per-volume tqdm bar over the sliding windows (a full-resolution volume takes minutes on a CPU), only on a
+    terminal and never under pytest."""
+    return sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
 
 
 class PerClassMean(Metric):
@@ -170,7 +179,7 @@ class NonLocalUNetModule(MedAttnModule):
         if roi_size is not None:
             for stage, ov in (("test", overlap), ("val", overlap if val_overlap is None else val_overlap)):
                 self.inferers[stage] = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size,
-                                                            overlap=ov, mode="constant", progress=False)
+                                                            overlap=ov, mode="constant", progress=_show_progress())
         for stage in ("val", "test"):
             setattr(self, f"{stage}_dice", DiceScore(k, include_background=False, average="none", input_format="index"))
             setattr(self, f"{stage}_hd95", PerClassMean(k - 1))
