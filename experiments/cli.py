@@ -69,7 +69,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.checkpoint_io import CheckpointError, load_checkpoint_file
 from callbacks.reliability import reliability_callbacks
-from callbacks.run_info import SplitSummaryLogger
+from callbacks.image_logger import ImageLogger
+from callbacks.run_info import RunSummary, SplitSummaryLogger
 from datamodules.manifest import DataError
 from experiments import cli_support
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
@@ -450,7 +451,8 @@ class MedAttnCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to every run, on top of the callbacks a config lists
-            trainer_defaults={"callbacks": [SplitSummaryLogger(), *reliability_callbacks()],
+            trainer_defaults={"callbacks": [SplitSummaryLogger(), ImageLogger(fallback=True), RunSummary(),
+                                            *reliability_callbacks()],
                               "plugins": [{"class_path": "callbacks.checkpoint_io.AtomicCheckpointIO"}]},
             args=args,
             run=run,
