@@ -286,6 +286,7 @@ class MedAttnCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            expand_data_root(config)  # before the comparison: the checkpoint records the resolved data root
             if subcommand == "fit":
                 self._resolve_resume(config)
             ckpt = config.get("ckpt_path")
@@ -347,6 +348,10 @@ class MedAttnCLI(LightningCLI):
             for saved in (run_config.get(section), checkpoint.get(key)):
                 changed += [c for c in changed_arguments(dumped.get(section), saved, f"--{section}")
                             if c.split(":")[0] not in {d.split(":")[0] for d in changed}]
+        # a DATA_LINKS target is filled from the data on instantiation (the dump holds its pre-link default): the
+        # data arguments it derives from are compared above, and check_forced_links refuses a contradicting value
+        linked = {f"--model.init_args.{target}" for _, target in DATA_LINKS}
+        changed = [c for c in changed if c.split(":")[0] not in linked]
         if changed:
             what = ("a resumed run continues the same experiment, so model and data arguments must equal the "
                     "checkpoint's; trainer flags such as --trainer.max_epochs may change" if subcommand == "fit" else

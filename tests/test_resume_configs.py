@@ -132,22 +132,92 @@ def _no_subject_counts() -> list[str]:
     return []
 
 
+def _roi(size: int) -> list[str]:
+    """The sliding-window ROI follows the training patch; only an older config sets it itself."""
+    shipped = yaml.safe_load((REPO / "experiments" / "nonlocal_unet" / "mni152.yaml").read_text())
+    return ["--model.init_args.roi_size", str(size)] if "roi_size" in shipped["model"]["init_args"] else []
+
+
 TEST_BACKBONE = ["--model.init_args.net.init_args.backbone", "test_resnet"]
 # Only sizes shrink (image size, data size, batch sizes, backbone where the config's own is large); the schedule,
 # num_workers, augmentation, callbacks and checkpointing are the shipped config's.
+CXR_SYN = [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)]
+DCMT_SYN = ["--data.init_args.reader.init_args.n_subjects", "20", "--data.init_args.image_size", "32",
+            "--data.init_args.labeled_batch_size", "2", "--data.init_args.eval_batch_size", "16", *_no_subject_counts()]
 CONFIGS = {
-    "cam_baseline/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
-    "pcam/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
-    "magsd/synthetic": [*TEST_BACKBONE, *_cxr(labeled_batch_size=4)],
+    "cam_baseline/synthetic": CXR_SYN,
+    "pcam/synthetic": CXR_SYN,
+    "magsd/synthetic": CXR_SYN,
     "oxnet/synthetic": _cxr(80, box_batch_size=1, labeled_batch_size=1, unlabeled_batch_size=1),
     "retinanet/synthetic": _cxr(80, box_batch_size=2),
-    "dcmt/synthetic": ["--data.init_args.reader.init_args.n_subjects", "20", "--data.init_args.image_size", "32",
-                       "--data.init_args.labeled_batch_size", "2", "--data.init_args.unlabeled_batch_size", "4",
-                       "--data.init_args.eval_batch_size", "16", *_no_subject_counts()],
+    "dcmt/synthetic": [*DCMT_SYN, "--data.init_args.unlabeled_batch_size", "4"],
+    "dcmt/synthetic_labeled_only": DCMT_SYN,
+    # stage 2 reads the stage-1 feature file at the config's own features_file (written by _prepare below)
+    "dcmt_subject/synthetic": ["--data.init_args.labeled_batch_size", "2", "--data.init_args.unlabeled_batch_size",
+                               "2", "--data.init_args.eval_batch_size", "8"],
     "nonlocal_unet/synthetic": ["--data.init_args.reader.init_args.shape", "[24, 24, 24]",
                                 "--data.init_args.patch_size", "16", "--data.init_args.batch_size", "2",
                                 "--data.init_args.patches_per_epoch", "6"],
 }
+# Configs on the real samples in ../shared/data: config -> (sample folder, flags). Only sizes shrink;
+# each keeps its shipped min_per_class (set for covid-cxr-mini), schedule, precision and workers.
+COVID_CXR = ["--data.init_args.image_size", "32", "--data.init_args.labeled_batch_size", "4",
+             "--data.init_args.eval_batch_size", "8", *TEST_BACKBONE]
+REAL_CONFIGS = {
+    "dcmt/covid_cxr": ("covid-cxr-mini", [*COVID_CXR, "--data.init_args.unlabeled_batch_size", "4",
+                                          "--model.init_args.net.init_args.fa_channels", "16",
+                                          "--model.init_args.net.init_args.head_channels", "16"]),
+    "magsd/covid_cxr": ("covid-cxr-mini", COVID_CXR),
+    "magsd/covid_4class": ("covid-cxr-mini", COVID_CXR),
+    "nonlocal_unet/covid_lungs": ("covid-cxr-mini", ["--data.init_args.image_size", "32", "--data.init_args.batch_size",
+                                                     "4", "--data.init_args.eval_batch_size", "4",
+                                                     "--model.init_args.net.init_args.filters", "8"]),
+    "nonlocal_unet/mni152": ("mni152-tissue", ["--data.init_args.patch_size", "16", "--data.init_args.batch_size", "2",
+                                               "--data.init_args.patches_per_epoch", "6",
+                                               "--model.init_args.net.init_args.filters", "8", *_roi(16)]),
+}
+# Every other shipped YAML, and why it is not in the resume matrix (test_every_shipped_config_is_covered keeps
+# this list and the matrix equal to what experiments/ holds, so a new config cannot escape the resume test).
+NOT_A_RUN = "a fragment composed with -c after an experiment config, or a W&B sweep grid: not a training run"
+NO_IMAGES = "the shipped sample holds the label CSVs only, no images"
+EXEMPT = {
+    "dcmt/dcmt_h5": "needs knee slices in HDF5 (<subject>_<slice>.h5); no such data is shipped",
+    "pcam/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
+    "retinanet/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
+    "oxnet/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
+    "pcam/chexpert": f"CheXpert: {NO_IMAGES}",
+    "pcam/avg": NOT_A_RUN,  # pooling overlays on pcam/*.yaml (same module, only net.pool differs)
+    "pcam/lse": NOT_A_RUN,
+    "magsd/resnet50": NOT_A_RUN,  # baseline overlay on magsd/*.yaml
+    **{f"configs/{p.parent.name}/{p.stem}": NOT_A_RUN for p in (REPO / "experiments" / "configs").glob("*/*.yaml")},
+    **{f"sweeps/{p.stem}": NOT_A_RUN for p in (REPO / "experiments" / "sweeps").glob("*.yaml")},
+}
+
+
+def test_every_shipped_config_is_covered():
+    shipped = {str(p.relative_to(REPO / "experiments").with_suffix("")) for p in (REPO / "experiments").rglob("*.yaml")}
+    matrix = set(CONFIGS) | set(REAL_CONFIGS)
+    assert not matrix & set(EXEMPT), sorted(matrix & set(EXEMPT))
+    assert not set(CONFIGS) & set(REAL_CONFIGS)
+    missing = shipped - matrix - set(EXEMPT)
+    assert not missing, f"shipped configs neither in the resume matrix nor exempt (with a reason): {sorted(missing)}"
+    stale = (matrix | set(EXEMPT)) - shipped
+    assert not stale, f"resume matrix or exemptions name configs that are not shipped: {sorted(stale)}"
+    sweeps = {p.stem for p in (REPO / "experiments" / "sweeps").glob("*.yaml")}
+    for name in sweeps:  # a sweep grid holds no trainer: it is no run of its own
+        assert "trainer" not in (yaml.safe_load((REPO / "experiments" / "sweeps" / f"{name}.yaml").read_text()) or {})
+
+
+def _prepare(config: str, workdir: Path) -> None:
+    """What a config reads that an earlier stage writes: DC-MT stage 2 reads stage 1's slice features."""
+    if config == "dcmt_subject/synthetic":
+        from lightning_modules.subject_aggregation import _write_tiny_features
+
+        shipped = yaml.safe_load((REPO / "experiments" / f"{config}.yaml").read_text())
+        stage1 = yaml.safe_load((REPO / "experiments" / "dcmt" / "synthetic.yaml").read_text())
+        # features as wide as stage 1's head writes them; 30 subjects in 3 folds, label ratio 0.5
+        _write_tiny_features(workdir / shipped["data"]["init_args"]["features_file"], n_subjects=30,
+                             dim=stage1["model"]["init_args"]["net"]["init_args"]["head_channels"])
 
 
 def _flat(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -194,15 +264,26 @@ def _val_every(config: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [*sorted(CONFIGS), *(pytest.param(c, marks=pytest.mark.needs_shared_data)
+                                                      for c in sorted(REAL_CONFIGS))])
+def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch, request):
     from experiments.cli import main
 
     monkeypatch.setenv("MEDATTN_CACHE", str(REPO / ".pytest_cache" / "medattn-synthetic"))
     monkeypatch.chdir(tmp_path)
-    base = ["-c", str(REPO / "experiments" / f"{config}.yaml"), *CONFIGS[config], "--seed_everything", "7",
+    if config in REAL_CONFIGS:
+        sample, flags = REAL_CONFIGS[config]
+        data = request.getfixturevalue("shared_data")  # skips, naming the folder, when the data is absent
+        if not (data / sample).is_dir():
+            pytest.skip(f"{config}: the sample {data / sample} is not there")
+        monkeypatch.setenv("MEDATTN_DATA", str(data))  # the config's own root, ${MEDATTN_DATA}/<sample>
+    else:
+        flags = CONFIGS[config]
+    _prepare(config, tmp_path)
+    base = ["-c", str(REPO / "experiments" / f"{config}.yaml"), *flags, "--seed_everything", "7",
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false"]
+            "--trainer.enable_progress_bar", "false",
+            "--test_after_fit", "false"]  # the test split plays no part in resume (and sliding-window tests are slow)
 
     def run(run_id: str, epochs: int, ckpt: Path | None = None) -> Path:
         monkeypatch.setenv("MEDATTN_RUN_ID", run_id)
