@@ -11,14 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-SHARED_DATA = Path(os.environ.get("MEDATTN_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+# The same setting as the CLI's data root (``MEDATTN_DATA``, see experiments/cli.py); ``MEDATTN_SHARED_DATA`` is the
+# older name, still honoured.
+SHARED_DATA = Path(os.environ.get("MEDATTN_DATA") or os.environ.get("MEDATTN_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data folder ``../shared/data``; tests using it skip when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set MEDATTN_SHARED_DATA to its location)")
+        pytest.skip(f"real data not found at {SHARED_DATA} (set MEDATTN_DATA to its location)")
     return SHARED_DATA
 
 
