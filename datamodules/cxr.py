@@ -14,6 +14,7 @@ from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNL
 from datamodules.dataset import CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr, run_seed
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
+from datamodules.progress import progress
 from datamodules.splits import assign_streams, build_splits, split_summary
 from datamodules.transforms import CXRTransform
 
@@ -132,7 +133,8 @@ class CXRDataModule(pl.LightningDataModule):
 
     def _drop_corrupt(self, manifest: Manifest) -> Manifest:
         keep = []
-        for i, row in enumerate(manifest.records.itertuples(index=False)):
+        rows = manifest.records.itertuples(index=False)
+        for i, row in enumerate(progress(rows, total=len(manifest.records), desc="skip_corrupt: decoding images")):
             try:
                 hw = tuple(read_gray_uint8(row.image_path).shape[1:])
                 for path in (row.mask_path, row.attention_mask_path):

@@ -74,6 +74,7 @@ import pandas as pd
 from PIL import Image
 
 from datamodules.manifest import DataError, Manifest
+from datamodules.progress import progress
 
 GENERATOR_VERSION = 3  # bump whenever the pixels or tables change: it is part of the cache hash
 CLASSES = ("Nodule", "Mass", "Effusion", "Infiltration")
@@ -409,7 +410,8 @@ def _write_tree(root: Path, config: SyntheticCXRConfig) -> None:
     spacing = repr(FIELD_OF_VIEW_MM / s)
     entries, bbox_rows, lesion_rows, marker_rows = [], [], [], []
     patient: dict = {}
-    for i, row in enumerate(plan.to_dict("records")):
+    records = plan.to_dict("records")
+    for i, row in enumerate(progress(records, total=len(records), desc="synthetic CXR images")):
         if patient.get("id") != row["patient_id"]:  # rows are grouped by patient
             patient = {"id": row["patient_id"], **render_patient(config, int(row["patient_id"]))}
         out = render_image(config, row, i, patient)

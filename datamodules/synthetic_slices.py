@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.manifest import DataError
+from datamodules.progress import progress
 from datamodules.slices import H5SliceReader, NiftiSliceReader, SliceTable
 
 GENERATOR_VERSION = 1
@@ -186,7 +187,7 @@ def _write_tree(root: Path, config: SyntheticSlicesConfig) -> None:
     for d in (h5_dir, vol_dir, mask_dir):
         d.mkdir(parents=True)
     subjects, slices = [], []
-    for i in range(config.n_subjects):
+    for i in progress(range(config.n_subjects), total=config.n_subjects, desc="synthetic slice subjects"):
         name = subject_name(i)
         plan, volume, labels = render_subject(config, i)
         subjects.append({"subject_id": name, "subject_label": plan["grade"]})

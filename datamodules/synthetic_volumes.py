@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from datamodules.manifest import DataError
+from datamodules.progress import progress
 from datamodules.volumes import ISEG_CLASSES, NiftiVolumes, VolumeSubject
 
 __all__ = ["SyntheticVolumes", "render_subject", "write_synthetic_volumes"]
@@ -121,7 +122,7 @@ def write_synthetic_volumes(root: str | Path, num_subjects: int = 4, shape: Sequ
     tmp.mkdir()
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     try:
-        for i in range(num_subjects):
+        for i in progress(range(num_subjects), total=num_subjects, desc="synthetic volumes"):
             arrays = render_subject(shape, seed, i, noise)
             for name, array in arrays.items():
                 # int16 intensities (0-1000 scale) compress several times faster than float32
