@@ -12,9 +12,14 @@ from experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
+def _complete(path: Path) -> bool:
+    """A config that names its model and data classes; overlays (pcam/avg.yaml, dcmt/labeled_only.yaml) do not."""
+    config = yaml.safe_load(path.read_text()) or {}
+    return all(isinstance(config.get(k), dict) and "class_path" in config[k] for k in ("model", "data"))
+
+
 COMPLETE = sorted(p for p in EXPERIMENTS.rglob("*.yaml")
-                  if "configs" not in p.parts and "sweeps" not in p.parts
-                  and {"model", "data"} <= set(yaml.safe_load(p.read_text()) or {}))  # overlays (pcam/avg.yaml) hold no data
+                  if "configs" not in p.parts and "sweeps" not in p.parts and _complete(p))
 FRAGMENTS = sorted((EXPERIMENTS / "configs").rglob("*.yaml"))
 BASE = EXPERIMENTS / "cam_baseline" / "synthetic.yaml"
 

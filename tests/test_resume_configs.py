@@ -151,7 +151,7 @@ CONFIGS = {
     "oxnet/synthetic": _cxr(80, box_batch_size=1, labeled_batch_size=1, unlabeled_batch_size=1),
     "retinanet/synthetic": _cxr(80, box_batch_size=2),
     "dcmt/synthetic": [*DCMT_SYN, "--data.init_args.unlabeled_batch_size", "4"],
-    "dcmt/synthetic_labeled_only": DCMT_SYN,
+    "dcmt/labeled_only": DCMT_SYN,  # an overlay: composed on its BASE below
     # stage 2 reads the stage-1 feature file at the config's own features_file (written by _prepare below)
     "dcmt_subject/synthetic": ["--data.init_args.labeled_batch_size", "2", "--data.init_args.unlabeled_batch_size",
                                "2", "--data.init_args.eval_batch_size", "8"],
@@ -159,6 +159,8 @@ CONFIGS = {
                                 "--data.init_args.patch_size", "16", "--data.init_args.batch_size", "2",
                                 "--data.init_args.patches_per_epoch", "6"],
 }
+# Overlays that are runs of their own (another arm of a comparison), composed on the config they follow.
+BASE = {"dcmt/labeled_only": "dcmt/synthetic"}
 # Configs on the real samples in ../shared/data: config -> (sample folder, flags). Only sizes shrink;
 # each keeps its shipped min_per_class (set for covid-cxr-mini), schedule, precision and workers.
 COVID_CXR = ["--data.init_args.image_size", "32", "--data.init_args.labeled_batch_size", "4",
@@ -259,6 +261,7 @@ def _max_diff(a: dict, b: dict) -> tuple[float, str | None]:
 
 
 def _val_every(config: str) -> int:
+    config = BASE.get(config, config)  # the overlays do not change the schedule
     trainer = yaml.safe_load((REPO / "experiments" / f"{config}.yaml").read_text()).get("trainer") or {}
     return int(trainer.get("check_val_every_n_epoch") or 1)
 
@@ -280,7 +283,9 @@ def test_cli_resume_is_exact_in_shipped_config(config, tmp_path, monkeypatch, re
     else:
         flags = CONFIGS[config]
     _prepare(config, tmp_path)
-    base = ["-c", str(REPO / "experiments" / f"{config}.yaml"), *flags, "--seed_everything", "7",
+    configs = [c for c in (BASE.get(config), config) if c]  # an overlay follows the config it modifies
+    base = [arg for c in configs for arg in ("-c", str(REPO / "experiments" / f"{c}.yaml"))]
+    base += [*flags, "--seed_everything", "7",
             "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false",
             "--test_after_fit", "false"]  # the test split plays no part in resume (and sliding-window tests are slow)

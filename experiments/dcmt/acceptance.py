@@ -5,7 +5,7 @@ Per seed (only the model seed ``--seed_everything`` changes; the data and split 
 1. ``dcmt``: DC-MT (``synthetic.yaml``), then ``predict`` with the final weights exports the slice features;
 2. ``dcmt_subject``: stage 2 (``../dcmt_subject/synthetic.yaml``) on those features; its ``test/meanpool_*``
    numbers are the mean-pooling baseline on the same subjects;
-3. ``labeled_only``: the same network on the labeled slices alone (``synthetic_labeled_only.yaml``);
+3. ``labeled_only``: the same network on the labeled slices alone (the ``labeled_only.yaml`` overlay);
 4. ``no_attention``: DC-MT without the attention losses (``--model.init_args.attention_losses false``).
 
 Every run is tested on the held-out fold with its final weights (no checkpoint selection on that fold).
@@ -35,7 +35,7 @@ from typing import Sequence
 from experiments.logging import logger_flags
 
 HERE = Path(__file__).resolve().parent
-STAGE1 = {"dcmt": [str(HERE / "synthetic.yaml")], "labeled_only": [str(HERE / "synthetic_labeled_only.yaml")],
+STAGE1 = {"dcmt": [str(HERE / "synthetic.yaml")], "labeled_only": [str(HERE / "synthetic.yaml"), "-c", str(HERE / "labeled_only.yaml")],
           "no_attention": [str(HERE / "synthetic.yaml"), "--model.init_args.attention_losses", "false"]}
 STAGE2 = str(HERE.parent / "dcmt_subject" / "synthetic.yaml")
 QUICK = ["--data.init_args.reader.init_args.n_subjects", "30", "--data.init_args.reader.init_args.min_slices", "6",
