@@ -17,7 +17,8 @@ Loading (:func:`load_checkpoint_file`, used by ``AtomicCheckpointIO.load_checkpo
   optimiser factory saved in the hyperparameters, ``pathlib`` paths) are allow-listed explicitly, for the load
   only (a ``torch.serialization.safe_globals`` context, nothing process-wide). Anything else - a pickle whose
   ``__reduce__`` would call ``os.system`` - is refused before it runs, with an error naming the file and the
-  global. ``weights_only=False``, passed explicitly, is honoured with a warning: it is for files you trust.
+  global. There is no code-running fallback: an explicit ``weights_only=False`` is refused (allow-list a harmless
+  global with ``torch.serialization.add_safe_globals`` instead).
 * Integrity: ``torch.save`` writes a zip archive that stores a CRC-32 of every record (the pickled structure and
   each tensor storage), in every checkpoint - ours and plain Lightning/PyTorch ones alike. Those checksums are
   verified before unpickling (``zipfile.testzip``; ~0.05 s per 100 MB), so a flipped byte anywhere in the content,
@@ -41,7 +42,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_torch_save", "checkpoint_safe_globals",
            "load_checkpoint_file", "verify_checkpoint"]
@@ -149,7 +149,7 @@ def _unpickling_error(path: Path, err: Exception) -> CheckpointError:
         "([...]) before loading.")
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weights_only: bool = True) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None) -> Any:
     """``torch.load`` a local checkpoint as data (``weights_only``, :func:`checkpoint_safe_globals` allowed) after
     :func:`verify_checkpoint`. Every failure is a :class:`CheckpointError` (or ``FileNotFoundError``) naming the file."""
     path = Path(path).expanduser()
@@ -158,7 +158,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None, weig
     verify_checkpoint(path)
     try:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=weights_only)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise _unpickling_error(path, err) from err
     except (EOFError, RuntimeError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
@@ -173,18 +173,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Loading: ``weights_only=None`` (what ``trainer.fit(ckpt_path=...)`` and ``medattn fit --ckpt_path`` pass) means
     ``True``: the checkpoints of every registered method load as data once :func:`checkpoint_safe_globals` is
     allowed, so nothing needs the unpickler that runs code. An explicit ``weights_only=False`` (``--weights_only
-    false``) is honoured with a warning, for a trusted file holding some other object.
+    false``) is refused: a checkpoint never runs code here.
     """
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         map_location = map_location if map_location is not None else (lambda storage, loc: storage)
         if weights_only is False:
-            rank_zero_warn(f"loading {path} with weights_only=False: unpickling can run code stored in the file; "
-                           "do this only for a checkpoint you trust")
+            raise CheckpointError(f"checkpoint {path}: weights_only=False was asked for, but medattn loads checkpoints "
+                                  "as data only (unpickling code could run anything stored in the file). If the file "
+                                  "holds a harmless object that is refused, allow-list it with "
+                                  "torch.serialization.add_safe_globals([...]) before loading.")
         if "://" in str(path) and not str(path).startswith("file://"):  # remote: Lightning's reader, still data-only
             with torch.serialization.safe_globals(checkpoint_safe_globals()):
-                return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
-        return load_checkpoint_file(str(path).removeprefix("file://"), map_location, weights_only is not False)
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(str(path).removeprefix("file://"), map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path) and not str(path).startswith("file://"):

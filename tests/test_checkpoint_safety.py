@@ -197,3 +197,15 @@ def test_load_from_checkpoint_path_loads_the_default_optimizer_as_data(tmp_path)
             f"hp = torch.load({str(path)!r}, weights_only=True)['hyper_parameters']; "
             "assert hp['optimizer'] is b.default_optimizer")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_explicit_weights_only_false_is_refused_without_running(tmp_path):
+    """No code-running fallback: ``--weights_only false`` (Lightning passes it to the checkpoint IO) is refused before
+    the file is unpickled, so a malicious checkpoint cannot run even when asked for."""
+    from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointError
+
+    marker, path = tmp_path / "code_ran.txt", tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": {"payload": _Payload(marker)}}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: weights_only=False was asked for.*add_safe_globals"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert not marker.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.reliability import ResumableCheckpoint
 from reliability_utils import build
 
@@ -19,8 +20,8 @@ def test_best_is_weights_only_and_last_is_full(tmp_path):
                          num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[checkpoint], default_root_dir=tmp_path)
     trainer.fit(module, data)
-    best = torch.load(tmp_path / "ck" / "best.ckpt", map_location="cpu", weights_only=False)
-    last = torch.load(tmp_path / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    best = load_checkpoint_file(tmp_path / "ck" / "best.ckpt", map_location="cpu")
+    last = load_checkpoint_file(tmp_path / "ck" / "last.ckpt", map_location="cpu")
     assert "optimizer_states" not in best and "callbacks" not in best
     assert last["optimizer_states"] and last["callbacks"]
     assert best["state_dict"].keys() == last["state_dict"].keys()
