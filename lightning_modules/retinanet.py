@@ -31,6 +31,7 @@ from datamodules.batch import STREAM_BOX
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import IGNORE, metric_targets
 from lightning_modules.metrics.classification import MaskedMultilabelAUROC
+from lightning_modules.metrics.gather import all_gather_list
 from lightning_modules.registry import register_method
 from networks.retina import RetinaNet, detection_losses
 from lightning_modules.data_check import check_data_classes
@@ -110,13 +111,7 @@ class DetectionEvaluation(nn.Module):
             self.auroc.update(global_scores.detach().float(), truth)
 
     def _gathered_pairs(self) -> list[tuple[str, dict, dict]]:
-        pairs = self._pairs
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            shards: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, pairs)
-            pairs = [pair for shard in shards for pair in shard]
-        return sorted(pairs, key=lambda pair: pair[0])
+        return sorted(all_gather_list(self._pairs), key=lambda pair: pair[0])
 
     @staticmethod
     def _mean_ap(pairs: list[tuple[str, dict, dict]], **kwargs) -> dict:

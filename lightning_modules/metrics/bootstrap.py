@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lightning_modules.metrics.gather import all_gather_list
+
 __all__ = ["weighted_auroc", "bootstrap_macro_auroc", "TestPredictions", "N_RESAMPLES", "CI_LEVEL"]
 
 N_RESAMPLES = 1000
@@ -124,12 +126,7 @@ class TestPredictions:
             self.rows.append((str(image_id), str(patient_id), t[i], s[i]))
 
     def _gathered(self) -> list:
-        rows = self.rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            shards: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, rows)
-            rows = [row for shard in shards for row in shard]
+        rows = all_gather_list(self.rows)
         unique = {row[0]: row for row in rows}  # a padded sampler repeats images on some rank
         return [unique[k] for k in sorted(unique)]
 
