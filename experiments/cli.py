@@ -74,7 +74,7 @@ from callbacks.run_info import RunSummary, SplitSummaryLogger
 from datamodules.manifest import DataError
 from experiments import cli_support
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
-                                 resumable_checkpoint)
+                                 medattn_logger_args, resumable_checkpoint)
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM
 
@@ -107,16 +107,6 @@ class RunConfigSaver(SaveConfigCallback):
                 logger.log_hyperparams({"config": yaml.safe_load(config)})
             except Exception:  # noqa: BLE001 - a logger that cannot take nested params must not stop the run
                 pass
-
-
-def _medattn_logger(trainer_config) -> dict | None:
-    """``save_dir/group/name/project`` of the config's ``MedAttnLogger``, or None without one."""
-    logger = trainer_config.get("logger") if trainer_config is not None else None
-    for item in logger if isinstance(logger, list) else [logger]:
-        if hasattr(item, "get") and str(item.get("class_path", "")).endswith("MedAttnLogger"):
-            args = item.get("init_args") or {}
-            return {k: args.get(k) for k in ("save_dir", "group", "name", "project")}
-    return None
 
 
 def _requeued() -> bool:
@@ -297,7 +287,7 @@ class MedAttnCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def _resolve_resume(self, config) -> None:
-        ckpt, logger = config.get("ckpt_path"), _medattn_logger(config.get("trainer"))
+        ckpt, logger = config.get("ckpt_path"), medattn_logger_args(config.get("trainer"))
         if ckpt == "last":
             if logger is None:
                 raise ResumeError("--ckpt_path last resumes the newest run of this experiment, found through the "

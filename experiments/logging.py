@@ -75,27 +75,34 @@ def resumable_checkpoint(run_dir: str | Path) -> Path | None:
     return max((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
 
 
-def _logged_name(run_dir: Path) -> tuple[str | None, str | None]:
-    """(name, group) of the logger in a run directory's ``config.yaml``."""
+def medattn_logger_args(trainer_section) -> dict | None:
+    """``save_dir/group/name/project`` of the ``MedAttnLogger`` in a config's ``trainer`` section (a dict loaded from
+    a ``config.yaml``, or the CLI's parsed namespace), or None without one."""
+    logger = trainer_section.get("logger") if trainer_section is not None else None
+    for item in logger if isinstance(logger, list) else [logger]:
+        if hasattr(item, "get") and str(item.get("class_path", "")).endswith("MedAttnLogger"):
+            args = item.get("init_args") or {}
+            return {k: args.get(k) for k in ("save_dir", "group", "name", "project")}
+    return None
+
+
+def _logged_name(run_dir: Path) -> str | None:
+    """The logger name in a run directory's ``config.yaml`` (``MedAttnLogger``'s default when unset)."""
     import yaml
 
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return None, None
-    logger = (config.get("trainer") or {}).get("logger")
-    for item in logger if isinstance(logger, list) else [logger]:
-        if isinstance(item, dict) and str(item.get("class_path", "")).endswith("MedAttnLogger"):
-            args = item.get("init_args") or {}
-            return args.get("name") or args.get("project") or "medattn", args.get("group")
-    return None, None
+        return None
+    args = medattn_logger_args(config.get("trainer") or {})
+    return None if args is None else args["name"] or args["project"] or "medattn"
 
 
 def experiment_runs(save_dir, group, name, project="medattn") -> list[Path]:
     """The run directories of one experiment: ``<name>-*`` whose ``config.yaml`` names the same logger ``name`` (so
     ``pcam-synthetic`` does not match ``pcam-synthetic-avg-<id>``)."""
     folder, name = experiment_dir(save_dir, group, name, project)
-    return sorted(p for p in folder.glob(f"{name}-*") if p.is_dir() and _logged_name(p)[0] == name)
+    return sorted(p for p in folder.glob(f"{name}-*") if p.is_dir() and _logged_name(p) == name)
 
 
 @contextlib.contextmanager
