@@ -90,7 +90,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("magsd", "experiments/magsd/{dataset}.yaml", "magsd", "method"),
     Arm("resnet50", "experiments/magsd/{dataset}.yaml", "magsd", "baseline", overlays=("experiments/magsd/resnet50.yaml",)),
     Arm("dcmt", "experiments/dcmt/{dataset}.yaml", "dcmt", "method"),
-    Arm("dcmt_supervised", "experiments/dcmt/{dataset}_labeled_only.yaml", "dcmt", "baseline"),
+    Arm("dcmt_supervised", "experiments/dcmt/{dataset}.yaml", "dcmt", "baseline", overlays=("experiments/dcmt/labeled_only.yaml",)),
     Arm("retinanet", "experiments/retinanet/{dataset}.yaml", "oxnet", "baseline", knob="box"),
     Arm("oxnet", "experiments/oxnet/{dataset}.yaml", "oxnet", "method", knob="box", init_from="retinanet"),
     Arm("nonlocal_unet", "experiments/nonlocal_unet/{dataset}.yaml", "nonlocal", "method", knob="none"),
@@ -122,11 +122,10 @@ class Run:
     run_dir: Path = Path()
     note: str = ""
 
-    def command(self, max_time: str | None, extra: list[str]) -> list[str]:
+    def command(self, budget: list[str], extra: list[str]) -> list[str]:
         cmd = [sys.executable, "-m", "experiments.suite", "fit-test"]
         for config in self.configs:
             cmd += ["-c", config]
-        budget = ["--trainer.max_time", max_time] if max_time else []
         return cmd + ["--seed_everything", str(self.seed), *budget, "--trainer.enable_progress_bar", "false",
                       *logger_flags(self.run_dir.parent.parent, self.group, self.name),
                       "--trainer.logger.init_args.tags", json.dumps(self.tags), *self.flags, *extra]
@@ -205,6 +204,18 @@ def plan(arms: list[Arm], seeds: list[int], labels: list[float], dataset: str, n
         run_dir = out / group.replace("/", "-") / f"{run_name}-{tag}"
         runs.append(Run(arm, configs, seed, frac, run_name, group, tags, [*arm.flags, *flags], run_dir))
     return runs, notes
+
+
+def budget_flags_for(max_time: str | None, epochs: int | None) -> list[str]:
+    """``medattn`` flags of the per-run budget: wall clock (``max_time``) or a number of epochs with no time limit.
+
+    An epoch budget makes the comparison independent of the machine's load (every arm trains the same number of
+    passes over its data, whatever else runs); the wall clock each arm took is still logged as ``time/fit_s``."""
+    if max_time and epochs:
+        raise ValueError("give either a wall-clock budget (--minutes / --max-time) or --epochs, not both")
+    if epochs:
+        return ["--trainer.max_epochs", str(int(epochs)), "--trainer.max_time", "null"]
+    return ["--trainer.max_time", max_time] if max_time else []
 
 
 def max_time_for(n_runs: int, minutes: float, overhead_s: float) -> str:
@@ -313,7 +324,7 @@ def fit_test(args: list[str]) -> None:
     print("[suite] " + json.dumps({k: round(v, 2) for k, v in times.items()}))
 
 
-def execute(runs: list[Run], max_time: str | None, extra: list[str], tag: str, log_dir: Path, dry_run: bool) -> list[str]:
+def execute(runs: list[Run], budget: list[str], extra: list[str], tag: str, log_dir: Path, dry_run: bool) -> list[str]:
     """Run each plan entry in a fresh process, sequentially; return the failures."""
     failures, done_dirs, started, executed = [], {}, time.perf_counter(), 0
     env = {k: v for k, v in os.environ.items() if k != "MEDATTN_RUN_DIR"}
@@ -329,7 +340,7 @@ def execute(runs: list[Run], max_time: str | None, extra: list[str], tag: str, l
                 print(f"[suite] {i}/{len(runs)} {run.name}: skipped (no {run.arm.init_from} checkpoint)")
                 continue
             flags += [run.arm.init_flag, str(ckpt or (source or Path("<run dir>")) / "checkpoints" / "best.ckpt")]
-        cmd = Run(**{**run.__dict__, "flags": flags}).command(max_time, extra)
+        cmd = Run(**{**run.__dict__, "flags": flags}).command(budget, extra)
         printable = shlex.join(["python", *cmd[1:]])
         print(f"[suite] {i}/{len(runs)} {run.name}: {printable}", flush=True)
         done_dirs[(run.arm.name, run.seed, run.labels)] = run.run_dir
@@ -381,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, help="wall-clock budget of the whole suite")
     parser.add_argument("--overhead", type=float, default=45.0, help="seconds per run outside training (start, test)")
     parser.add_argument("--max-time", help="trainer.max_time per run (DD:HH:MM:SS); overrides --minutes")
+    parser.add_argument("--epochs", type=int, help="budget in epochs instead of wall clock: trainer.max_epochs for "
+                        "every run and no time limit (results do not depend on the machine's load)")
     parser.add_argument("--out", type=Path, default=Path("runs/suite"))
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="run id suffix; reuse it to resume")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and commands only")
@@ -412,14 +425,17 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("\n".join(notes) or "nothing to run")
         return 1
-    max_time = args.max_time or (max_time_for(len(runs), minutes, args.overhead)
-                                 if args.minutes or not (args.grid or args.configs) else None)
-    budget = (f"trainer.max_time {max_time} each (+~{args.overhead:.0f} s start-up/test), estimated "
+    if args.epochs and (args.minutes or args.max_time):
+        parser.error("--epochs replaces the wall-clock budget; drop --minutes / --max-time")
+    max_time = None if args.epochs else args.max_time or (
+        max_time_for(len(runs), minutes, args.overhead) if args.minutes or not (args.grid or args.configs) else None)
+    budget = (f"trainer.max_epochs {args.epochs} each, no time limit" if args.epochs else
+              f"trainer.max_time {max_time} each (+~{args.overhead:.0f} s start-up/test), estimated "
               f"{len(runs) * (_seconds(max_time) + args.overhead) / 60:.0f} min" if max_time else "the configs' own budgets")
     print(f"[suite] {len(runs)} runs, {budget}; tag {args.tag}; out {out}")
     for note in notes:
         print(f"[suite] note: {note}")
-    failures = execute(runs, max_time, extra, args.tag, out / "logs" / args.tag, args.dry_run)
+    failures = execute(runs, budget_flags_for(max_time, args.epochs), extra, args.tag, out / "logs" / args.tag, args.dry_run)
     for failure in failures:
         print(f"[suite] {failure}")
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
