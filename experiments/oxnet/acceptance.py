@@ -18,6 +18,14 @@ Run it on a quiet machine (another busy process on 2 cores can halve the steps t
 
     OMP_NUM_THREADS=2 python -m experiments.oxnet.acceptance --seeds 0 1 2 --out runs/oxnet/acceptance
 
+**Equal work** (the paper's claim is about label efficiency, not speed): ``--stage1-epochs E1 --stage2-epochs E2``
+replaces both wall-clock budgets by epochs, with no time limit. Both configs define the epoch by the box stream
+(``epoch_stream: box``, 4 box images per step), so the two stage-2 arms make the same number of box-stream passes
+and steps; OXnet's extra label and unlabeled streams cycle beside it. The wall clock each arm took is logged
+(``time/fit_s``) and reported beside the metrics. The result does not depend on the machine's load::
+
+    python -m experiments.oxnet.acceptance --seeds 0 1 2 --stage1-epochs 20 --stage2-epochs 20 --out runs/acc/oxnet-epochs
+
 Writes ``acceptance.json`` and ``acceptance.md`` (one row per run, then per-arm mean/std of test mAP50, mAP, AP40)
 and prints whether OXnet's mean test mAP50 is at least RetinaNet's. Add ``--dry-run`` to print the commands only.
 """
@@ -37,6 +45,7 @@ import pandas as pd
 
 from experiments.logging import logger_flags
 from experiments.magsd.runner import to_markdown
+from experiments.suite import budget_flags_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RETINANET = "experiments/retinanet/synthetic.yaml"
@@ -49,9 +58,9 @@ def _max_time(minutes: float) -> str:
     return time.strftime("00:%H:%M:%S", time.gmtime(int(minutes * 60)))
 
 
-def _command(config: str, seed: int, arm: str, out: Path, minutes: float, flags: list[str]) -> list[str]:
+def _command(config: str, seed: int, arm: str, out: Path, budget: list[str], flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.suite", "fit-test", "-c", config, "--seed_everything", str(seed),
-            "--trainer.max_time", _max_time(minutes), "--trainer.enable_progress_bar", "false",
+            *budget, "--trainer.enable_progress_bar", "false",
             *logger_flags(out, f"oxnet-acceptance/{arm}", f"{arm}-s{seed}"), *flags]
 
 
@@ -69,12 +78,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stage1-minutes", type=float, default=6.0)
     parser.add_argument("--stage2-minutes", type=float, default=7.0)
+    parser.add_argument("--stage1-epochs", type=int, help="stage-1 budget in box-stream epochs (no time limit)")
+    parser.add_argument("--stage2-epochs", type=int, help="stage-2 budget of both arms in box-stream epochs "
+                        "(no time limit): equal work instead of equal wall clock")
     parser.add_argument("--stage2-lr", type=float, default=3e-4, help="AdamW lr of both stage-2 arms")
     parser.add_argument("--out", default="runs/oxnet/acceptance")
     parser.add_argument("--tag", default="acc", help="run id; re-using it skips finished runs")
     parser.add_argument("--dry-run", action="store_true")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    if (args.stage1_epochs is None) != (args.stage2_epochs is None):
+        parser.error("give both --stage1-epochs and --stage2-epochs (an epoch budget for every stage) or neither")
+    by_epochs = args.stage2_epochs is not None
     out = Path(args.out).resolve()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "MEDATTN_RUN_ID": args.tag, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "WANDB_SILENT": "true"}
@@ -84,15 +99,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for seed in args.seeds:
         stage1 = _run_dir(out, "stage1", seed, args.tag) / "checkpoints"
-        plan = [("stage1", RETINANET, args.stage1_minutes, False), ("retinanet", RETINANET, args.stage2_minutes, True),
-                ("oxnet", OXNET, args.stage2_minutes, True)]
-        for arm, config, minutes, from_stage1 in plan:
+        stage1_budget = (budget_flags_for(None, args.stage1_epochs) if by_epochs
+                         else budget_flags_for(_max_time(args.stage1_minutes), None))
+        stage2_budget = (budget_flags_for(None, args.stage2_epochs) if by_epochs
+                         else budget_flags_for(_max_time(args.stage2_minutes), None))
+        plan = [("stage1", RETINANET, stage1_budget, False), ("retinanet", RETINANET, stage2_budget, True),
+                ("oxnet", OXNET, stage2_budget, True)]
+        for arm, config, budget, from_stage1 in plan:
             flags = []
             if from_stage1:  # the best stage-1 checkpoint, or its last one if no validation ran within the budget
                 best = (stage1 / "best.ckpt").is_file() or args.dry_run
                 ckpt = stage1 / ("best.ckpt" if best else "last.ckpt")
                 flags = ["--model.init_args.init_checkpoint", str(ckpt), *stage2]
-            cmd = _command(config, seed, arm, out, minutes, flags + extra)
+            cmd = _command(config, seed, arm, out, budget, flags + extra)
             run_dir = _run_dir(out, arm, seed, args.tag)
             print(f"[acceptance] seed {seed} {arm}: {shlex.join(['python', *cmd[1:]])}", flush=True)
             if args.dry_run:
@@ -112,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary.columns = [f"{metric} {stat}" for metric, stat in summary.columns]
     means = frame.groupby("arm")["test/map_50"].mean().to_dict()
     verdict = {"mean_test_map_50": means, "oxnet_ge_retinanet": means.get("oxnet", -1) >= means.get("retinanet", 2),
-               "seeds": args.seeds, "stage1_minutes": args.stage1_minutes, "stage2_minutes": args.stage2_minutes}
+               "seeds": args.seeds, **({"stage1_epochs": args.stage1_epochs, "stage2_epochs": args.stage2_epochs} if by_epochs
+                                       else {"stage1_minutes": args.stage1_minutes, "stage2_minutes": args.stage2_minutes})}
     markdown = to_markdown(frame[["arm", "seed", *columns]], 4) + "\n\n" + \
         to_markdown(summary.reset_index(), 4) + "\n\n" + json.dumps(verdict) + "\n"
     (out / "acceptance.md").write_text(markdown)
