@@ -13,10 +13,14 @@ volumes ``spacing`` float (B, spatial_dims).
   * evaluation: one item per subject, the foreground box cropped out, **raw** intensities: the sliding-window
     predictor z-scores every window the same way (``NonLocalUNetModule``), so training and inference see the
     same normalisation. Metrics are computed on the crop; outside it everything is background;
-  * ``holdout="subject"``: leave-subjects-out (default: the last subject is validation and test, as the
-    reference's ``validation_id``); ``holdout="hemisphere"``: one subject suffices: training patches stay
+  * ``holdout="subject"``: train / validation / test by subject, three disjoint non-empty sets (default: the
+    last subject is the test split and the one before it the validation split; ``val_subjects`` and
+    ``test_subjects`` choose others, and overlapping lists are refused), so checkpoint selection never sees a
+    test subject; ``holdout="hemisphere"``: one subject suffices: training patches stay
     strictly inside the low half of the foreground box along ``split_axis`` (for an RAS-oriented brain on axis
     0 that is the left hemisphere), and evaluation uses the other half, so no training voxel is evaluated.
+    There validation and test are the same half: a smoke demo, not a generalisation measurement (a symmetric
+    template's mirrored training labels already score high: ``experiments/nonlocal_unet/mirror_baseline.py``).
 
 :class:`LungSegmentationDataModule`: chest X-rays with lung masks in the covid-chestxray-dataset layout
 (``metadata.csv`` + ``images/`` + ``masks/<stem>.png``), split by patient, letterboxed to ``image_size``.
@@ -151,8 +155,10 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         batch_size: patches per training batch (reference 5).
         patches_per_epoch: training patches per epoch (the reference draws one per subject per "epoch").
         holdout: ``"subject"`` or ``"hemisphere"`` (see the module docstring).
-        val_subjects: held-out subject ids for ``"subject"``; default the last subject.
-        test_subjects: default = ``val_subjects`` (leave-one-subject-out reports the held-out subject).
+        val_subjects: validation subject ids for ``"subject"`` (checkpoint selection); default the last
+            subject that is not a test subject.
+        test_subjects: test subject ids; default the last subject not in ``val_subjects``. Must not overlap
+            ``val_subjects`` (DataError).
         split_axis: axis split by ``"hemisphere"``; ``train_side`` ``"low"`` or ``"high"`` half for training.
         foreground_channel: the channel whose non-zero voxels define the foreground box.
         num_workers: DataLoader workers (volumes are held in memory; 0 is fine).
@@ -237,11 +243,7 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
             self.datasets["val"] = self.datasets["test"] = CroppedVolumeDataset(volumes, eval_boxes)
             return
         ids = [v.subject_id for v in volumes]
-        val_ids = list(map(str, self.val_subjects)) if self.val_subjects else ids[-1:]
-        test_ids = list(map(str, self.test_subjects)) if self.test_subjects else val_ids
-        unknown = sorted(set(val_ids + test_ids) - set(ids))
-        if unknown:
-            raise DataError(f"held-out subject ids {unknown} are not among the reader's subjects {ids}")
+        val_ids, test_ids = self.held_out(ids)
         train = [i for i, s in enumerate(ids) if s not in val_ids and s not in test_ids]
         if not train:
             raise DataError(f"no training subject left after holding out {sorted(set(val_ids + test_ids))}; with "
@@ -252,6 +254,34 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         for stage_name, keep in (("val", val_ids), ("test", test_ids)):
             idx = pick(keep)
             self.datasets[stage_name] = CroppedVolumeDataset([volumes[i] for i in idx], [boxes[i] for i in idx])
+
+    def held_out(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        """(validation ids, test ids) for ``holdout="subject"``; disjoint, non-empty, all among ``ids``.
+
+        Defaults: the test split is the last subject, the validation split the last subject before it that is
+        not a test subject; so checkpoint selection (``val``) never sees a test subject."""
+        for name, given in (("val_subjects", self.val_subjects), ("test_subjects", self.test_subjects)):
+            if given is not None and len(given) == 0:
+                raise DataError(f"{name} is an empty list; give at least one subject id or leave it unset "
+                                f"(subjects: {ids})")
+        test_ids = [str(s) for s in self.test_subjects] if self.test_subjects is not None else None
+        val_ids = [str(s) for s in self.val_subjects] if self.val_subjects is not None else None
+        if test_ids is None:
+            test_ids = [s for s in ids if s not in (val_ids or [])][-1:]
+        if val_ids is None:
+            val_ids = [s for s in ids if s not in test_ids][-1:]
+        for name, chosen in (("val_subjects", val_ids), ("test_subjects", test_ids)):
+            unknown = sorted(set(chosen) - set(ids))
+            if unknown:
+                raise DataError(f"{name}: subject ids {unknown} are not among the reader's subjects {ids}")
+            if not chosen:
+                raise DataError(f"{name}: no subject left for this split (subjects: {ids}); with a single subject "
+                                "use holdout='hemisphere'")
+        overlap = sorted(set(val_ids) & set(test_ids))
+        if overlap:
+            raise DataError(f"val_subjects and test_subjects share {overlap}: checkpoint selection would see the "
+                            f"test subjects; make the two lists disjoint (val {val_ids}, test {test_ids})")
+        return val_ids, test_ids
 
     def _halves(self, box: Box, limits: Box) -> tuple[tuple[Box, Box], tuple[Box, Box]]:
         """Split box and limits at the middle of the box along ``split_axis``: ((box, limits) low, high)."""

@@ -212,6 +212,20 @@ def test_registered_tiny_fits_validates_and_tests(tmp_path):
     module.eval()
     expected = module.predict_probs(item["image"][None]).argmax(dim=1)
     assert torch.equal(first["segmentation"].long(), expected)
+    # behaviour, not keys: the logged test Dice is the hand-computed 2|P & G| / (|P| + |G|) of the predicted
+    # segmentation of the (only) test subject, per foreground class, and the mean over the classes present
+    pred, truth = first["segmentation"][0].long(), item["label_map"][0]
+    hand = {}
+    for k, name in enumerate(data.class_names[1:], start=1):
+        p, g = pred == k, truth == k
+        if p.any() or g.any():
+            hand[name] = 2.0 * float((p & g).sum()) / float(p.sum() + g.sum())
+            assert results[f"test/dice_{name}"] == pytest.approx(hand[name], abs=1e-5), name
+    assert results["test/dice"] == pytest.approx(sum(hand.values()) / len(hand), abs=1e-5)
+    torch.testing.assert_close(first["probs"].sum(1), torch.ones_like(first["probs"][:, 0]))
+    # the checkpoint-selection subject is not the test subject
+    assert {v.subject_id for v in data.datasets["val"].volumes}.isdisjoint(
+        v.subject_id for v in data.datasets["test"].volumes)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

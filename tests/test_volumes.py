@@ -167,8 +167,10 @@ def test_volume_datamodule_subject_and_hemisphere_holdout(synthetic):
     dm = VolumeSegmentationDataModule(synthetic, patch_size=16, batch_size=2, patches_per_epoch=4)
     dm.prepare_data()
     dm.setup("fit")
-    assert [v.subject_id for v in dm.datasets["train"].volumes] == ["00", "01"]
-    assert [v.subject_id for v in dm.datasets["val"].volumes] == ["02"]
+    # default: the last subject is the test split, the one before it validation: selection never sees test
+    assert [v.subject_id for v in dm.datasets["train"].volumes] == ["00"]
+    assert [v.subject_id for v in dm.datasets["val"].volumes] == ["01"]
+    assert [v.subject_id for v in dm.datasets["test"].volumes] == ["02"]
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 2, 16, 16, 16) and batch["label_map"].shape == (2, 1, 16, 16, 16)
     val = next(iter(dm.val_dataloader()))
