@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+import warnings
+from typing import Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,10 +16,14 @@ from datamodules.dataset import CXRDataset, MixedStreamSampler, UnpaddedDistribu
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
 from datamodules.progress import progress
-from datamodules.splits import assign_streams, build_splits, split_summary
+from datamodules.splits import all_images_split, assign_streams, build_splits, split_summary
 from datamodules.transforms import CXRTransform
 
 _STREAM_BY_NAME = {name: value for value, name in STREAM_NAMES.items()}
+SPLITS = ("patients", "all")  # values of CXRDataModule(split=...)
+# the splitting arguments that split="all" overrides, with the value at which each has no effect
+_SPLIT_ARGS = {"val_fraction": 0, "test_fraction": 0, "hold_out_boxed_for_test": False,
+               "use_official_test_split": False, "num_folds": 1}
 
 
 def _read_id_list(value: Sequence[str] | str | None) -> list[str] | None:
@@ -45,6 +50,15 @@ class CXRDataModule(pl.LightningDataModule):
     Args:
         reader: dataset reader (``load() -> Manifest``).
         image_size: square network input side; images are letterboxed (see ``datamodules.transforms``).
+        split: ``"patients"`` (default): the patient-level train/val/test split described by the arguments below.
+            ``"all"``: every image of the reader is the test split, exactly once (under DDP too: the evaluation
+            sampler shards without padding), for testing a trained model on another dataset
+            (``medattn test ... --ckpt_path <ckpt> --data.init_args.split all``). No train/val split is built;
+            ``val_fraction``, ``test_fraction``, ``hold_out_boxed_for_test``, ``use_official_test_split`` and
+            ``num_folds`` are ignored (the split summary's note names those that were set); ``fit`` and
+            ``validate`` are refused with an error naming this option. ``min_per_class`` does not stop the run
+            (an external set is what it is): classes below it are named in the summary note and in a warning,
+            and the AUROC policy reports a class without positives or negatives as NaN, outside the macro mean.
         val_fraction, test_fraction: fractions of patients; val and test are stratified by label (each patient's
             rarest class, see ``datamodules.splits``), so every split holds every class.
         hold_out_boxed_for_test: the test split is every patient with a boxed image (NIH localisation protocol);
@@ -83,6 +97,7 @@ class CXRDataModule(pl.LightningDataModule):
         self,
         reader: Reader,
         image_size: int = 128,
+        split: Literal["patients", "all"] = "patients",
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         hold_out_boxed_for_test: bool = False,
@@ -111,6 +126,8 @@ class CXRDataModule(pl.LightningDataModule):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"CXRDataModule: image_size must be a positive int (the network input side in "
                              f"pixels), got {image_size!r}")
+        if split not in SPLITS:
+            raise ValueError(f"CXRDataModule: split must be one of {SPLITS} (--data.init_args.split), got {split!r}")
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
         self.manifest: Manifest | None = None
@@ -175,6 +192,11 @@ class CXRDataModule(pl.LightningDataModule):
             prepare()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.hparams.split == "all" and str(stage) in ("fit", "validate"):
+            raise DataError(f"stage {stage!r} is not possible with split='all' (--data.init_args.split all): every "
+                            f"image of {type(self.reader).__name__} is the test split, for testing a trained model "
+                            "on this dataset (medattn test --ckpt_path <checkpoint> ... --data.init_args.split all); "
+                            "train and validate with split='patients' (the default)")
         if not self.splits:
             self._build_splits()
         # An evaluation stage on an empty split would log nothing (or a metric of nothing) without failing.
@@ -187,6 +209,16 @@ class CXRDataModule(pl.LightningDataModule):
     def _build_splits(self) -> None:
         hp = self.hparams
         manifest = self._ensure_manifest()
+        if hp.split == "all":
+            ignored = {k: hp[k] for k, neutral in _SPLIT_ARGS.items() if hp[k] != neutral}
+            self.splits, notes = all_images_split(manifest, min_per_class=hp.min_per_class, ignored=ignored)
+            self.train_streams = np.zeros(0, np.int64)
+            self.summary = split_summary(manifest, self.splits, self.train_streams, notes)
+            if "min_per_class" in notes["test"]:
+                warnings.warn(f"{type(self.reader).__name__} ({manifest.source}), split='all': {notes['test']}",
+                              stacklevel=2)
+            self._print_summary()
+            return
         splits, notes = build_splits(
             manifest, self.reader, val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
             hold_out_boxed_for_test=hp.hold_out_boxed_for_test, use_official_test_split=hp.use_official_test_split,
@@ -197,8 +229,26 @@ class CXRDataModule(pl.LightningDataModule):
                                  hp.seed, _read_id_list(hp.box_images), _read_id_list(hp.unlabeled_images))
         self.splits, self.train_streams = splits, streams
         self.summary = split_summary(manifest, splits, streams, notes)
+        self._print_summary()
+
+    def _print_summary(self) -> None:
         if self.trainer is None or self.trainer.is_global_zero:
             print(f"[medattn] split summary ({type(self.reader).__name__}):\n{self.summary.to_string(index=False)}")
+
+    def describe_split(self, split: str = "test") -> str:
+        """Which data an evaluation of ``split`` ran on, for the end-of-test summary: the reader, its root (or
+        the manifest's source), how the split was chosen (``split=all``: every image) and its size, e.g.
+        ``COVIDChestXray /data/ext, test split: every image (split=all), 12 images of 7 patients``."""
+        manifest = self._ensure_manifest()
+        if not self.splits:
+            self._build_splits()
+        index = self.splits[split]
+        root = getattr(self.reader, "root", None)
+        root = Path(root).expanduser().resolve() if isinstance(root, (str, os.PathLike)) else manifest.source
+        note = self.summary.set_index("split")["note"].get(split, "") if self.summary is not None else ""
+        patients = manifest.records["patient_id"].iloc[index].nunique()
+        how = note.split(";")[0] or ("patient-level split, seed " + str(self.hparams.seed))
+        return f"{type(self.reader).__name__} {root}, {split} split: {how}, {len(index)} images of {patients} patients"
 
     # ---------------------------------------------------------------------------------- dataloaders
     def _transform(self, train: bool) -> CXRTransform:

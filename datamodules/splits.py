@@ -247,6 +247,37 @@ def build_splits(
     return splits, notes
 
 
+def all_images_split(
+    manifest: Manifest, *, min_per_class: int, ignored: dict[str, object] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``split="all"`` of the DataModules: every image is the test split (external testing of a trained model on
+    another dataset); train and val are empty, so no patient is split and nothing is stratified.
+
+    The class counts of a fixed external set cannot be changed with fractions or seeds, so a class with fewer than
+    ``min_per_class`` examples is not an error here: it is named in the returned note (and warned about by the
+    caller); the AUROC policy (``lightning_modules/metrics/classification.py``) leaves a class without positives or
+    negatives out of the macro mean and reports it as NaN. ``ignored`` are the splitting arguments that split="all"
+    overrides (``{name: value}``); they are named in the note, so a summary never suggests a fraction was applied.
+    Returns ``(splits, notes)`` as :func:`build_splits`.
+    """
+    n = len(manifest.records)
+    if n == 0:
+        raise DataError(f"split='all': {manifest.source} holds no images")
+    empty = np.zeros(0, dtype=np.int64)
+    splits = {"train": empty, "val": empty.copy(), "test": np.arange(n, dtype=np.int64)}
+    note = "every image (split=all)"
+    if ignored:
+        note += "; " + ", ".join(f"{k}={v}" for k, v in ignored.items()) + " ignored"
+    if min_per_class > 0:
+        counts = class_counts(manifest.labels, manifest.task, manifest.class_names, splits["test"])
+        few = {cls: c for cls, c in counts.items() if c < min_per_class}
+        if few:
+            note += (f"; fewer than min_per_class={min_per_class}: "
+                     + ", ".join(f"{cls} {c}" for cls, c in few.items())
+                     + " (a class without positives or negatives is left out of the AUROC, reported as NaN)")
+    return splits, {"test": note}
+
+
 def assign_streams(
     image_ids: Sequence[str],
     has_boxes: np.ndarray,

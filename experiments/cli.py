@@ -229,13 +229,21 @@ def _same(value: Any, known: Any) -> bool:
     return value == known
 
 
-def check_forced_links(forced: dict[str, Any], datamodule) -> None:
+def check_forced_links(forced: dict[str, Any], datamodule, checkpoint: str | None = None) -> None:
     """One error for a linked value that a config forces to differ from what the data says (the link would
-    otherwise silently replace it). Equal values are accepted, so older configs that repeat them still run."""
+    otherwise silently replace it). Equal values are accepted, so older configs that repeat them still run.
+    ``checkpoint``: the model arguments came from this checkpoint (``test --ckpt_path``), so a difference means the
+    model was trained on other classes (or channels) than the data it is asked to evaluate."""
     for target, (source, value) in forced.items():
         known = getattr(datamodule, source, None)
         if known is None:
             continue
+        if not _same(value, known) and checkpoint:
+            raise ConfigLinkError(
+                f"--ckpt_path {checkpoint}: the model was trained with {target.rsplit('.', 1)[-1]}={value!r}, but "
+                f"the data to evaluate ({type(datamodule).__name__}) has {source}={known!r}. A model is evaluated "
+                "only on data with the same classes in the same order (and the same input channels): set the "
+                "reader's classes / label mapping to match (e.g. --data.init_args.reader.init_args.classes).")
         if not _same(value, known):
             raise ConfigLinkError(
                 f"--model.init_args.{target}={value!r} contradicts the data: {type(datamodule).__name__}."
@@ -243,12 +251,24 @@ def check_forced_links(forced: dict[str, Any], datamodule) -> None:
                 "the data/reader settings).")
 
 
-def _has_key(section: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(section, dict) or part not in section:
-            return False
-        section = section[part]
-    return True
+def _accepts(section: Any, dotted: str) -> bool:
+    """Whether the class a config section names (``{"class_path": ..., "init_args": {...}}``) takes the argument
+    ``dotted`` (``net.init_args.num_classes``: its ``net`` argument, whose own class takes ``num_classes``). Read
+    from the signatures, not from the dumped config, which leaves link targets out."""
+    import importlib
+    import inspect
+
+    if not isinstance(section, dict) or not isinstance(section.get("class_path"), str):
+        return False
+    head, _, rest = dotted.partition(".init_args.")
+    module, _, name = section["class_path"].rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+    if head not in parameters:
+        return False
+    return not rest or _accepts((section.get("init_args") or {}).get(head), rest)
 
 
 class _LinkedInstantiator(_InstantiatorFn):
@@ -260,9 +280,8 @@ class _LinkedInstantiator(_InstantiatorFn):
     def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any):
         self.cli._dump_config()
         section = self.cli.config_dump.get(self.key, {})
-        section = {**section, **(section.get("init_args") or {})}
         kept = {k: v for k, v in applied_instantiation_links.items()
-                if not k.startswith(f"{self.key}.init_args.") or _has_key(section, k[len(f"{self.key}.init_args."):])}
+                if not k.startswith(f"{self.key}.init_args.") or _accepts(section, k[len(f"{self.key}.init_args."):])}
         return super().__call__(class_type, *args, applied_instantiation_links=kept, **kwargs)
 
 
@@ -363,7 +382,9 @@ class MedAttnCLI(LightningCLI):
         else:
             with continue_run(self._continue, self._resume_from):
                 super().instantiate_classes()
-        check_forced_links(forced, self.datamodule)
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if self.subcommand != "fit" else None
+        check_forced_links(forced, self.datamodule, checkpoint=ckpt if ckpt and Path(ckpt).is_file() else None)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -405,12 +426,25 @@ class MedAttnCLI(LightningCLI):
         """``trainer.test``/``validate`` printing the headline metrics only (cli_support.headline_table): the
         per-class values go to metrics.csv and W&B."""
         results = getattr(self.trainer, stage)(verbose=False, **kwargs)
+        data = self._evaluated_data(stage)
         if verbose and self.trainer.is_global_zero and results:
             names = getattr(self.model, "class_names", None) or getattr(self.datamodule, "class_names", None) or []
             table = cli_support.headline_table(results, names, title=stage.capitalize())
             if table:
-                print(table)
+                # which data the numbers are of (split=all on another dataset vs the in-distribution test split)
+                print((f"{stage.capitalize()} data: {data}\n" if data else "") + table)
         return results
+
+    def _evaluated_data(self, stage: str) -> str | None:
+        """The DataModule's description of the split ``stage`` evaluated (``describe_split``), also written to the
+        run's ``summary.json`` (and the W&B summary) as ``<split>_data``, so a number is never read without it."""
+        describe = getattr(self.datamodule, "describe_split", None)
+        split = "test" if stage in ("test", "predict") else "val"
+        if not callable(describe):
+            return None
+        text = describe(split)
+        RunSummary._write(self.trainer, {f"{split}_data": text})  # on every rank: it resolves log_dir (a collective)
+        return text
 
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, (list, tuple)):

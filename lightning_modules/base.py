@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import inspect
+import os
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
+
+from callbacks.checkpoint_io import CheckpointError, load_checkpoint_file
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -51,6 +57,47 @@ class MedAttnModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, except under ``medattn``/LightningCLI: there the module is built from a config, and the
+        arguments a module ignores because in Python they are objects (the injected network, the optimiser and
+        scheduler callables) are that config's plain data (``{"class_path": ..., "init_args": {...}}``). They are
+        kept, so that ``Module.load_from_checkpoint(path)`` rebuilds the whole module, network included, with no
+        arguments (Lightning's ``instantiate_module`` builds it from the checkpoint's hyper-parameters)."""
+        if _given_hyperparameters.get() is not None:
+            ignore = None
+        # the caller's frame: Lightning reads the __init__ arguments from it when no config was given
+        frame = frame if frame is not None else inspect.currentframe().f_back
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+
+    @_restricted_classmethod  # as Lightning's: never called on an instance (its result would be dropped)
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint`` after medattn's checks: a local file is read as data only with its
+        CRC-32 checksums verified (``callbacks.checkpoint_io.load_checkpoint_file``: a corrupt, truncated or
+        code-holding file is a :class:`CheckpointError` naming it), and a constructor argument that neither the
+        checkpoint nor ``kwargs`` provide is named with what to do, instead of jsonargparse's "arguments are
+        required: module.net". Checkpoints written by ``medattn fit`` hold every argument (network included,
+        see :meth:`save_hyperparameters`), so ``Module.load_from_checkpoint(path)`` needs none; a module built in
+        Python had its network injected as an object, which a checkpoint does not store: pass it
+        (``load_from_checkpoint(path, net=...)``). Called on ``MedAttnModule`` itself, it restores the method
+        class that the checkpoint names (any registered method)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path) and hparams_file is None:
+            hparams = load_checkpoint_file(checkpoint_path, map_location="cpu").get("hyper_parameters") or {}
+            target = _checkpoint_class(cls, hparams)
+            if target is not cls:  # MedAttnModule.load_from_checkpoint(path): the method the checkpoint names
+                return target.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict, **kwargs)
+            missing = _missing_arguments(cls, hparams, kwargs)
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_path}: {cls.__name__}.load_from_checkpoint needs {', '.join(missing)}, "
+                    "which the checkpoint does not hold (it was saved from a module built in Python, where the "
+                    "network is an object, or by an older medattn, which did not keep the network's config). "
+                    f"Pass {'them' if len(missing) > 1 else 'it'}: {cls.__name__}.load_from_checkpoint(path, "
+                    + ", ".join(f"{m}=..." for m in missing) + ")")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -107,3 +154,29 @@ class MedAttnModule(pl.LightningModule):
             key = f"{stage}/loss" if name == "total" else f"{stage}/loss_{name}"
             self.log(key, value.detach(), on_step=on_step, on_epoch=True, batch_size=batch_size,
                      prog_bar=name == "total", sync_dist=not on_step)
+
+
+def _checkpoint_class(cls: type, hparams: Mapping[str, Any]) -> type:
+    """The class a checkpoint's ``_class_path`` names when it is a subclass of ``cls`` defined in an imported module
+    or in ``lightning_modules`` (never an arbitrary module named by a file), else ``cls``."""
+    import importlib
+    import sys
+
+    path = hparams.get("_class_path")
+    if not isinstance(path, str) or "." not in path:
+        return cls
+    module, _, name = path.rpartition(".")
+    if module not in sys.modules and not module.startswith("lightning_modules."):
+        return cls
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return cls
+    return found if isinstance(found, type) and issubclass(found, cls) else cls
+
+
+def _missing_arguments(cls: type, hparams: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Required ``__init__`` arguments of ``cls`` that neither the hyper-parameters nor ``given`` hold."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters if p.name != "self" and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in hparams and p.name not in given]
