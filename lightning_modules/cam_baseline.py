@@ -38,7 +38,9 @@ class CAMClassifierModule(MedAttnModule):
         class_names: names for per-class metric keys; default ``class_0..``. The DataModule's names are used
             when the module is trained through ``medattn``.
         localization: evaluate weak localisation at test time (``test/loc/*``: T(IoU), T(IoBB), MaxBoxAccV2,
-            pointing game, PxAP) on images with boxes or lesion masks, with the same metrics as PCAM.
+            pointing game, PxAP) on images with boxes or lesion masks, with the same metrics and the same
+            normalisation rule as PCAM (:func:`lightning_modules.weak_localization.update_localization`: the
+            sweeps min-max normalise every map, and ``maxboxacc_v2_raw``/``pxap_raw`` sweep the raw map).
         cam_threshold: heatmap threshold of the ChestX-ray14 box protocol (on min-max normalised CAMs).
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """

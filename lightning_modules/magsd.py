@@ -47,6 +47,16 @@ Choices where paper and code are silent:
     * At test time the per-image probabilities go to ``test_predictions.csv`` in the run directory and the
       patient-level bootstrap 95 % interval of the macro AUROC is logged (``test/auroc_ci_low``/``_high``,
       :mod:`lightning_modules.metrics.bootstrap`).
+    * Localisation (``localization=True``) is evaluated at test time like every classification method, on the
+      images with complete boxes or a lesion mask (:func:`lightning_modules.weak_localization.update_localization`,
+      keys ``test/loc/iou@T``, ``iobb@T``, ``maxboxacc_v2``, ``maxboxacc_v2_raw``, ``pointing``, ``pxap``,
+      ``pxap_raw`` ...). MAG-SD's attention is class-agnostic: the class heatmaps are ``attention_maps`` (with
+      ``attention_mode="mean"`` the same max-normalised mean map for every class). MAG-SD's own protocol is
+      logged too, on the mean map: ``test/loc/magsd_acc@0.3`` (fraction of images whose attention region, the
+      boxes of the components of the min-max normalised map > 0.85, has IoU > 0.3 with the lesion mask, or
+      the union of the boxes) and ``test/loc/magsd_miou``
+      (:class:`lightning_modules.metrics.AttentionRegionAccuracy`). Data with neither boxes nor lesion masks
+      logs none of these keys.
 
 Example::
 
@@ -71,9 +81,13 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, 
                                          MulticlassRecall, MulticlassSpecificity, MulticlassStatScores)
 
 from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.classification import log_metric_collection
+from lightning_modules.metrics import AttentionRegionAccuracy, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.metrics.classification import DefinedMulticlassAUROC
 from lightning_modules.registry import register_method
+from lightning_modules.weak_localization import (attention_targets, has_localization_targets, set_class_names,
+                                                 update_localization, valid_region)
 from networks.attention_augment import magsd_augment
 from lightning_modules.data_check import check_data_classes
 
@@ -151,6 +165,8 @@ class MAGSDModule(MedAttnModule):
             trained from scratch; ``0.1`` with ``lr = 1e-2`` keeps the head at the reference's 1e-3.
         augment_seed: seed of the augmentation randomness; default ``torch.initial_seed()`` at construction, i.e. the
             ``seed_everything`` seed when built by the CLI.
+        localization: evaluate weak localisation at test time (see the module docstring).
+        cam_threshold: heatmap threshold of the shared ChestX-ray14 box protocol (``test/loc/iou@T``).
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
@@ -166,6 +182,8 @@ class MAGSDModule(MedAttnModule):
         attention_mode: str = "mean",
         head_lr_scale: float = 1.0,
         augment_seed: int | None = None,
+        localization: bool = True,
+        cam_threshold: float = 0.5,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
@@ -185,6 +203,9 @@ class MAGSDModule(MedAttnModule):
         self.val_metrics = classification_metrics(self.num_classes)
         self.test_metrics = classification_metrics(self.num_classes)
         self.test_predictions = TestPredictions()
+        self.test_localization = localization_metrics(self.num_classes, self.class_names, cam_threshold=cam_threshold,
+                                                      prefix="test/loc/")
+        self.test_attention_region = AttentionRegionAccuracy()
         self._generator: torch.Generator | None = None
 
     def setup(self, stage: str) -> None:
@@ -197,6 +218,7 @@ class MAGSDModule(MedAttnModule):
             raise ValueError(f"MAG-SD is a single-label (multiclass) method; the data is {task!r}. "
                              "Use a multiclass reader (e.g. SyntheticCXR(single_label=True), COVIDChestXray).")
         check_data_classes(self, self.num_classes, set_names=not self.hparams.class_names)
+        set_class_names(self.test_localization, self.class_names)
 
     def configure_optimizers(self):
         """One optimiser, two parameter groups: everything else, then the BAP classifier (``head_lr_scale``)."""
@@ -320,17 +342,43 @@ class MAGSDModule(MedAttnModule):
         if stage == "test":
             self.test_predictions.finish(self, self.class_names)
 
+    @torch.no_grad()
+    def update_localization(self, batch: dict) -> None:
+        """Shared localisation metrics from ``attention_maps`` and MAG-SD's own protocol from the mean map, on
+        the images of ``batch`` with boxes or a lesion mask (nothing is computed for a batch without)."""
+        if not has_localization_targets(batch):
+            return
+        image = self.prepare_image(batch["image"])
+        mean = self.net.attention_maps(image, per_class=False).float()  # (B, 1, h, w), the paper's map
+        per_class = (self.net.attention_maps(image, per_class=True).float() if self.hparams.attention_mode == "class"
+                     else mean.expand(-1, self.num_classes, -1, -1))
+        update_localization(self.test_localization, batch, per_class)
+        targets, present = attention_targets(batch)
+        if bool(present.any()):
+            size = batch["image"].shape[-2:]
+            maps = F.interpolate(mean, size=tuple(size), mode="bilinear", align_corners=False)
+            region = valid_region(batch.get("frame"), size)
+            self.test_attention_region.update(maps, targets, present, region)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("test", batch, batch_idx)
+        if self.hparams.localization:
+            self.update_localization(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        if self.hparams.localization:  # NaN (no boxes, no lesion masks) is left out of the log
+            log_metric_collection(self, self.test_localization, self.class_names, "test")
+            for key, value in self.test_attention_region.compute().items():
+                if not torch.isnan(value):
+                    self.log(f"test/loc/{key}", value, sync_dist=False)  # states already synchronised
+            self.test_attention_region.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self.net(self.prepare_image(batch["image"])).float()

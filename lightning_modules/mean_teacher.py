@@ -22,6 +22,12 @@ Fixes of the reference's defects (dossier e), each deliberate:
   α_t = min(1 − 1/(t + 1), decay) with t the global step, not the epoch (e.6). The teacher runs in eval mode
   (EMA'd BN statistics, no dropout; ``teacher_train_mode=True`` restores the reference's behaviour).
 * **Per-slice TIoU/TIoR** (:class:`lightning_modules.dcmt_metrics.MaskLocalisationRate`, e.7).
+* **Shared localisation metrics** at test time, as every classification method
+  (:func:`lightning_modules.weak_localization.update_localization`): the heatmap of class k is the min-max
+  normalised CAM M̂_k (the map DC-MT refines, before the soft threshold), on the slices with boxes or a real
+  ``attention_mask`` (the dilated cartilage mask of the slice data, scored as the class-agnostic target of PxAP).
+  Keys ``test/loc/pxap``, ``pxap_raw`` (and the box metrics where the data has boxes; the slice data has none, so
+  they are absent); with ``eval_model="both"`` the teacher's are ``test/loc_teacher/...``.
 
 Kept as in the reference: MSE of softmaxes (not KL), the normalised attention MSE, the bound loss divided by
 the *full* batch size, the epoch-20 switch (the ramps are pure functions of the 1-based epoch, or of the
@@ -42,11 +48,14 @@ from torch import nn
 from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
 from callbacks.method_callbacks import module_callbacks
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
+from lightning_modules.classification import (log_metric_collection, masked_ce, prediction_targets,
+                                              record_test_predictions)
+from lightning_modules.metrics import localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
 from lightning_modules.registry import register_method
-from networks.dcmt import select_class
+from lightning_modules.weak_localization import has_localization_targets, set_class_names, update_localization
+from networks.dcmt import normalise_cams, select_class
 from lightning_modules.data_check import check_data_classes
 
 __all__ = ["MeanTeacherModule", "sigmoid_rampup", "offset_sigmoid_rampup", "consistency_weights",
@@ -133,6 +142,7 @@ class MeanTeacherModule(MedAttnModule):
             a ``_teacher`` suffix). ``attention_maps`` uses the teacher unless ``eval_model="student"``.
             ``predict_model``: the network whose features ``predict`` exports (the teacher by default).
         cam_threshold: A ≥ this counts as attended in TIoU/TIoR (0.999 ⇔ M̂ ≥ 0.469).
+        localization: compute the shared localisation metrics at test time (``test/loc/*``, module docstring).
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
@@ -143,7 +153,8 @@ class MeanTeacherModule(MedAttnModule):
                  attention_losses: bool = True, attention_consistency: bool = True, ema_decay: float = 0.99,
                  teacher_train_mode: bool = False, eval_model: str = "both", predict_model: str = "teacher",
                  cam_threshold: float = 0.999, tiou_thresholds: tuple[float, ...] = TIOU_THRESHOLDS,
-                 tior_thresholds: tuple[float, ...] = TIOR_THRESHOLDS, optimizer: OptimizerCallable = default_optimizer,
+                 tior_thresholds: tuple[float, ...] = TIOR_THRESHOLDS, localization: bool = True,
+                 optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, channels_last: bool = False) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
         self.save_hyperparameters(ignore=["net"])
@@ -162,6 +173,9 @@ class MeanTeacherModule(MedAttnModule):
                                       for stage in ("val", "test") for name in self.eval_names})
         self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
                                  for i, name in enumerate(self.eval_names)}
+        self.test_localization = nn.ModuleDict({
+            name: localization_metrics(k, self.class_names, prefix="test/loc/" if i == 0 else f"test/loc_{name}/")
+            for i, name in enumerate(self.eval_names)})
 
     # ------------------------------------------------------------------------------------ plumbing
     def configure_callbacks(self):
@@ -176,6 +190,8 @@ class MeanTeacherModule(MedAttnModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_data_classes(self, self.student.num_classes)
+        for collection in self.test_localization.values():
+            set_class_names(collection, self.class_names)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.student(self.prepare_image(image))
@@ -269,6 +285,8 @@ class MeanTeacherModule(MedAttnModule):
             if stage == "test":
                 record_test_predictions(self.test_predictions[name], batch, out.logits.detach().float().softmax(-1),
                                         prediction_targets("multiclass", batch["labels"], batch["label_mask"]))
+                if self.hparams.localization and has_localization_targets(batch):
+                    update_localization(self.test_localization[name], batch, normalise_cams(net.cams(out.feature_map)))
             has_mask = known & batch.get("has_attention_mask", torch.ones_like(known))
             if bool(has_mask.any()):
                 cams = net.cams(out.feature_map[has_mask])
@@ -283,6 +301,8 @@ class MeanTeacherModule(MedAttnModule):
             self.log_dict(values, sync_dist=False)  # torchmetrics synchronised the states already
             if stage == "test":
                 self.test_predictions[name].finish(self, self.class_names)
+                if self.hparams.localization:  # NaN (nothing to score) is left out of the log
+                    log_metric_collection(self, self.test_localization[name], self.class_names, "test")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")

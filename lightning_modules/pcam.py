@@ -18,11 +18,14 @@ Choices where the reference is wrong or silent (dossier section e):
     ``batch_weight=False`` uses the static ``pos_weight`` list (default 1).
   * **Validation/test loss is unweighted** masked BCE: the batch weight would make it depend on batch
     composition and size (e.7), which is useless for model selection.
-  * **Heatmaps** (a.6): σ(logit map) for PCAM, an absolute probability thresholded directly
-    (``cam_threshold=0.5`` ⇔ logit 0); min-max normalised CAMs for the other pools (the net's
-    ``heatmap`` setting). They are upsampled bilinearly to the network input, the letterbox padding is
-    zeroed (``frame``), and boxes are compared in that frame: IoU and IoBB are invariant to the uniform
-    letterbox scale, so this equals the original frame up to interpolation.
+  * **Heatmaps** (a.6): σ(logit map) for PCAM, an absolute probability thresholded directly by the
+    ChestX-ray14 protocol (``cam_threshold=0.5`` ⇔ logit 0, the paper's rule); min-max normalised CAMs for
+    the other pools (the net's ``heatmap`` setting). They are upsampled bilinearly to the network input, the
+    letterbox padding is zeroed (``frame``), and boxes are compared in that frame: IoU and IoBB are invariant
+    to the uniform letterbox scale, so this equals the original frame up to interpolation.
+  * **Threshold sweeps** (MaxBoxAccV2, PxAP) min-max normalise every (image, class) map over its valid region
+    first, for PCAM as for every other pool and method (Choe et al., CVPR 2020), so PCAM and GAP are swept on
+    one scale; the sweeps of the raw σ-map are logged as ``test/loc/maxboxacc_v2_raw`` and ``test/loc/pxap_raw``.
   * **PxAP** uses the class-agnostic lesion mask (``attention_mask``): the heatmap is the max over the
     image's positive classes; images without a positive or without a mask are skipped.
   * Checkpoint selection in the reference keeps the "last 3 improvements" (e.8); use Lightning's
@@ -106,8 +109,9 @@ class PCAMModule(MedAttnModule):
     policy of :mod:`lightning_modules.metrics.classification`), ``auroc_classes`` (how many) and
     ``auroc/<class>``; at test ``test/auroc_ci_low``/``_high`` (patient-level bootstrap 95 % interval, from the
     per-image probabilities written to ``test_predictions.csv`` in the run directory), ``test/loc/iou@T``,
-    ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``, ``test/loc/maxboxacc@δ``, ``test/loc/pointing``,
-    ``test/loc/pxap`` (and per class).
+    ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``, ``test/loc/maxboxacc@δ``, ``test/loc/threshold@δ``,
+    ``test/loc/pointing``, ``test/loc/pxap``, the raw-map sweeps ``test/loc/maxboxacc_v2_raw``,
+    ``test/loc/maxboxacc_raw@δ``, ``test/loc/threshold_raw@δ``, ``test/loc/pxap_raw`` (and per class).
 
     Example::
 

@@ -127,16 +127,18 @@ def test_maxboxacc_partial_overlap_and_best_threshold():
     out = m.compute()
     assert out["maxboxacc@0.3"] == 1 and out["maxboxacc@0.5"] == 1 and out["maxboxacc@0.7"] == 0
     assert out["maxboxacc_v2"] == pytest.approx(2 / 3)
-    # core 0.8 on the GT, ring 0.3 around it: only thresholds in [0.3, 0.8) recover the box
+    # core 0.8 on the GT, ring 0.3 around it: on the raw map only thresholds in [0.3, 0.8) recover the box;
+    # min-max normalised (÷ 0.8) the ring is 0.375 and the core 1, so thresholds in [0.375, 1) do
     ring = blob(64, 64, (20, 20, 40, 40), value=0.3)
     ring[26:34, 26:34] = 0.8
-    m = MaxBoxAccV2(1)
-    m.update(ring.reshape(1, 1, 64, 64), [T([26, 26, 34, 34])], [L(0)])
-    out = m.compute()
-    assert out["maxboxacc_v2"] == 1.0 and out["threshold@0.7"] == pytest.approx(0.3)
-    curve = m.hits[2, :, 0]
-    taus = torch.tensor(m.cam_thresholds)
-    assert torch.equal(curve.bool(), (taus >= 0.3) & (taus < 0.8))
+    for normalize, key, lo, hi in ((False, "threshold_raw@0.7", 0.3, 0.8), (True, "threshold@0.7", 0.375, 1.0)):
+        m = MaxBoxAccV2(1, normalize=normalize)
+        m.update(ring.reshape(1, 1, 64, 64), [T([26, 26, 34, 34])], [L(0)])
+        out = m.compute()
+        assert out[f"maxboxacc_v2{m.key_suffix}"] == 1.0 and out[key] == pytest.approx(round(lo + 0.004, 2))
+        curve = m.hits[2, :, 0]
+        taus = torch.tensor(m.cam_thresholds)
+        assert torch.equal(curve.bool(), (taus >= lo) & (taus < hi))
 
 
 def test_maxboxacc_uses_every_component_and_pools_pairs():

@@ -12,9 +12,17 @@ Conventions (chosen deliberately; each is the one of the protocol's paper unless
     r0..r1 becomes the box (c0, r0, c1 + 1, r1 + 1). GT boxes are continuous xyxy.
   * Binarisation is strict, ``heatmap > threshold`` (as cv2.THRESH_BINARY in Choe et al.), so an all-zero
     map has no foreground at any threshold ≥ 0. Components are 8-connected (scipy.ndimage.label).
-  * Thresholds are *absolute* on the [0, 1] map. For min-max normalised CAMs this equals Choe et al.'s
-    max-relative threshold; for PCAM it is a threshold in probability space (0.5 ⇔ logit 0), which is the
-    point of PCAM.
+  * **One normalisation rule per protocol.** The threshold-sweep metrics (:class:`MaxBoxAccV2`,
+    :class:`PixelAP`) min-max normalise every (image, class) map before the sweep, for every method, as
+    Choe et al. do (wsolevaluation: ``normalize_scoremap``): ``(M − min) / (max − min)`` with min and max over
+    the map's valid (non-letterbox) ``region``, 0 outside it, and an all-zero map where max = min
+    (:func:`normalize_heatmaps`). So PCAM's σ-maps and the CAMs of GAP are swept on the same scale. Built with
+    ``normalize=False`` they sweep the raw map instead and name their keys ``..._raw``
+    (``maxboxacc_v2_raw``, ``pxap_raw`` in :func:`localization_metrics`).
+  * The fixed-threshold ChestX-ray14 protocol (:class:`LocalizationAccuracy`) keeps each paper's own rule and
+    thresholds the map it is given: PCAM's σ-map at 0.5 (0.5 ⇔ logit 0, the point of PCAM), the min-max
+    normalised CAM of GAP at 0.5. The pointing game takes the raw map: its arg-max is unchanged by any
+    per-map increasing affine normalisation.
   * Unit of evaluation: a GT box for the ChestX-ray14 protocol (Wang et al. 2017: a box is found if some
     predicted box of its class exceeds the overlap threshold); an (image, class) pair with ≥ 1 GT box of
     that class for MaxBoxAccV2 and the pointing game (Choe et al.: a pair is correct if some predicted box
@@ -42,7 +50,7 @@ from torchmetrics.classification import BinaryAveragePrecision
 
 __all__ = [
     "IOBB_THRESHOLDS", "IOU_THRESHOLDS", "CAM_THRESHOLDS", "heatmap_to_boxes", "box_iou", "box_iobb",
-    "LocalizationAccuracy", "MaxBoxAccV2", "PixelAP", "PointingGame", "localization_metrics",
+    "normalize_heatmaps", "LocalizationAccuracy", "MaxBoxAccV2", "PixelAP", "PointingGame", "localization_metrics",
 ]
 
 IOBB_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -50,6 +58,39 @@ IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 CAM_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(100))  # Choe et al.: 0, 0.01, ..., 0.99
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def _broadcast_region(region: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``region`` (B, H, W), (B, 1, H, W) or the maps' shape, as a bool tensor of the maps' shape."""
+    region = torch.as_tensor(region, device=maps.device).to(torch.bool)
+    if region.dim() == maps.dim() - 1:
+        region = region.unsqueeze(1)
+    if region.dim() != maps.dim() or region.shape[0] != maps.shape[0] or region.shape[-2:] != maps.shape[-2:]:
+        raise ValueError(f"region {tuple(region.shape)} does not fit heatmaps {tuple(maps.shape)}: expected "
+                         "(B, H, W), (B, 1, H, W) or the heatmaps' shape")
+    return region.expand_as(maps)
+
+
+def normalize_heatmaps(heatmaps: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Min-max normalise each (…, H, W) map over its ``region`` (Choe et al., CVPR 2020), float32 in [0, 1].
+
+    ``(M − min) / (max − min)`` with min and max over the pixels of ``region`` (bool (B, H, W), (B, 1, H, W)
+    or the maps' shape; default: every pixel); pixels outside ``region`` become 0, and a map that is constant
+    on its region (or has no region) becomes all 0, so it has no foreground at any threshold ≥ 0.
+
+    Example:
+        >>> normalize_heatmaps(torch.tensor([[[[0.2, 0.4], [0.3, 0.9]]]]), torch.tensor([[[True, True], [True, False]]]))
+        tensor([[[[0.0000, 1.0000],
+                  [0.5000, 0.0000]]]])
+    """
+    maps = heatmaps.detach().float()
+    inside = torch.ones_like(maps, dtype=torch.bool) if region is None else _broadcast_region(region, maps)
+    lo = maps.masked_fill(~inside, float("inf")).flatten(-2).amin(-1)[..., None, None]
+    hi = maps.masked_fill(~inside, float("-inf")).flatten(-2).amax(-1)[..., None, None]
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    out = torch.where(ok, (maps - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(maps))
+    return out.clamp(0, 1) * inside
 
 
 def heatmap_to_boxes(heatmap: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray:
@@ -200,20 +241,29 @@ class MaxBoxAccV2(_ClassMetric):
     ``compute()`` returns ``maxboxacc_v2``, ``maxboxacc@δ``, the best ``threshold@δ`` (all pooled over the
     pairs of every class) and ``maxboxacc_v2/<class>`` (each class with its own best τ).
     A perfect map (1 inside the boxes, 0 outside) scores 1; an all-zero map scores 0.
+
+    ``normalize=True`` (default, Choe et al.): each (image, class) map is min-max normalised over its
+    ``region`` (the valid, non-letterbox pixels; :func:`normalize_heatmaps`) before the sweep, whatever the
+    method, so one pooled τ means the same for every map. ``normalize=False`` sweeps the raw map and names
+    the keys ``maxboxacc_v2_raw``, ``maxboxacc_raw@δ``, ``threshold_raw@δ``, ``maxboxacc_v2_raw/<class>``.
     """
 
     def __init__(self, num_classes: int, cam_thresholds: Sequence[float] = CAM_THRESHOLDS,
                  iou_deltas: Sequence[float] = (0.3, 0.5, 0.7), class_names: Sequence[str] | None = None,
-                 **kwargs) -> None:
+                 normalize: bool = True, **kwargs) -> None:
         super().__init__(num_classes, class_names, **kwargs)
         self.cam_thresholds = tuple(sorted(float(t) for t in cam_thresholds))
         self.iou_deltas = tuple(iou_deltas)
+        self.normalize = bool(normalize)
+        self.key_suffix = "" if self.normalize else "_raw"
         self.add_state("hits", torch.zeros(len(self.iou_deltas), len(self.cam_thresholds), num_classes),
                        dist_reduce_fx="sum")
         self.add_state("n_pairs", torch.zeros(num_classes), dist_reduce_fx="sum")
 
     def update(self, heatmaps: torch.Tensor, boxes: Sequence[torch.Tensor] | None = None,
-               box_labels: Sequence[torch.Tensor] | None = None) -> None:
+               box_labels: Sequence[torch.Tensor] | None = None, region: torch.Tensor | None = None) -> None:
+        if self.normalize and boxes is not None:
+            heatmaps = normalize_heatmaps(heatmaps, region)
         deltas = np.array(self.iou_deltas)
         hits = np.zeros((len(deltas), len(self.cam_thresholds), self.num_classes))
         n = np.zeros(self.num_classes)
@@ -238,14 +288,15 @@ class MaxBoxAccV2(_ClassMetric):
         best, arg = curve.max(1)
         thresholds = torch.tensor(self.cam_thresholds, device=curve.device)
         nan = torch.tensor(float("nan"), device=curve.device)
-        out["maxboxacc_v2"] = best.mean() if total > 0 else nan
+        s = self.key_suffix
+        out[f"maxboxacc_v2{s}"] = best.mean() if total > 0 else nan
         for i, d in enumerate(self.iou_deltas):
-            out[f"maxboxacc@{d:g}"] = best[i] if total > 0 else nan
-            out[f"threshold@{d:g}"] = thresholds[arg[i]] if total > 0 else nan
+            out[f"maxboxacc{s}@{d:g}"] = best[i] if total > 0 else nan
+            out[f"threshold{s}@{d:g}"] = thresholds[arg[i]] if total > 0 else nan
         per_class = (self.hits / self.n_pairs.clamp_min(1)).amax(1).mean(0)  # (K,)
         for k, name in enumerate(self.class_names):
             if self.n_pairs[k] > 0:
-                out[f"maxboxacc_v2/{name}"] = per_class[k]
+                out[f"maxboxacc_v2{s}/{name}"] = per_class[k]
         return out
 
 
@@ -254,26 +305,56 @@ class PixelAP(BinaryAveragePrecision):
     evaluated maps pooled, with binned thresholds (``thresholds`` evenly spaced in [0, 1], a constant-size
     DDP-synchronised confusion-matrix state from torchmetrics).
 
-    ``update(heatmaps, masks, valid=None)``: ``heatmaps`` and ``masks`` of equal shape (B, K, H, W) or
-    (B, H, W); ``valid`` bool (B,) or (B, K) selects the maps that have a real mask. ``compute()`` is NaN
-    when no foreground pixel was seen.
+    ``update(heatmaps, masks, valid=None, region=None, classes=None)``:
+
+    * without ``classes``: ``heatmaps`` and ``masks`` of equal shape (B, K, H, W) or (B, H, W), one scored
+      map per mask;
+    * with ``classes`` bool (B, K): ``heatmaps`` (B, K, H, W) and one class-agnostic mask per image
+      ((B, 1, H, W) or (B, H, W)); the scored map is the max over the image's selected classes (images with
+      none are skipped). This is how lesion masks, which do not say which finding they outline, are scored.
+
+    ``valid`` bool (B,) or (B, K) selects the maps that have a real mask; ``region`` (bool (B, H, W) or
+    (B, 1, H, W)) the image's pixels (letterbox padding is not scored). ``normalize=True`` (default, Choe et
+    al.) min-max normalises every (image, class) map over its region before the sweep
+    (:func:`normalize_heatmaps`; with ``classes``, before the max); ``normalize=False`` scores the raw
+    map. ``compute()`` is NaN when no foreground pixel was seen.
     """
 
-    def __init__(self, thresholds: int = 101, **kwargs) -> None:
+    def __init__(self, thresholds: int = 101, normalize: bool = True, **kwargs) -> None:
         super().__init__(thresholds=thresholds, **kwargs)
+        self.normalize = bool(normalize)
         self.add_state("n_foreground", torch.zeros(()), dist_reduce_fx="sum")
 
     def update(self, heatmaps: torch.Tensor, masks: torch.Tensor | None = None,  # type: ignore[override]
-               valid: torch.Tensor | None = None) -> None:
+               valid: torch.Tensor | None = None, region: torch.Tensor | None = None,
+               classes: torch.Tensor | None = None) -> None:
         if masks is None:  # a box-only update through localization_metrics
             return
-        if heatmaps.shape != masks.shape:
-            raise ValueError(f"heatmaps {tuple(heatmaps.shape)} and masks {tuple(masks.shape)} must match")
-        preds, target = heatmaps.detach().float().clamp(0, 1), (masks > 0.5).long()
+        maps = heatmaps.detach().float()
+        if classes is not None:
+            if maps.dim() != 4 or tuple(classes.shape) != tuple(maps.shape[:2]):
+                raise ValueError(f"with classes, heatmaps must be (B, K, H, W) and classes (B, K); got heatmaps "
+                                 f"{tuple(maps.shape)} and classes {tuple(classes.shape)}")
+            if masks.numel() != maps.shape[0] * maps.shape[-2] * maps.shape[-1] or masks.shape[-2:] != maps.shape[-2:]:
+                raise ValueError(f"with classes, masks must be (B, 1, H, W) or (B, H, W) for heatmaps "
+                                 f"{tuple(maps.shape)}; got {tuple(masks.shape)}")
+        elif maps.shape != masks.shape:
+            raise ValueError(f"heatmaps {tuple(maps.shape)} and masks {tuple(masks.shape)} must match")
+        if self.normalize:
+            maps = normalize_heatmaps(maps, region)
+        if classes is not None:
+            chosen = classes.to(device=maps.device, dtype=torch.bool)
+            maps = maps.masked_fill(~chosen[:, :, None, None], 0).amax(1, keepdim=True)
+            masks = masks.reshape(maps.shape)
+            has = chosen.any(1)
+            valid = has if valid is None else valid.to(torch.bool).reshape(-1) & has
+        keep = torch.ones_like(maps, dtype=torch.bool)
         if valid is not None:
-            valid = valid.to(torch.bool).reshape(valid.shape + (1,) * (heatmaps.dim() - valid.dim()))
-            keep = valid.expand_as(heatmaps)
-            preds, target = preds[keep], target[keep]
+            valid = valid.to(device=maps.device, dtype=torch.bool)
+            keep = keep & valid.reshape(valid.shape + (1,) * (maps.dim() - valid.dim()))
+        if region is not None:
+            keep = keep & _broadcast_region(region, maps)
+        preds, target = maps.clamp(0, 1)[keep], (masks > 0.5).long().to(maps.device)[keep]
         if preds.numel() == 0:
             return
         self.n_foreground += target.sum()
@@ -325,17 +406,26 @@ class PointingGame(_ClassMetric):
 
 def localization_metrics(num_classes: int, class_names: Sequence[str] | None = None, cam_threshold: float = 0.5,
                          cam_thresholds: Sequence[float] = CAM_THRESHOLDS, pointing_tolerance: float = 0.0,
-                         pixel_ap: bool = True, prefix: str | None = None) -> MetricCollection:
+                         pixel_ap: bool = True, raw_sweeps: bool = True, prefix: str | None = None) -> MetricCollection:
     """All box metrics (and PxAP) in one ``MetricCollection``. Call it with keywords,
-    ``m.update(heatmaps=..., boxes=..., box_labels=...)`` (and ``masks=``, ``valid=`` for PxAP); each
-    metric takes the keywords it needs. ``compute()`` returns one flat dict (``iou@0.3``,
-    ``maxboxacc_v2``, ``pointing``, ``pxap``, per-class entries ...), prefixed by ``prefix``.
+    ``m.update(heatmaps=..., boxes=..., box_labels=..., region=...)`` (and ``masks=``, ``valid=``,
+    ``classes=`` for PxAP); each metric takes the keywords it needs. ``compute()`` returns one flat dict
+    (``iou@0.3``, ``maxboxacc_v2``, ``pointing``, ``pxap``, per-class entries ...), prefixed by ``prefix``.
+
+    ``maxboxacc*`` and ``pxap`` sweep per-map min-max normalised maps (Choe et al.); with ``raw_sweeps`` the
+    same sweeps on the raw maps are added as ``maxboxacc_v2_raw``, ``maxboxacc_raw@δ``, ``threshold_raw@δ``,
+    ``maxboxacc_v2_raw/<class>`` and ``pxap_raw``. ``iou@T``/``iobb@T`` and ``pointing`` use the raw maps.
     """
     metrics: dict[str, Metric] = {
         "acc": LocalizationAccuracy(num_classes, cam_threshold=cam_threshold, class_names=class_names),
         "maxboxacc": MaxBoxAccV2(num_classes, cam_thresholds=cam_thresholds, class_names=class_names),
         "pointing": PointingGame(num_classes, tolerance=pointing_tolerance, class_names=class_names),
     }
+    if raw_sweeps:
+        metrics["maxboxacc_raw"] = MaxBoxAccV2(num_classes, cam_thresholds=cam_thresholds, class_names=class_names,
+                                               normalize=False)
     if pixel_ap:
         metrics["pxap"] = PixelAP()
+        if raw_sweeps:
+            metrics["pxap_raw"] = PixelAP(normalize=False)
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
