@@ -70,6 +70,45 @@ def test_attention_maps_shape_and_range(name, data_root):
     assert bool(torch.isfinite(maps).all()) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("name", methods_for("attention_maps"))
+def test_attention_maps_are_per_image_and_follow_the_image(name, data_root):
+    """Behaviour behind the shape contract: (1) an image's map does not depend on the other images of its batch
+    (a map normalised over the batch, or computed in train mode, fails); (2) the map follows the image: a bright band
+    on the left instead of the right changes it (a constant, random or image-independent map fails).
+
+    The parameters get a fixed N(0, 0.05²) perturbation first: RetinaNet/OXnet start with zero-initialised head
+    kernels (the reference init), whose maps are the prior everywhere until training moves them. 2D images are resized
+    to 64 px so every method's map has more than one cell (32 px gives 1×1 maps on the stride-32 tiny backbones).
+    Margins measured on the tiny configs: batch differences ≤ 1.3e-5 (tolerance 5e-4); the smallest map change is
+    2.7e-3 (retinanet; threshold 1e-4)."""
+    import torch.nn.functional as F
+
+    module, data = build(name, data_root / name)
+    if type(module).attention_maps is MedAttnModule.attention_maps:
+        pytest.skip(f"{name} sees no images and defines no attention_maps (documented exemption)")
+    data.prepare_data()
+    data.setup("validate")
+    image = next(iter(data.val_dataloader()))["image"][:2]
+    if image.dim() == 4 and min(image.shape[-2:]) < 64:
+        image = F.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False)
+    if len(image) < 2:
+        image = torch.cat([image, image.flip(-1)])
+    module.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        together = module.attention_maps(image)
+        alone = torch.cat([module.attention_maps(image[i:i + 1]) for i in range(len(image))])
+        torch.testing.assert_close(together, alone, rtol=0, atol=5e-4, msg=f"{name}: a map depends on its batch")
+        left, right = image[:1].clone(), image[:1].clone()
+        band = image.shape[-1] // 4
+        left[..., :band] = image.max()
+        right[..., -band:] = image.max()
+        change = (module.attention_maps(left) - module.attention_maps(right)).abs().max()
+    assert float(change) > 1e-4, f"{name}: the attention map does not follow the image (max change {float(change):.2e})"
+
+
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 @pytest.mark.parametrize("name", method_names())
 def test_fast_dev_run_stage(name, stage, data_root, tmp_path, request):

@@ -140,20 +140,68 @@ def _trainer(**kwargs) -> pl.Trainer:
                       enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
 
+def _masked_bce_per_image(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unweighted BCE summed over the known tasks of each image (torch's BCE, masked by hand): (B,)."""
+    raw = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (raw * mask).sum(1)
+
+
+def _mann_whitney_auroc(scores: list[float], positive: list[bool]) -> float:
+    """P(score of a positive > score of a negative), ties counted 1/2: the AUROC by its definition."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
 def test_registered_tiny_fit_and_test(tmp_path):
+    """The tiny recipe trains, and what it logs is what an independent recomputation from the trained model gives:
+    val/test loss (per-image mean of the unweighted BCE over every evaluated image), test/auroc (macro Mann-Whitney
+    AUROC over the classes with both outcomes) and the per-image probabilities written to test_predictions.csv."""
+    import pandas as pd
+
     spec = METHODS["pcam"]
     assert "2005.14480" in spec.paper
     module, data = spec.tiny(tmp_path)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    # limits cover the whole val (6 images, one batch) and test split (9 images: batches of 8 and 1)
     trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=2,
                        default_root_dir=tmp_path)
     trainer.fit(module, data)
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
-    assert "train/loss" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
-    results = trainer.test(module, data, verbose=False)[0]
-    assert "test/auroc" in results and "test/loss" in results
-    assert (tmp_path / "test_predictions.csv").is_file()  # in the run's folder, never the working directory
+    assert "train/loss" in trainer.callback_metrics
     assert module.class_names == data.class_names
+
+    def recompute(loader):
+        module.eval()
+        rows = []
+        with torch.no_grad():
+            for batch in loader:
+                logits = module(batch["image"])
+                per_image = _masked_bce_per_image(logits, batch["labels"], batch["label_mask"].float())
+                rows += [(i, l, p, y, m) for i, l, p, y, m in zip(batch["image_id"], per_image.tolist(),
+                                                                   torch.sigmoid(logits).tolist(), batch["labels"].tolist(),
+                                                                   batch["label_mask"].tolist())]
+        return rows
+
+    val = recompute(data.val_dataloader())
+    assert len(val) == 6 and all(all(m) for *_, m in val)  # every label known: per-image mean = per-label mean
+    assert abs(float(trainer.callback_metrics["val/loss"]) - sum(r[1] for r in val) / len(val)) < 1e-5
+
+    results = trainer.test(module, data, verbose=False)[0]
+    test = recompute(data.test_dataloader())
+    assert len(test) == 9
+    assert abs(results["test/loss"] - sum(r[1] for r in test) / len(test)) < 1e-5
+    aurocs = []
+    for k in range(len(data.class_names)):
+        positive = [bool(r[3][k]) for r in test]
+        if any(positive) and not all(positive):
+            aurocs.append(_mann_whitney_auroc([r[2][k] for r in test], positive))
+    assert results["test/auroc_classes"] == len(aurocs)
+    assert abs(results["test/auroc"] - sum(aurocs) / len(aurocs)) < 1e-5
+    frame = pd.read_csv(tmp_path / "test_predictions.csv")  # in the run's folder, never the working directory
+    written = frame.set_index("image_id")[[f"score/{c}" for c in data.class_names]]
+    for image_id, _, probs, _, _ in test:
+        assert written.loc[image_id].tolist() == pytest.approx(probs, abs=1e-5)
 
 
 def test_class_count_mismatch_is_reported(tmp_path):
