@@ -178,3 +178,17 @@ def test_prediction_metrics_hand_case():
     assert m["test/f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
     multilabel = frame.assign(**{"label/y": [1, 0, 1, 0, 0]})
     assert prediction_metrics(multilabel) == {}
+
+
+def test_acceptance_reference_recipe_puts_the_overlay_under_both_arms(monkeypatch, tmp_path):
+    import experiments.magsd.acceptance as acceptance
+
+    calls = []
+
+    def fake_run(args):
+        calls.append([Path(a).name for a in args if a.endswith(".yaml")])
+        return {"n_train": 197, "fit_seconds": 1.0, "test/auroc": 0.5}
+
+    monkeypatch.setattr(acceptance, "run_experiment", fake_run)
+    acceptance.main(["--recipe", "reference", "--seeds", "0", "--out", str(tmp_path)])
+    assert calls == [["synthetic.yaml", "reference.yaml"], ["synthetic.yaml", "reference.yaml", "resnet50.yaml"]]

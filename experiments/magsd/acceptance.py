@@ -11,6 +11,10 @@ makes 2-thread training several times slower and can hit ``max_time``.
 Usage::
 
     OMP_NUM_THREADS=2 python -m experiments.magsd.acceptance --seeds 0 1 2 --out runs/magsd/acceptance
+    OMP_NUM_THREADS=2 python -m experiments.magsd.acceptance --recipe reference --seeds 0 1 2 --out runs/magsd/reference
+
+``--recipe reference`` puts the ``reference.yaml`` overlay (the reference code's preprocessing, augmentation,
+optimiser, schedule and 150 epochs, no time limit) under both arms, before the baseline overlay.
 
 Writes ``acceptance.json`` and ``acceptance.md`` (one row per run, then per-method mean/std) and prints whether
 MAG-SD's mean test macro AUROC is at least the baseline's, and whether every run met the budget
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", default="runs/magsd/acceptance")
+    parser.add_argument("--recipe", choices=["current", "reference"], default="current",
+                        help="reference: add experiments/magsd/reference.yaml to both arms")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     rows = []
@@ -46,7 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[acceptance] {method} seed {seed}", flush=True)
             # one run directory per arm and seed: <out>/runs/magsd-acceptance-<method>/<method>-s<seed>-<id>/
             logger = logger_flags(Path(args.out) / "runs", f"magsd-acceptance-{method}", f"{method}-s{seed}")
-            configs = [a for c in CONFIGS[method] for a in ("-c", str(c))]
+            files = list(CONFIGS[method])
+            if args.recipe == "reference":  # after the base config, before the baseline overlay
+                files.insert(1, HERE / "reference.yaml")
+            configs = [a for c in files for a in ("-c", str(c))]
             result = run_experiment([*configs, "--seed_everything", str(seed), *logger, *extra])
             rows.append({"run": f"{method}/seed{seed}", "method": method, "seed": seed, **result})
     frame = pd.DataFrame(rows)
@@ -65,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "acceptance.md").write_text(markdown + "\n\n" + json.dumps(verdict) + "\n")
-    (out / "acceptance.json").write_text(json.dumps({"extra_args": extra, "verdict": verdict, "runs": rows}, indent=2))
+    (out / "acceptance.json").write_text(json.dumps({"recipe": args.recipe, "extra_args": extra, "verdict": verdict, "runs": rows}, indent=2))
     print(markdown)
     print(json.dumps(verdict))
     return verdict
