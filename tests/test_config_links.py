@@ -58,7 +58,10 @@ def test_a_three_class_reader_gives_a_three_class_network(tmp_path):
     # a link whose target this module lacks leaves no trace in its hyper-parameters (they are what a checkpoint
     # rebuilds the module from; jsonargparse reports such a link as applied)
     assert list(cli.model.hparams["class_names"]) == classes
-    assert not {"roi_size", "in_channels", "spatial_dims", "net"} & set(cli.model.hparams)
+    assert not {"roi_size", "in_channels", "spatial_dims"} & set(cli.model.hparams)
+    # the network's config is kept (load_from_checkpoint rebuilds it) with the linked values it takes, and only those
+    net = cli.model.hparams["net"]["init_args"]
+    assert (net["num_classes"], net["in_chans"]) == (3, 1) and not {"in_channels", "spatial_dims"} & set(net)
 
 
 def test_volumes_give_channels_dims_classes_and_roi(tmp_path):

@@ -206,3 +206,93 @@ def test_python_built_module_names_the_argument_a_checkpoint_lacks(tmp_path):
         cls.load_from_checkpoint(tmp_path / "py.ckpt")
     restored = cls.load_from_checkpoint(tmp_path / "py.ckpt", net=type(module.net)("test_resnet", num_classes=module.net.num_classes))
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), module.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+COVID = [str(REPO / "experiments" / "magsd" / "covid_cxr.yaml"), str(REPO / "experiments" / "magsd" / "resnet50.yaml")]
+MODEL_FLAGS = TEST_BACKBONE  # test must name the model as fit did (a differing model argument is refused)
+DATA_FLAGS = ["--data.init_args.image_size", "32", "--data.init_args.eval_batch_size", "8",
+              "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false"]
+
+
+def _copy_subset(sample: Path, root: Path, keep) -> list[str]:
+    """``root`` in the layout of ``sample`` (metadata.csv, images/, masks*/, boxes.csv) holding the rows for which
+    ``keep(row)`` is true; images and masks are symlinks. Returns the image file names."""
+    meta = pd.read_csv(sample / "metadata.csv", dtype=str, keep_default_na=False)
+    rows = meta[[bool(keep(r)) for r in meta.itertuples(index=False)]]
+    for folder in ("images", "masks", "masks_lungvae"):
+        (root / folder).mkdir(parents=True)
+        for name in rows["filename"]:
+            source = sample / folder / (name if folder == "images" else f"{Path(name).stem}.png")
+            if source.is_file():
+                os.symlink(source, root / folder / source.name)
+    rows.to_csv(root / "metadata.csv", index=False)
+    boxes = pd.read_csv(sample / "boxes.csv", dtype=str, keep_default_na=False)
+    boxes[boxes["filename"].isin(set(rows["filename"]))].to_csv(root / "boxes.csv", index=False)
+    return sorted(rows["filename"])
+
+
+def _medattn(*args: str) -> None:
+    from experiments.cli import main
+
+    main(list(args))
+
+
+@pytest.mark.slow
+@pytest.mark.needs_shared_data
+def test_medattn_test_on_another_folder_evaluates_every_image(tmp_path, monkeypatch, shared_data, capsys):
+    """The README example: ``medattn fit`` on covid-cxr-mini, then ``medattn test`` of its best.ckpt on a second
+    folder in the same layout, given as a data overlay with ``split: all``: every image of the folder is evaluated
+    once (test_predictions.csv), and the printed table and summary.json name the folder and split=all. A folder
+    without COVID-19 images is tested too: no min_per_class error, and the AUROC policy reports no defined class
+    (binary task: neither class has both outcomes) instead of a number. ``fit`` with split=all is refused."""
+    sample = shared_data / "covid-cxr-mini"
+    if not sample.is_dir():
+        pytest.skip(f"{sample} is not there")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("MEDATTN_DATA", str(shared_data))
+    monkeypatch.delenv("MEDATTN_RUN_DIR", raising=False)
+    monkeypatch.setenv("MEDATTN_RUN_ID", "train")
+    _medattn("fit", *[a for c in COVID for a in ("-c", c)], *MODEL_FLAGS, *DATA_FLAGS, "--trainer.max_epochs", "1",
+             "--trainer.limit_train_batches", "2", "--test_after_fit", "false")
+    runs = tmp_path / "runs" / "magsd-covid_cxr"
+    best = runs / "resnet50-train" / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+
+    # a second folder of the same format: every fourth image of the sample, its masks and boxes
+    external = tmp_path / "external"
+    names = _copy_subset(sample, external, lambda row, i=iter(range(10**6)): next(i) % 4 == 0)
+    overlay = tmp_path / "external.yaml"
+    overlay.write_text(f"data:\n  init_args:\n    reader:\n      init_args:\n        root: {external}\n    split: all\n")
+    monkeypatch.setenv("MEDATTN_RUN_ID", "external")
+    capsys.readouterr()
+    _medattn("test", *[a for c in COVID for a in ("-c", c)], *MODEL_FLAGS, *DATA_FLAGS, "-c", str(overlay),
+             "--ckpt_path", str(best))
+    printed = capsys.readouterr().out
+    run = runs / "resnet50-external"
+    predictions = pd.read_csv(run / "test_predictions.csv", dtype={"image_id": str})
+    assert len(predictions) == len(names) == 30 and sorted(predictions["image_id"]) == names
+    described = f"COVIDChestXray {external.resolve()}, test split: every image (split=all), {len(names)} images"
+    assert f"Test data: {described}" in printed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_data"].startswith(described) and summary["test/auroc_classes"] == 2
+
+    # a folder holding no COVID-19 image (flags instead of an overlay)
+    others = tmp_path / "others"
+    n_others = len(_copy_subset(sample, others, lambda row: not row.finding.startswith("COVID-19")))
+    monkeypatch.setenv("MEDATTN_RUN_ID", "others")
+    _medattn("test", *[a for c in COVID for a in ("-c", c)], *MODEL_FLAGS, *DATA_FLAGS, "--ckpt_path", str(best),
+             "--data.init_args.reader.init_args.root", str(others), "--data.init_args.split", "all")
+    summary = json.loads((runs / "resnet50-others" / "summary.json").read_text())
+    assert len(pd.read_csv(runs / "resnet50-others" / "test_predictions.csv")) == n_others > 0
+    # no class has both outcomes: none enters the macro AUROC, which is undefined (NaN, or left out of the logs)
+    assert summary["test/auroc_classes"] == 0 and np.isnan(summary.get("test/auroc", float("nan")))
+    assert not [key for key in summary if key.startswith("test/auroc_per_class")]
+
+    # fit on split=all is an error naming the option (one line, exit status 2)
+    monkeypatch.setenv("MEDATTN_RUN_ID", "fit_all")
+    with pytest.raises(SystemExit) as stop:
+        _medattn("fit", *[a for c in COVID for a in ("-c", c)], *MODEL_FLAGS, *DATA_FLAGS, "--data.init_args.split",
+                 "all", "--trainer.max_epochs", "1")
+    assert stop.value.code == 2 and "--data.init_args.split all" in capsys.readouterr().err
