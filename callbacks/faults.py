@@ -7,7 +7,7 @@ never a NaN checkpoint, and an out-of-memory hint.
 * :class:`CrashCheckpoint` (a plain callback, not Lightning's ``OnExceptionCheckpoint``, see its docstring) writes
   ``on_exception.ckpt`` next to the ``ModelCheckpoint`` files when ``fit`` stops on an exception or a
   ``KeyboardInterrupt`` (resume with ``--ckpt_path .../on_exception.ckpt``), **except** after a non-finite loss
-  (:class:`lightning_modules.base.NonFiniteLossError`, a ``FloatingPointError``) or when any weight is NaN/Inf:
+  (:class:`NonFiniteLossError`, a ``FloatingPointError``, raised by ``MedAttnModule.check_finite``) or when any weight is NaN/Inf:
   then it writes nothing and names the last good checkpoint instead. It writes without collectives or barriers
   (an exception may have stopped one rank only), rank 0 to ``on_exception.ckpt`` and rank r > 0, if it is the
   one that failed, to ``on_exception-rank<r>.ckpt``.
@@ -33,15 +33,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["CrashCheckpoint", "NonFiniteGuard", "OutOfMemoryHint", "ResumableCheckpoint", "first_non_finite",
-           "is_out_of_memory"]
+__all__ = ["CrashCheckpoint", "NonFiniteGuard", "NonFiniteLossError", "OutOfMemoryHint", "ResumableCheckpoint",
+           "first_non_finite", "is_out_of_memory"]
 
 
-def _non_finite_error(message: str) -> Exception:
-    # imported lazily: importing lightning_modules registers every method (slow, and a cycle at import time)
-    from lightning_modules.base import NonFiniteLossError
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or a weight became NaN or Inf. The message names the term (or weight) and the global step.
 
-    return NonFiniteLossError(message)
+    It lives beside the fault handling that reacts to it (``CrashCheckpoint`` writes nothing after it); the modules
+    raise it from ``MedAttnModule.check_finite`` (``lightning_modules.base`` re-exports it)."""
 
 
 def first_non_finite(state: dict[str, Any]) -> str | None:
@@ -249,7 +249,7 @@ class NonFiniteGuard(pl.Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and not bool(torch.isfinite(loss.detach()).all()):
-            raise _non_finite_error(f"loss term 'loss' is {loss.detach().float().item()} at global step "
+            raise NonFiniteLossError(f"loss term 'loss' is {loss.detach().float().item()} at global step "
                                     f"{self._step} (epoch {trainer.current_epoch}). Training stopped; "
                                     f"{_last_good(trainer)}.")
 
@@ -270,7 +270,7 @@ class NonFiniteGuard(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         bad = first_non_finite(checkpoint.get("state_dict", {}))
         if bad is not None:
-            raise _non_finite_error(f"refusing to write a checkpoint at global step {trainer.global_step}: weight "
+            raise NonFiniteLossError(f"refusing to write a checkpoint at global step {trainer.global_step}: weight "
                                     f"'{bad}' is not finite. Training stopped; {_last_good(trainer)}.")
 
 

@@ -191,9 +191,8 @@ class ImageLogger(pl.Callback):
             return "boxes"
         if batch["image"].dim() == 5 or "label_map" in batch:
             return "segmentation"
-        from lightning_modules.base import MedAttnModule
-
-        if type(pl_module).attention_maps is MedAttnModule.attention_maps:
+        maps = getattr(type(pl_module), "attention_maps", None)
+        if maps is None or getattr(maps, "not_implemented", False):  # MedAttnModule's placeholder: no maps
             return None
         return "cam"
 

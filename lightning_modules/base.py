@@ -14,6 +14,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from callbacks.checkpoint_io import CheckpointError, load_checkpoint_file
+from callbacks.faults import NonFiniteLossError  # noqa: F401  (re-exported: the modules raise it from check_finite)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -25,10 +26,6 @@ def default_optimizer(params) -> torch.optim.Optimizer:
 # data like ``callbacks.checkpoint_io.load_checkpoint_file`` does; the allow-list only lets the unpickler look the
 # function up by name, and calling it builds an optimiser.
 torch.serialization.add_safe_globals([default_optimizer])
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf. The message names the term and the global step."""
 
 
 class MedAttnModule(pl.LightningModule):
@@ -120,6 +117,8 @@ class MedAttnModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------- contract
     def attention_maps(self, image: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    attention_maps.not_implemented = True  # callbacks (no import of this package) tell "no maps" by this flag
 
     # ---------------------------------------------------------------------------------------- guard
     def check_finite(self, terms: Mapping[str, torch.Tensor]) -> None:
