@@ -17,7 +17,9 @@ Choices where the reference is wrong or silent (dossier section e):
     uses pos_weight 1 instead. A task whose batch entries are all positive gets pos_weight 0, so also 0.
     ``batch_weight=False`` uses the static ``pos_weight`` list (default 1).
   * **Validation/test loss is unweighted** masked BCE: the batch weight would make it depend on batch
-    composition and size (e.7), which is useless for model selection.
+    composition and size (e.7), which is useless for model selection. It is accumulated over the epoch
+    (:class:`MaskedBCEMean`): per task, the mean over every image whose label is known, summed over tasks. With
+    unknown labels (U-Ignore) a batch-size-weighted mean of per-batch values would still depend on the batch size.
   * **Heatmaps** (a.6): σ(logit map) for PCAM, an absolute probability thresholded directly by the
     ChestX-ray14 protocol (``cam_threshold=0.5`` ⇔ logit 0, the paper's rule); min-max normalised CAMs for
     the other pools (the net's ``heatmap`` setting). They are upsampled bilinearly to the network input, the
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import Metric
 
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import record_test_predictions
@@ -50,7 +53,7 @@ from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
 
-__all__ = ["PCAMModule", "pcam_bce"]
+__all__ = ["MaskedBCEMean", "PCAMModule", "pcam_bce"]
 
 
 def pcam_bce(
@@ -90,6 +93,28 @@ def pcam_bce(
     per_task = (raw * valid).sum(0) / n.clamp_min(1) * active  # inactive tasks: exactly 0, zero gradient
     total = per_task.sum() if task_reduction == "sum" else per_task.mean()
     return total, per_task.detach()
+
+
+class MaskedBCEMean(Metric):
+    """Epoch evaluation loss: Σ_k (Σ_i m_ik BCE(z_ik, y_ik)) / Σ_i m_ik over every image of the epoch (m = label_mask;
+    a task with no known label adds 0), i.e. :func:`pcam_bce` with ``batch_weight=False`` on the whole epoch at once,
+    whatever the batch size. States are sums, so DDP reduces them exactly."""
+
+    full_state_update = False
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.add_state("loss_sum", torch.zeros(num_tasks, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("known", torch.zeros(num_tasks, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> None:
+        valid = label_mask.float()
+        raw = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        self.loss_sum += (raw * valid).sum(0).double()
+        self.known += valid.sum(0).double()
+
+    def compute(self) -> torch.Tensor:
+        return (self.loss_sum / self.known.clamp_min(1)).sum().float()
 
 
 class PCAMModule(MedAttnModule):
@@ -147,6 +172,8 @@ class PCAMModule(MedAttnModule):
         self.train_auroc = MaskedMultilabelAUROC(k, self.class_names)
         self.val_auroc = MaskedMultilabelAUROC(k, self.class_names)
         self.test_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.val_loss = MaskedBCEMean(k)
+        self.test_loss = MaskedBCEMean(k)
         self.test_predictions = TestPredictions()
         self.localization = localization
         self.test_localization = localization_metrics(k, self.class_names, cam_threshold=cam_threshold,
@@ -187,8 +214,9 @@ class PCAMModule(MedAttnModule):
 
     def _eval_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits, logit_maps = self.forward_with_maps(batch["image"])
-        loss, _ = pcam_bce(logits, batch["labels"], batch["label_mask"], batch_weight=False)
-        self.log_losses(stage, {"total": loss}, batch_size=len(logits))
+        epoch_loss = getattr(self, f"{stage}_loss")  # the epoch value, not a mean of per-batch values
+        epoch_loss.update(logits, batch["labels"], batch["label_mask"])
+        self.log(f"{stage}/loss", epoch_loss, on_step=False, on_epoch=True, prog_bar=True)
         getattr(self, f"{stage}_auroc").update(logits, batch["labels"], batch["label_mask"])
         return logits, logit_maps
 

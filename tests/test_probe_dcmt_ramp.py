@@ -91,6 +91,7 @@ def _check_total(terms: dict, w_cls: float, w_att: float) -> None:
         assert "cons_cls" not in terms and "cons_att" not in terms  # before the switch: not even computed
         torch.testing.assert_close(terms["total"], base)
         return
+    assert "cons_cls" in terms, f"no consistency term although ω = ({w_cls:.4g}, {w_att:.4g})"
     # the consistency terms are large enough that a wrong ramp value shows: Δω·L_cc ≫ the float32 tolerance
     assert float(terms["cons_cls"]) > 1e-4 and float(terms["cons_att"]) > 1e-4
     want = base + w_cls * terms["cons_cls"] + w_att * terms["cons_att"]

@@ -70,6 +70,40 @@ def test_validation_loss_is_the_per_image_mean_over_the_epoch():
     assert abs(result["val/loss"] - oracle) < 1e-5, (result["val/loss"], oracle)
 
 
+
+# Unknown labels (CheXpert U-Ignore, label_mask False): the same five images, some labels hidden, so that the batches
+# hold different numbers of known labels per task.
+MASK = [(True, False), (True, True), (False, True), (True, True), (False, False)]
+
+
+def _validate(batch_size: int, mask=MASK) -> float:
+    data = _dataset()
+    for item, m in zip(data, mask):
+        item["label_mask"] = torch.tensor(m)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    return trainer.validate(PCAMModule(_FixedLogitNet(), class_names=["a", "b"]), dataloaders=loader,
+                            verbose=False)[0]["val/loss"]
+
+
+def test_validation_loss_with_unknown_labels_is_the_per_label_mean_whatever_the_batch_size():
+    # "Unweighted masked BCE" over the epoch: per task, the mean over every image whose label is known; summed over
+    # the tasks (as the training loss). Task 0 known for images 0, 1, 3; task 1 for images 1, 2, 3:
+    #   task 0: (ln(1+e^-2) + ln 2 + ln(1+e^-3)) / 3 = (0.126928 + 0.693147 + 0.048587) / 3 = 0.289554
+    #   task 1: (ln 2 + ln(1+e^1) + ln(1+e^-2)) / 3 = (0.693147 + 1.313262 + 0.126928) / 3 = 0.711112
+    #   val/loss = 1.000666, for batches of 3 + 2, 5, or 2 + 2 + 1. (Weighting the per-batch masked means by each
+    #   batch's image count, Lightning's batch_size weighting, gives 0.918151 for 3 + 2 and 0.748747 for 2 + 2 + 1.)
+    per_task = []
+    for k in range(2):
+        known = [i for i in range(5) if MASK[i][k]]
+        per_task.append(sum(_bce(LOGITS[i][k], LABELS[i][k]) for i in known) / len(known))
+    oracle = sum(per_task)
+    assert abs(oracle - 1.000666) < 1e-5
+    for batch_size in (3, 5, 2):
+        assert abs(_validate(batch_size) - oracle) < 1e-5, batch_size
+
+
 def test_pcam_pooled_logit_by_hand():
     """Shared-classifier identity with an independent oracle (replaces reading the weights from pcam_weights):
     2 channels, 2 positions, 2 heads (float64).
