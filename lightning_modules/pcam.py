@@ -9,8 +9,8 @@ task, selectable pooling). The module adds the loss, AUROC and, at test time, we
 images that have boxes (and PxAP where lesion masks exist).
 
 Choices where the reference is wrong or silent (dossier section e):
-  * **Loss** (b, e.7): per-task BCE-with-logits, **summed** over tasks (``task_reduction="sum"``, as the
-    reference; "mean" divides by K). With ``batch_weight=True`` each task's positives are weighted by
+  * **Loss** (b, e.7; :func:`networks.pcam_loss.pcam_bce`): per-task BCE-with-logits, **summed** over tasks
+    (``task_reduction="sum"``, as the reference; "mean" divides by K). With ``batch_weight=True`` each task's positives are weighted by
     pos_weight_k = (N_k − P_k) / P_k, counted over the batch entries whose label is known (``label_mask``:
     CheXpert U-Ignore and unlabeled images never count). A task with **no positive** in the batch
     (``no_positive="zero"``, the reference) contributes exactly 0 and no gradient that step; "unweighted"
@@ -37,7 +37,6 @@ Choices where the reference is wrong or silent (dossier section e):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,52 +51,14 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
+from networks.pcam_loss import pcam_bce  # the loss lives with the maths; importable from here too
 
-__all__ = ["MaskedBCEMean", "PCAMModule", "pcam_bce"]
-
-
-def pcam_bce(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_mask: torch.Tensor | None = None,
-    batch_weight: bool = True,
-    pos_weight: torch.Tensor | Sequence[float] | None = None,
-    no_positive: str = "zero",
-    task_reduction: str = "sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task (masked) BCE with an optional per-batch positive weight. Returns (total, per-task (K,)).
-
-    Oracle (dossier g.6): targets [1, 0, 0, 0], logits 0 → pos_weight 3, loss 1.5·ln 2 = 1.039721.
-    """
-    if no_positive not in ("zero", "unweighted"):
-        raise ValueError(f"no_positive must be 'zero' or 'unweighted', got {no_positive!r}")
-    if task_reduction not in ("sum", "mean"):
-        raise ValueError(f"task_reduction must be 'sum' or 'mean', got {task_reduction!r}")
-    logits, labels = logits.float(), labels.float()
-    valid = torch.ones_like(labels) if label_mask is None else label_mask.float()
-    n = valid.sum(0)
-    positives = (labels * valid).sum(0)
-    active = n > 0
-    if batch_weight:
-        pw = (n - positives) / positives.clamp_min(1)
-        has_positive = positives > 0
-        if no_positive == "zero":
-            active = active & has_positive
-        else:
-            pw = torch.where(has_positive, pw, torch.ones_like(pw))
-    elif pos_weight is not None:
-        pw = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device).expand(labels.shape[1])
-    else:
-        pw = None
-    raw = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pw, reduction="none")
-    per_task = (raw * valid).sum(0) / n.clamp_min(1) * active  # inactive tasks: exactly 0, zero gradient
-    total = per_task.sum() if task_reduction == "sum" else per_task.mean()
-    return total, per_task.detach()
+__all__ = ["MaskedBCEMean", "PCAMModule"]
 
 
 class MaskedBCEMean(Metric):
     """Epoch evaluation loss: Σ_k (Σ_i m_ik BCE(z_ik, y_ik)) / Σ_i m_ik over every image of the epoch (m = label_mask;
-    a task with no known label adds 0), i.e. :func:`pcam_bce` with ``batch_weight=False`` on the whole epoch at once,
+    a task with no known label adds 0), i.e. :func:`networks.pcam_loss.pcam_bce` with ``batch_weight=False`` on the whole epoch at once,
     whatever the batch size. States are sums, so DDP reduces them exactly."""
 
     full_state_update = False
@@ -124,7 +85,7 @@ class PCAMModule(MedAttnModule):
         net: network with ``forward_with_maps(x) -> (logits (B, K), logit maps (B, K, h, w))`` and
             ``maps_to_heatmaps(logit maps) -> [0, 1] maps``, e.g. :class:`networks.cam_heads.PoolingClassifier`.
         class_names: names for metric keys; replaced by the DataModule's names when trained through it.
-        batch_weight, pos_weight, no_positive, task_reduction: the loss, see :func:`pcam_bce`.
+        batch_weight, pos_weight, no_positive, task_reduction: the loss, see :func:`networks.pcam_loss.pcam_bce`.
         cam_threshold: heatmap threshold for the ChestX-ray14 box protocol (probability space for PCAM).
         localization: evaluate weak localisation at test time (images with boxes / lesion masks).
         pointing_tolerance: pointing-game tolerance in input pixels.

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from lightning_modules import METHODS
-from lightning_modules.pcam import PCAMModule, pcam_bce
+from lightning_modules.pcam import PCAMModule
 from lightning_modules.weak_localization import heatmaps_at_input
 from networks.cam_heads import PoolingClassifier
+from networks.pcam_loss import pcam_bce
 
 LN2 = math.log(2)
 

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 
 from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
                                            step_medians, write)
-from lightning_modules.pcam import PCAMModule, pcam_bce
+from lightning_modules.pcam import PCAMModule
 from networks.cam_heads import PoolingClassifier
+from networks.pcam_loss import pcam_bce
 
 
 def run_bare(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, warmup: int, bf16: bool,
