@@ -21,6 +21,13 @@ volumes ``spacing`` float (B, spatial_dims).
     0 that is the left hemisphere), and evaluation uses the other half, so no training voxel is evaluated.
     There validation and test are the same half: a smoke demo, not a generalisation measurement (a symmetric
     template's mirrored training labels already score high: ``experiments/nonlocal_unet/mirror_baseline.py``).
+  * ``split="all"`` (``--data.init_args.split all``, as ``CXRDataModule``): every volume of the reader is the
+    test split, once, whole foreground box, for testing a trained model on other subjects; no training split.
+
+With ``split="all"`` both DataModules evaluate through :class:`~datamodules.dataset.UnpaddedDistributedSampler`:
+under DDP every subject (image) is evaluated exactly once, never padded with a repeat. The default split keeps
+Lightning's evaluation sampler (it pads the ranks with repeats when the split does not divide evenly, and it
+lets a one-subject validation split run on two ranks, which the unpadded sampler refuses).
 
 :class:`LungSegmentationDataModule`: chest X-rays with lung masks in the covid-chestxray-dataset layout
 (``metadata.csv`` + ``images/`` + ``masks/<stem>.png``), split by patient, letterboxed to ``image_size``.
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -39,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed, split_key
+from datamodules.dataset import KeyedSampler, SampleKey, UnpaddedDistributedSampler, run_seed, sample_seed, split_key
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, require_columns
-from datamodules.splits import split_by_patient
+from datamodules.splits import (check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note,
+                                 split_by_patient)
 from datamodules.transforms import letterbox
 from datamodules.volumes import Volume, VolumeReader
 
@@ -140,6 +148,14 @@ class CroppedVolumeDataset(Dataset):
         }
 
 
+def _eval_sampler(split: str, length: int, trainer, what: str) -> UnpaddedDistributedSampler | None:
+    """``split="all"``: the unpadded evaluation sampler (each item on exactly one DDP rank); else ``None``."""
+    if split != "all":
+        return None
+    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    return UnpaddedDistributedSampler(length, world, rank, what)
+
+
 def _collate(samples: Sequence[dict]) -> dict:
     return {k: [s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples])
             for k in samples[0]}
@@ -154,6 +170,12 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         patch_size: training patch (int or per-axis); reference 32.
         batch_size: patches per training batch (reference 5).
         patches_per_epoch: training patches per epoch (the reference draws one per subject per "epoch").
+        split: ``"patients"`` (default): the subject split that ``holdout`` and the arguments below describe.
+            ``"all"``: every volume of the reader is the test split, exactly once (under DDP too), whole foreground
+            box, for testing a trained model on other subjects (``medattn test ... --ckpt_path <ckpt>
+            --data.init_args.reader.init_args.root <folder> --data.init_args.split all``); ``holdout``,
+            ``val_subjects`` and ``test_subjects`` are ignored (the split note names those that were set), and
+            ``fit``/``validate`` are refused with an error naming this option.
         holdout: ``"subject"`` or ``"hemisphere"`` (see the module docstring).
         val_subjects: validation subject ids for ``"subject"`` (checkpoint selection); default the last
             subject that is not a test subject.
@@ -170,6 +192,7 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         patch_size: int | Sequence[int] = 32,
         batch_size: int = 5,
         patches_per_epoch: int = 250,
+        split: Literal["patients", "all"] = "patients",
         holdout: str = "subject",
         val_subjects: list[str] | None = None,
         test_subjects: list[str] | None = None,
@@ -183,13 +206,15 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"holdout must be 'subject' or 'hemisphere', got {holdout!r}")
         if train_side not in ("low", "high"):
             raise ValueError(f"train_side must be 'low' or 'high', got {train_side!r}")
-        self.reader = reader
+        check_split_choice(type(self).__name__, split)
+        self.reader, self.split = reader, split
         self.patch_size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         self.batch_size, self.patches_per_epoch, self.num_workers = batch_size, patches_per_epoch, num_workers
         self.holdout, self.split_axis, self.train_side = holdout, split_axis, train_side
         self.val_subjects, self.test_subjects = val_subjects, test_subjects
         self.foreground_channel = foreground_channel
         self.datasets: dict[str, Dataset] = {}
+        self.notes: dict[str, str] = {}  # split -> how it was chosen (describe_split)
 
     @property
     def class_names(self) -> list[str]:
@@ -216,6 +241,7 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         self.reader.prepare()
 
     def setup(self, stage: str | None = None) -> None:
+        refuse_split_all_stage(self.split, stage, f"volume of {type(self.reader).__name__}")
         if self.datasets:
             return
         volumes = []
@@ -233,6 +259,14 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
             volumes.append(vol)
         boxes = [foreground_box(v.image[self.foreground_channel] != 0, v.subject_id) for v in volumes]
         full = [tuple((0, s) for s in v.image.shape[1:]) for v in volumes]
+        if self.split == "all":
+            settings = {"holdout": self.holdout, "val_subjects": self.val_subjects, "test_subjects": self.test_subjects}
+            self.notes["test"] = split_all_note("volume", settings, {"holdout": "subject", "val_subjects": None,
+                                                                    "test_subjects": None})
+            self.datasets["test"] = CroppedVolumeDataset(volumes, boxes)
+            if self.trainer is None or self.trainer.is_global_zero:
+                print(f"[medattn] split ({type(self.reader).__name__}): {len(volumes)} test volumes; {self.notes['test']}")
+            return
         if self.holdout == "hemisphere":
             train_regions, eval_boxes = [], []
             for box, limits in zip(boxes, full):
@@ -241,6 +275,8 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
                 eval_boxes.append((high if self.train_side == "low" else low)[0])
             self.datasets["train"] = RandomPatchDataset(volumes, train_regions, self.patch_size, self.patches_per_epoch)
             self.datasets["val"] = self.datasets["test"] = CroppedVolumeDataset(volumes, eval_boxes)
+            side = "high" if self.train_side == "low" else "low"
+            self.notes["val"] = self.notes["test"] = f"the {side} half along axis {self.split_axis} (holdout=hemisphere)"
             return
         ids = [v.subject_id for v in volumes]
         val_ids, test_ids = self.held_out(ids)
@@ -254,6 +290,17 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         for stage_name, keep in (("val", val_ids), ("test", test_ids)):
             idx = pick(keep)
             self.datasets[stage_name] = CroppedVolumeDataset([volumes[i] for i in idx], [boxes[i] for i in idx])
+            self.notes[stage_name] = "held-out subjects (holdout=subject)"
+
+    def describe_split(self, split: str = "test") -> str:
+        """Which volumes an evaluation of ``split`` ran on (``medattn test`` prints it as ``Test data: ...`` and
+        writes it to summary.json), e.g. ``NiftiVolumes /data/ext, test split: every volume (split=all), 3 volumes
+        (sub-01, sub-02, sub-03)``."""
+        self.setup("test" if split == "test" else None)
+        ids = [v.subject_id for v in self.datasets[split].volumes]
+        shown = ", ".join(ids[:10]) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+        return describe_evaluated(type(self.reader).__name__, getattr(self.reader, "root", None), split,
+                                  self.notes[split].split(";")[0], f"{len(ids)} volumes ({shown})")
 
     def held_out(self, ids: list[str]) -> tuple[list[str], list[str]]:
         """(validation ids, test ids) for ``holdout="subject"``; disjoint, non-empty, all among ``ids``.
@@ -296,6 +343,7 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # patch draws = f(run seed, rank, epoch, position, index): exact resume with any number of workers
+        refuse_split_all_stage(self.split, "fit", "volume")
         world, rank = self._world()
         dataset = self.datasets["train"]
         dataset.seed_base = (run_seed(), rank)
@@ -305,7 +353,10 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, stage: str) -> DataLoader:
         # Crops differ in size, so evaluation batches hold one volume.
-        return DataLoader(self.datasets[stage], batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate)
+        refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, "volume")
+        self.setup(stage)
+        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split")
+        return DataLoader(self.datasets[stage], batch_size=1, sampler=sampler, num_workers=0, collate_fn=_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -371,6 +422,11 @@ class LungSegmentationDataModule(pl.LightningDataModule):
 
     Args:
         root: dataset folder. image_size: square side (divisible by 4 for the Non-local U-Net).
+        split: ``"patients"`` (default): the patient split of ``val_fraction``/``test_fraction``. ``"all"``: every
+            image with a mask is the test split, exactly once (under DDP too), for testing a trained model on
+            another folder (``medattn test ... --ckpt_path <ckpt> --data.init_args.root <folder>
+            --data.init_args.split all``); the fractions are ignored (named in the split note) and
+            ``fit``/``validate`` are refused with an error naming this option.
         val_fraction, test_fraction: fractions of *patients*. batch_size / eval_batch_size: per step.
         augment: random similarity transform and gamma for training. seed: split seed.
     """
@@ -389,6 +445,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         fallback_mask_dir: str | None = None,
         views: Sequence[str] | None = ("PA", "AP", "AP Supine"),
         image_size: int = 128,
+        split: Literal["patients", "all"] = "patients",
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         batch_size: int = 8,
@@ -400,6 +457,8 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4 or image_size % 4:
             raise ValueError(f"LungSegmentationDataModule: image_size must be a positive multiple of 4, got {image_size!r}")
+        check_split_choice(type(self).__name__, split)
+        self.split = split
         self.root, self.metadata, self.image_dir = Path(root), metadata, image_dir
         self.mask_dirs = [d for d in (mask_dir, fallback_mask_dir) if d]
         self.views = list(views) if views else None
@@ -408,6 +467,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         self.augment, self.num_workers, self.seed = augment, num_workers, seed
         self.records: pd.DataFrame | None = None
         self.datasets: dict[str, LungDataset] = {}
+        self.notes: dict[str, str] = {}  # split -> how it was chosen (describe_split)
 
     def read_records(self) -> pd.DataFrame:
         """One row per usable image: ``image_id``, ``image_path``, ``mask_path``, ``patient_id``."""
@@ -435,6 +495,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         return pd.DataFrame(rows)
 
     def setup(self, stage: str | None = None) -> None:
+        refuse_split_all_stage(self.split, stage, f"image with a lung mask in {self.root}")
         if self.datasets:
             return
         self.records = records = self.read_records()
@@ -445,15 +506,34 @@ class LungSegmentationDataModule(pl.LightningDataModule):
             images.append(letterbox(image, self.image_size)[0])
             masks.append(letterbox(mask, self.image_size, is_mask=True)[0])
         images_t, masks_t = torch.stack(images), torch.stack(masks)
-        split = split_by_patient(records["patient_id"].tolist(), self.val_fraction, self.test_fraction, self.seed)
+        if self.split == "all":
+            empty = np.zeros(0, np.int64)
+            split = {"train": empty, "val": empty, "test": np.arange(len(records))}
+            settings = {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+            self.notes["test"] = split_all_note("image", settings, {"val_fraction": 0, "test_fraction": 0})
+            if self.trainer is None or self.trainer.is_global_zero:
+                print(f"[medattn] split ({self.root}): {len(records)} test images; {self.notes['test']}")
+        else:
+            split = split_by_patient(records["patient_id"].tolist(), self.val_fraction, self.test_fraction, self.seed)
+            self.notes = {k: f"patient-level split, seed {self.seed}" for k in split}
         for name, idx in split.items():
             idx = torch.as_tensor(idx, dtype=torch.long)
             self.datasets[name] = LungDataset(
                 images_t[idx], masks_t[idx], records["image_id"].iloc[idx.numpy()].tolist(),
                 records["patient_id"].iloc[idx.numpy()].tolist(), augment=self.augment and name == "train")
 
+    def describe_split(self, split: str = "test") -> str:
+        """Which images an evaluation of ``split`` ran on (``Test data: ...`` of ``medattn test``, summary.json),
+        e.g. ``LungSegmentationDataModule /data/ext, test split: every image (split=all), 12 images of 7
+        patients``."""
+        self.setup("test" if split == "test" else None)
+        data = self.datasets[split]
+        return describe_evaluated(type(self).__name__, self.root, split, self.notes[split].split(";")[0],
+                                  f"{len(data)} images of {len(set(data.patients))} patients")
+
     def train_dataloader(self) -> DataLoader:
         # order = f(seed, epoch), augmentation = f(seed, run seed, rank, epoch, position, index): exact resume
+        refuse_split_all_stage(self.split, "fit", f"image with a lung mask in {self.root}")
         world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
         dataset = self.datasets["train"]
         dataset.seed_base = (self.seed, run_seed(), rank)
@@ -462,7 +542,10 @@ class LungSegmentationDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, collate_fn=_collate, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, stage: str) -> DataLoader:
-        return DataLoader(self.datasets[stage], batch_size=self.eval_batch_size, shuffle=False,
+        refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, f"image in {self.root}")
+        self.setup(stage)
+        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split")
+        return DataLoader(self.datasets[stage], batch_size=self.eval_batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=_collate)
 
     def val_dataloader(self) -> DataLoader:

@@ -28,10 +28,11 @@ Extra keys: ``subject_id``, ``slice_index``, ``subject_label``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -47,6 +48,7 @@ from datamodules.dataset import (MixedStreamSampler, SampleKey, UnpaddedDistribu
                                  split_key)
 from datamodules.manifest import DataError, require_columns
 from datamodules.readers._common import where
+from datamodules.splits import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, check_subject_counts, role_frame,  # noqa: F401
                                         split_subjects, subject_folds)
 from datamodules.transforms import find_random_states, letterbox, reseed_random_states
@@ -426,6 +428,16 @@ class SliceStackDataModule(pl.LightningDataModule):
         reader: any object with ``load() -> SliceTable`` (:class:`H5SliceReader`, :class:`NiftiSliceReader`,
             :class:`datamodules.synthetic_slices.SyntheticSlices`); ``prepare()`` is called if present.
         image_size: network input side.
+        split: ``"patients"`` (default): the subject split of the arguments below. ``"all"``: every subject (all
+            its slices) is the test split, exactly once (under DDP too), for testing a trained model on another
+            cohort (``medattn test ... --ckpt_path <ckpt> --data.init_args.reader.init_args.root <folder>
+            --data.init_args.split all``); ``num_folds``, ``fold``, ``val_fraction``, ``label_ratio``,
+            ``labeled_subjects`` and ``no_validation_split`` are ignored (the summary note names those that were
+            set), ``min_per_class`` is not enforced (classes below it are named in the note and a warning), the
+            checkpoint's saved split is not compared (it is another cohort's), and ``fit``/``validate`` are
+            refused with an error naming this option. ``medattn predict`` with the feature writer then records
+            every subject as ``test`` (``split_info["split"] = "all"``), which DC-MT stage 2 tests with its own
+            ``split: all``.
         num_folds, fold, val_fraction, label_ratio, labeled_subjects, no_validation_split: see
             :func:`datamodules.subject_splits.split_subjects`. By default 15 % of the training subjects are
             validation subjects (stratified by subject label), so ``best.ckpt`` is never chosen on the test fold;
@@ -448,7 +460,8 @@ class SliceStackDataModule(pl.LightningDataModule):
         num_workers, seed: DataLoader workers and the split/sampling/augmentation seed.
     """
 
-    def __init__(self, reader: SliceReader, image_size: int = 256, num_folds: int = 5, fold: int = 0,
+    def __init__(self, reader: SliceReader, image_size: int = 256, split: Literal["patients", "all"] = "patients",
+                 num_folds: int = 5, fold: int = 0,
                  val_fraction: float = DEFAULT_VAL_FRACTION, label_ratio: float = 0.25,
                  labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 10, unlabeled_batch_size: int = 30, epoch_stream: str | None = None,
@@ -458,10 +471,12 @@ class SliceStackDataModule(pl.LightningDataModule):
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"SliceStackDataModule: image_size must be a positive int, got {image_size!r}")
+        check_split_choice(type(self).__name__, split)
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
         self.table: SliceTable | None = None
         self.split: dict[str, list[str]] = {}
+        self.test_note = ""  # how the test split was chosen, for split="all" (summary, describe_split)
 
     def _ensure_table(self) -> SliceTable:
         if self.table is None:
@@ -490,10 +505,14 @@ class SliceStackDataModule(pl.LightningDataModule):
             prepare()
 
     def setup(self, stage: str | None = None) -> None:
+        refuse_split_all_stage(self.hparams.split, stage, f"subject of {type(self.reader).__name__}")
         if self.split:
             return
         hp = self.hparams
         table = self._ensure_table()
+        if hp.split == "all":
+            self._split_all(table)
+            return
         split = split_subjects(table.subjects, hp.num_folds, hp.fold, hp.val_fraction, hp.label_ratio,
                                hp.seed, hp.labeled_subjects, hp.no_validation_split)
         # checked before it is kept: a refused split must not be used by a later setup() call
@@ -509,13 +528,45 @@ class SliceStackDataModule(pl.LightningDataModule):
             print(f"[medattn] slice split: {n} subjects; {int(train.sum())} training slices, {int(lab.sum())} labeled "
                   f"({lab.sum() / max(1, train.sum()):.1%}){note}")
 
+    # the arguments split="all" ignores, with the value at which each would have no effect
+    _SPLIT_ARGS = {"num_folds": 1, "fold": 0, "val_fraction": 0, "label_ratio": 0, "labeled_subjects": None,
+                   "no_validation_split": False}
+
+    def _split_all(self, table: SliceTable) -> None:
+        """split="all": every subject is a test subject (see the class doc)."""
+        hp = self.hparams
+        ids = sorted(table.subjects["subject_id"].astype(str))
+        if not ids:
+            raise DataError(f"split='all': {table.source} holds no subjects")
+        label = table.subjects["subject_label"].to_numpy(dtype=float)
+        counts = {name: int((label == k).sum()) for k, name in enumerate(table.class_names)}
+        self.test_note = split_all_note("subject", dict(hp), self._SPLIT_ARGS, counts, hp.min_per_class)
+        if "min_per_class" in self.test_note:
+            warnings.warn(f"{type(self.reader).__name__} ({table.source}), split='all': {self.test_note}", stacklevel=3)
+        self.split = {"train": [], "val": [], "test": ids, "labeled": []}
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"[medattn] slice split: {len(ids)} test subjects, {len(table.slices)} slices; {self.test_note}")
+
+    def describe_split(self, split: str = "test") -> str:
+        """Which subjects an evaluation of ``split`` ran on (``Test data: ...`` of ``medattn test``,
+        summary.json), e.g. ``H5SliceReader /data/ext, test split: every subject (split=all), 30 subjects, 540
+        slices``."""
+        self.setup("test" if split == "test" else None)
+        hp, ids = self.hparams, self.split[split]
+        how = self.test_note.split(";")[0] if hp.split == "all" else f"subject split, fold {hp.fold} of {hp.num_folds}, seed {hp.seed}"
+        n_slices = int(self.table.slices["subject_id"].isin(set(ids)).sum())
+        return describe_evaluated(type(self.reader).__name__, getattr(self.reader, "root", None) or self.table.source,
+                                  split, how, f"{len(ids)} subjects, {n_slices} slices")
+
     def split_record(self) -> tuple[pd.DataFrame, dict]:
         """Each subject's role (labeled / unlabeled / val / test) and fold, and the split arguments: what the
         stage-1 feature export stores so that DC-MT stage 2 uses exactly these subjects."""
         self.setup()
         hp = self.hparams
-        roles = role_frame(self.split, subject_folds(self.table.subjects, hp.num_folds, hp.seed))
-        info = {"num_folds": int(hp.num_folds), "fold": int(hp.fold), "val_fraction": float(hp.val_fraction),
+        folds = (pd.Series(dtype=np.int64) if hp.split == "all"  # no folds: recorded as -1
+                 else subject_folds(self.table.subjects, hp.num_folds, hp.seed))
+        roles = role_frame(self.split, folds)
+        info = {"split": str(hp.split), "num_folds": int(hp.num_folds), "fold": int(hp.fold), "val_fraction": float(hp.val_fraction),
                 "label_ratio": float(hp.label_ratio), "seed": int(hp.seed),
                 "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source),
                 "min_per_class": int(hp.min_per_class)}
@@ -531,6 +582,14 @@ class SliceStackDataModule(pl.LightningDataModule):
         saved = state_dict.get("split")
         self.setup()
         if saved is None or saved == self.split:
+            return
+        if self.hparams.split == "all":  # the checkpoint's split is over its training cohort, not this one
+            seen = sorted(set(saved.get("train", [])) | set(saved.get("val", [])))
+            overlap = sorted(set(self.split["test"]) & set(seen))
+            if overlap:
+                warnings.warn(f"split='all': {len(overlap)} of the {len(self.split['test'])} tested subjects have the "
+                              f"ids of subjects this checkpoint was trained or validated on (e.g. {overlap[0]}); if "
+                              "this is the training cohort, the result is not an external test", stacklevel=2)
             return
         def role(split: dict, subject: str) -> str:
             names = {"test": "test", "val": "val", "labeled": "labeled", "train": "unlabeled"}
@@ -557,7 +616,9 @@ class SliceStackDataModule(pl.LightningDataModule):
             row = {"split": role, "subjects": len(ids), "slices": int(slices.reindex(ids).fillna(0).sum()), "note": ""}
             for k, name in enumerate(self.class_names):
                 row[f"subjects {name}"] = int((label.reindex(ids) == k).sum())
-            if role == "val" and not len(ids):
+            if role == "test" and self.hparams.split == "all":
+                row["note"] = self.test_note
+            elif role == "val" and not len(ids) and self.hparams.split != "all":
                 row["note"] = "no validation split (no_validation_split: true): the last epoch is tested"
             rows.append(row)
         return pd.DataFrame(rows)
@@ -583,6 +644,7 @@ class SliceStackDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        refuse_split_all_stage(hp.split, "fit", f"subject of {type(self.reader).__name__}")
         rows, streams = self.train_streams()
         sizes = {STREAM_LABEL: hp.labeled_batch_size, STREAM_UNLABELED: hp.unlabeled_batch_size}
         if hp.epoch_stream is not None:
@@ -607,6 +669,7 @@ class SliceStackDataModule(pl.LightningDataModule):
                           collate_fn=collate_slices, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
+        refuse_split_all_stage(self.hparams.split, "validate", f"subject of {type(self.reader).__name__}")
         self.setup()
         if not self.split["val"]:  # no_validation_split: Lightning skips validation for an empty list
             return []

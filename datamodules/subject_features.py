@@ -24,6 +24,15 @@ failure is an error naming the file. Unlabeled training subjects carry zero labe
 ``label_mask``. Note
 (dossier b.2): the training subjects' features come from a model that was trained on those slices.
 
+``split="all"`` (``--data.init_args.split all``, external testing as in the other DataModules): every subject of
+the file is the test split, exactly once (under DDP too). That is meaningful only for subjects that neither stage
+trained or selected on, so it requires every subject's recorded stage-1 role to be ``test``: the file that
+``medattn predict`` writes for another cohort with the stage-1 ``SliceStackDataModule(split="all")`` (every subject
+recorded as ``test``). A file with ``labeled``, ``unlabeled`` or ``val`` subjects (an export of the training
+cohort) is refused with an error that counts them: its held-out subjects are tested with the default
+``split="patients"``. The split-argument checks are ignored (the note names those that were set), and
+``min_per_class`` is not enforced (classes below it are named in the note and a warning).
+
 Batch keys: ``features`` (B, T, D), ``features_teacher`` (same, independent noise when
 ``feature_noise > 0``, else identical, as the reference), ``sequence_mask`` bool (B, T), ``labels`` /
 ``label_mask`` (B, K), ``stream`` (B,), ``mean_probabilities`` (B, K) (the mean of the subject's slice
@@ -33,9 +42,9 @@ probabilities over all its slices: the mean-pooling baseline), ``subject_id`` li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
 import json
+import warnings
+from typing import Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -47,6 +56,7 @@ from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
 from datamodules.manifest import DataError
 from datamodules.slices import collate_slices
+from datamodules.splits import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import check_subject_counts, split_from_roles
 from networks.aggregation import center_crop_or_pad
 
@@ -114,6 +124,9 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
     Args:
         features_file: the stage-1 export (``.npz``).
         seq_len: sequence length T (24).
+        split: ``"patients"`` (default): stage 1's recorded split. ``"all"``: every subject of the file is tested;
+            only for a file whose subjects stage 1 recorded as ``test`` (see the module doc); ``fit``/``validate``
+            are refused with an error naming this option.
         num_folds, fold, val_fraction, label_ratio, labeled_subjects: optional checks against the split that
             stage 1 recorded in ``features_file`` (the split itself always comes from that record).
         seed: sampling seed of the training streams.
@@ -128,7 +141,8 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
             checked, as recorded in ``features_file`` (10 when the record has none); ``0`` turns the check off.
     """
 
-    def __init__(self, features_file: str | Path, seq_len: int = 24, num_folds: int | None = None,
+    def __init__(self, features_file: str | Path, seq_len: int = 24, split: Literal["patients", "all"] = "patients",
+                 num_folds: int | None = None,
                  fold: int | None = None, val_fraction: float | None = None, label_ratio: float | None = None,
                  labeled_subjects: list[str] | None = None,
                  labeled_batch_size: int = 16, unlabeled_batch_size: int = 48, eval_batch_size: int = 64,
@@ -137,10 +151,12 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+        check_split_choice(type(self).__name__, split)
         self.save_hyperparameters()
         self.data: dict[str, np.ndarray] | None = None
         self.split: dict[str, list[str]] = {}
         self._subjects: pd.DataFrame | None = None
+        self.test_note = ""  # how split="all" chose the test split (summary note, describe_split)
 
     def _ensure(self) -> dict[str, np.ndarray]:
         if self.data is None:
@@ -171,6 +187,7 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         return "multiclass"
 
     def setup(self, stage: str | None = None) -> None:
+        refuse_split_all_stage(self.hparams.split, stage, f"subject of {Path(self.hparams.features_file).name}")
         if self.split:
             return
         hp, data = self.hparams, self._ensure()
@@ -200,6 +217,8 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         roles = frame.drop_duplicates("subject_id")[["subject_id", "role", "fold"]]
         split = split_from_roles(roles, str(path))
         info = json.loads(str(data["split_info"]))
+        if hp.split == "all":
+            return self._split_all(roles, info, path)
         for name in ("num_folds", "fold", "val_fraction", "label_ratio"):
             given = getattr(hp, name)
             if given is not None and info.get(name) is not None and float(given) != float(info[name]):
@@ -216,6 +235,41 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         check_subject_counts(self._subjects, split, self.class_names, threshold, str(path))
         self.split_info = info
         return split
+
+    # the split checks that split="all" ignores (None: not given)
+    _SPLIT_ARGS = {"num_folds": None, "fold": None, "val_fraction": None, "label_ratio": None, "labeled_subjects": None}
+
+    def _split_all(self, roles: pd.DataFrame, info: dict, path: Path) -> dict[str, list[str]]:
+        """split="all": every subject, provided that stage 1 recorded each of them as a test subject."""
+        seen = roles[roles["role"] != "test"]
+        if len(seen):
+            counts = ", ".join(f"{n} {role}" for role, n in seen["role"].value_counts().sort_index().items())
+            raise DataError(
+                f"{path}: split='all' (--data.init_args.split all) tests every subject of the file, but stage 1 "
+                f"recorded {counts} subject(s) (e.g. {seen['subject_id'].iloc[0]}), which the models were trained or "
+                "selected on. For another cohort, export its features with the stage-1 checkpoint and "
+                "--data.init_args.split all (every subject recorded as test); to test this file's held-out subjects "
+                "use split='patients' (the default)")
+        hp = self.hparams
+        threshold = hp.min_per_class if hp.min_per_class is not None else int(info.get("min_per_class", 10))
+        label = self._subjects["subject_label"].to_numpy(dtype=float)
+        counts = {name: int((label == k).sum()) for k, name in enumerate(self.class_names)}
+        self.test_note = split_all_note("subject", dict(hp), self._SPLIT_ARGS, counts, threshold)
+        if "min_per_class" in self.test_note:
+            warnings.warn(f"{path}, split='all': {self.test_note}", stacklevel=3)
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"[medattn] subject split ({path}): {len(self.groups)} test subjects; {self.test_note}")
+        self.split_info = info
+        return {"train": [], "val": [], "test": sorted(self.groups), "labeled": []}
+
+    def describe_split(self, split: str = "test") -> str:
+        """Which subjects an evaluation of ``split`` ran on (``Test data: ...`` of ``medattn test``,
+        summary.json), e.g. ``SubjectFeatureDataModule /runs/ext.npz, test split: every subject (split=all), 30
+        subjects``."""
+        self.setup("test" if split == "test" else None)
+        how = self.test_note.split(";")[0] if self.hparams.split == "all" else "stage 1's recorded split"
+        return describe_evaluated(type(self).__name__, str(self.hparams.features_file), split, how,
+                                  f"{len(self.split[split])} subjects")
 
     def _dataset(self, subject_ids: Sequence[str], streams: np.ndarray, train: bool) -> SubjectFeatureDataset:
         hp, data = self.hparams, self._ensure()
@@ -237,6 +291,7 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
 
     def train_dataloader(self) -> DataLoader:
+        refuse_split_all_stage(self.hparams.split, "fit", "subject of the features file")
         self.setup()
         hp = self.hparams
         ids = self.split["train"]
@@ -260,6 +315,7 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
+        refuse_split_all_stage(self.hparams.split, "validate", "subject of the features file")
         self.setup()
         if not self.split["val"]:  # stage 1 ran without a validation split: Lightning skips validation
             return []
