@@ -553,7 +553,8 @@ class SliceStackDataModule(pl.LightningDataModule):
         slices``."""
         self.setup("test" if split == "test" else None)
         hp, ids = self.hparams, self.split[split]
-        how = self.test_note.split(";")[0] if hp.split == "all" else f"subject split, fold {hp.fold} of {hp.num_folds}, seed {hp.seed}"
+        how = (self.test_note.split(";")[0] if hp.split == "all"
+               else f"subject split, fold {hp.fold} of {hp.num_folds}, seed {hp.seed}")
         n_slices = int(self.table.slices["subject_id"].isin(set(ids)).sum())
         return describe_evaluated(type(self.reader).__name__, getattr(self.reader, "root", None) or self.table.source,
                                   split, how, f"{len(ids)} subjects, {n_slices} slices")
@@ -566,7 +567,8 @@ class SliceStackDataModule(pl.LightningDataModule):
         folds = (pd.Series(dtype=np.int64) if hp.split == "all"  # no folds: recorded as -1
                  else subject_folds(self.table.subjects, hp.num_folds, hp.seed))
         roles = role_frame(self.split, folds)
-        info = {"split": str(hp.split), "num_folds": int(hp.num_folds), "fold": int(hp.fold), "val_fraction": float(hp.val_fraction),
+        info = {"split": str(hp.split), "num_folds": int(hp.num_folds), "fold": int(hp.fold),
+                "val_fraction": float(hp.val_fraction),
                 "label_ratio": float(hp.label_ratio), "seed": int(hp.seed),
                 "no_validation_split": bool(hp.no_validation_split), "source": str(self.table.source),
                 "min_per_class": int(hp.min_per_class)}
