@@ -10,7 +10,8 @@ One training step (``multi-shot training``), with one shared network in train mo
    dimming and patching (``networks.attention_augment``);
 3. three augmented shots ``p_i = f(view_i)``;
 4. ``L = CE(P, y) + Σ_i mean|q − softmax(p_i)|``, where ``q = softmax(P)`` detached, replaced by a smoothed
-   one-hot target when the raw shot is wrong or less confident than 0.7 (:func:`soft_distance_target`).
+   one-hot target when the raw shot is wrong or less confident than 0.7
+   (:func:`networks.magsd.soft_distance_target`, :func:`networks.magsd.soft_distance`).
    As in the reference code, the augmented shots get no cross-entropy (it is logged only).
 
 Evaluation is deterministic and uses raw images only; prediction = raw logits.
@@ -88,38 +89,16 @@ from lightning_modules.metrics.classification import DefinedMulticlassAUROC
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import (attention_targets, has_localization_targets, set_class_names,
                                                  update_localization, valid_region)
-from networks.attention_augment import magsd_augment
 from lightning_modules.data_check import check_data_classes
+from networks.attention_augment import magsd_augment
+from networks.magsd import soft_distance, soft_distance_target  # the loss lives with the network; importable here too
 
 VIEW_NAMES = ("mixup", "dim", "patch")
 
-__all__ = ["MAGSDModule", "soft_distance_target", "soft_distance", "frozen_bn_stats", "classification_metrics"]
+__all__ = ["MAGSDModule", "frozen_bn_stats", "classification_metrics"]
 
 
-# ------------------------------------------------------------------------------------------- losses
-def soft_distance_target(
-    logits: Tensor, target: Tensor, confidence: float = 0.7, smoothing: float = 0.01, normalized: bool = False
-) -> Tensor:
-    """The detached target the augmented shots are pulled towards, ``(B, K)``.
-
-    ``q = softmax(logits)`` where the raw shot is right and at least ``confidence`` sure; elsewhere a smoothed
-    one-hot ``t_y = 1 − K·ε, t_k = ε`` (sums to ``1 − ε``, as in the reference), or with ``normalized=True``
-    ``t_y = 1 − (K − 1)·ε`` (sums to 1).
-    """
-    q = torch.softmax(logits.detach().float(), dim=1)
-    num_classes = q.shape[1]
-    peak, predicted = q.max(dim=1)
-    replace = (predicted != target) | (peak < confidence)
-    on_value = 1.0 - (num_classes - 1 if normalized else num_classes) * smoothing
-    smooth = torch.full_like(q, smoothing).scatter_(1, target[:, None], on_value)
-    return torch.where(replace[:, None], smooth, q)
-
-
-def soft_distance(target_probs: Tensor, logits: Tensor) -> Tensor:
-    """``mean_{b,k} |t − softmax(p)|`` (``nn.L1Loss`` with mean reduction, as in the reference)."""
-    return (target_probs - torch.softmax(logits.float(), dim=1)).abs().mean()
-
-
+# ------------------------------------------------------------------------------------------- pieces
 @contextmanager
 def frozen_bn_stats(module: nn.Module):
     """Inside: BN layers in training mode normalise with batch statistics but do not update running stats."""
@@ -155,7 +134,7 @@ class MAGSDModule(MedAttnModule):
     Args:
         net: a MAG-SD network (``forward_features``, ``forward_head``, ``forward``, ``attention_maps``).
         class_names: class names for per-class logs; default: the DataModule's.
-        confidence, smoothing, normalized_target: soft-distance target (:func:`soft_distance_target`).
+        confidence, smoothing, normalized_target: soft-distance target (:func:`networks.magsd.soft_distance_target`).
         sd_weight: weight of each soft-distance term (1 in the reference).
         augmented_bn_stats: let the augmented shots update the BN running statistics (reference: True).
         attention_mode: ``"mean"`` or ``"class"`` (see ``attention_maps``).

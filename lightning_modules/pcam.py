@@ -10,10 +10,10 @@ images that have boxes (and PxAP where lesion masks exist).
 
 Choices where the reference is wrong or silent (dossier section e):
   * **Loss** (b, e.7; :func:`networks.pcam_loss.pcam_bce`): per-task BCE-with-logits, **summed** over tasks
-    (``task_reduction="sum"``, as the reference; "mean" divides by K). With ``batch_weight=True`` each task's positives are weighted by
-    pos_weight_k = (N_k − P_k) / P_k, counted over the batch entries whose label is known (``label_mask``:
-    CheXpert U-Ignore and unlabeled images never count). A task with **no positive** in the batch
-    (``no_positive="zero"``, the reference) contributes exactly 0 and no gradient that step; "unweighted"
+    (``task_reduction="sum"``, as the reference; "mean" divides by K). With ``batch_weight=True`` each task's
+    positives are weighted by pos_weight_k = (N_k − P_k) / P_k, counted over the batch entries whose label is
+    known (``label_mask``: CheXpert U-Ignore and unlabeled images never count). A task with **no positive** in the
+    batch (``no_positive="zero"``, the reference) contributes exactly 0 and no gradient that step; "unweighted"
     uses pos_weight 1 instead. A task whose batch entries are all positive gets pos_weight 0, so also 0.
     ``batch_weight=False`` uses the static ``pos_weight`` list (default 1).
   * **Validation/test loss is unweighted** masked BCE: the batch weight would make it depend on batch

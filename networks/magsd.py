@@ -12,6 +12,11 @@ Pipeline, for a ResNet-50 at 224 px::
     PF = normalize_L2( sign(PF)·sqrt(|PF| + 1e-12) )
     P  = W · (100·PF)                                                    (no bias)
 
+Soft-distance regularisation (paper Eq. 6-7, reference ``train.py``): the three attention-guided shots p_i are
+pulled towards the raw shot's detached softmax q, ``L_sd = Σ_i mean_{b,k} |q − softmax(p_i)|``, where q is replaced
+by a smoothed one-hot target when the raw shot is wrong or less than 0.7 sure (:func:`soft_distance_target`,
+:func:`soft_distance`; dossier ``method-magsd.md`` a, g.3-g.4).
+
 ``num_scales`` picks how many of f1, f2, f3 feed the attention: 3 as in the paper (default), 2 as in the
 reference code's default (f2 + f3), 1 as in WS-DAN (f3 only).
 
@@ -39,7 +44,8 @@ from torch import Tensor
 
 from networks.backbones import create_backbone
 
-__all__ = ["MultiScaleAttention", "bilinear_attention_pool", "BilinearAttentionPool", "MAGSDNet"]
+__all__ = ["MultiScaleAttention", "bilinear_attention_pool", "BilinearAttentionPool", "MAGSDNet",
+           "soft_distance_target", "soft_distance"]
 
 
 class MultiScaleAttention(nn.Module):
@@ -192,3 +198,37 @@ class MAGSDNet(nn.Module):
             maps = attention.mean(dim=1, keepdim=True)
         peak = maps.flatten(2).amax(dim=2)[..., None, None]
         return maps / peak.clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------ soft-distance loss
+def soft_distance_target(
+    logits: Tensor, target: Tensor, confidence: float = 0.7, smoothing: float = 0.01, normalized: bool = False
+) -> Tensor:
+    """The detached target the augmented shots are pulled towards, ``(B, K)``.
+
+    ``q = softmax(logits)`` where the raw shot is right and at least ``confidence`` sure; elsewhere a smoothed
+    one-hot ``t_y = 1 − K·ε, t_k = ε`` (sums to ``1 − ε``, as in the reference), or with ``normalized=True``
+    ``t_y = 1 − (K − 1)·ε`` (sums to 1).
+
+    Example (dossier g.3: the raw shot says class 0, the label is 2, K = 4, ε = 0.01):
+        >>> soft_distance_target(torch.tensor([[5.0, 0.0, 0.0, 0.0]]), torch.tensor([2]))
+        tensor([[0.0100, 0.0100, 0.9600, 0.0100]])
+    """
+    q = torch.softmax(logits.detach().float(), dim=1)
+    num_classes = q.shape[1]
+    peak, predicted = q.max(dim=1)
+    replace = (predicted != target) | (peak < confidence)
+    on_value = 1.0 - (num_classes - 1 if normalized else num_classes) * smoothing
+    smooth = torch.full_like(q, smoothing).scatter_(1, target[:, None], on_value)
+    return torch.where(replace[:, None], smooth, q)
+
+
+def soft_distance(target_probs: Tensor, logits: Tensor) -> Tensor:
+    """``mean_{b,k} |t − softmax(p)|`` (``nn.L1Loss`` with mean reduction, as in the reference).
+
+    Example (dossier g.4: |0.96−0.5| + |0.01−0.2| + |0.02−0.2| + |0.01−0.1| = 0.92, over 4 entries):
+        >>> q = torch.tensor([[0.96, 0.01, 0.02, 0.01]])
+        >>> round(float(soft_distance(q, torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1]])))), 6)
+        0.23
+    """
+    return (target_probs - torch.softmax(logits.float(), dim=1)).abs().mean()

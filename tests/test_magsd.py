@@ -18,10 +18,10 @@ from PIL import Image
 
 from datamodules.manifest import DataError
 from datamodules.readers.v7labs import V7LabsLabels
-from lightning_modules.magsd import (MAGSDModule, classification_metrics, frozen_bn_stats, soft_distance,
-                                     soft_distance_target)
+from lightning_modules.magsd import MAGSDModule, classification_metrics, frozen_bn_stats
 from networks.attention_augment import sample_attention_maps
-from networks.magsd import MAGSDNet, MultiScaleAttention, bilinear_attention_pool
+from networks.magsd import (MAGSDNet, MultiScaleAttention, bilinear_attention_pool, soft_distance,
+                            soft_distance_target)
 
 
 def tiny_net(**kwargs) -> MAGSDNet:
