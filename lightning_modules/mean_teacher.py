@@ -29,19 +29,17 @@ Fixes of the reference's defects (dossier e), each deliberate:
   Keys ``test/loc/pxap``, ``pxap_raw`` (and the box metrics where the data has boxes; the slice data has none, so
   they are absent); with ``eval_model="both"`` the teacher's are ``test/loc_teacher/...``.
 
-Kept as in the reference: MSE of softmaxes (not KL), the normalised attention MSE, the bound loss divided by
-the *full* batch size, the epoch-20 switch (the ramps are pure functions of the 1-based epoch, or of the
-step with ``ramp_unit="step"``) and the attention ramp that caps at 0.2865 (``att_ramp="reference"``;
-``"shifted"`` ramps fully to ``consistency_att``).
+The losses and ramps are pure functions in :mod:`networks.dcmt`. Kept as in the reference: MSE of softmaxes (not
+KL), the normalised attention MSE, the bound loss divided by the *full* batch size, the epoch-20 switch (the ramps
+are pure functions of the 1-based epoch, or of the step with ``ramp_unit="step"``) and the attention ramp that caps
+at 0.2865 (``att_ramp="reference"``; ``"shifted"`` ramps fully to ``consistency_att``).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
@@ -55,69 +53,12 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import has_localization_targets, set_class_names, update_localization
-from networks.dcmt import normalise_cams, select_class
 from lightning_modules.data_check import check_data_classes
+# the losses and ramps live with the network (networks.dcmt); the other names stay importable from here too
+from networks.dcmt import (bound_loss, consistency_weights, normalise_cams, normalised_mse,  # noqa: F401
+                           offset_sigmoid_rampup, select_class, sigmoid_rampup, softmax_mse)
 
-__all__ = ["MeanTeacherModule", "sigmoid_rampup", "offset_sigmoid_rampup", "consistency_weights",
-           "normalised_mse", "bound_loss", "softmax_mse"]
-
-
-# ------------------------------------------------------------------------------- pure functions
-def sigmoid_rampup(t: float, length: float) -> float:
-    """exp(−5 (1 − clip(t, 0, T)/T)²), the mean-teacher ramp; 1 when ``length`` is 0."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - min(max(t, 0.0), length) / length
-    return math.exp(-5.0 * phase * phase)
-
-
-def offset_sigmoid_rampup(t: float, start: float, length: float) -> float:
-    """The reference's "att" ramp: exp(−5 (1 − (clip(t, start, T) − start)/T)²).
-
-    0-phase at ``start`` and capped at ``T``: for start 20, T 40 it rises from 0.006738 to 0.286505 (never
-    1); for T 100 it caps at 0.818731 (dossier a.8, a.10)."""
-    if length <= 0:
-        return 1.0
-    phase = 1.0 - (min(max(t, start), length) - start) / length
-    return math.exp(-5.0 * phase * phase)
-
-
-def consistency_weights(t: float, consistency_cls: float = 5.0, consistency_att: float = 1.0, start: float = 20,
-                        cls_rampup: float = 40, att_rampup: float = 40, att_ramp: str = "reference") -> tuple[float, float]:
-    """(ω_cls, ω_att) at time ``t`` (1-based epoch, or step): both 0 before ``start``; then
-    ω_cls = c·sigmoid_rampup(t, cls_rampup) and ω_att = a·offset_sigmoid_rampup(t, start, att_rampup)
-    (``att_ramp="reference"``) or a·sigmoid_rampup(t − start, att_rampup) (``"shifted"``)."""
-    if t < start:
-        return 0.0, 0.0
-    w_cls = consistency_cls * sigmoid_rampup(t, cls_rampup)
-    if att_ramp == "reference":
-        w_att = consistency_att * offset_sigmoid_rampup(t, start, att_rampup)
-    elif att_ramp == "shifted":
-        w_att = consistency_att * sigmoid_rampup(t - start, att_rampup)
-    else:
-        raise ValueError(f"att_ramp must be 'reference' or 'shifted', got {att_ramp!r}")
-    return w_cls, w_att
-
-
-def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Σ (a − b)² / max(Σ (a + b), eps) over everything given (dossier a.6/a.7); 0 for empty inputs."""
-    a, b = a.float(), b.float()
-    return ((a - b) ** 2).sum() / (a + b).sum().clamp_min(eps)
-
-
-def bound_loss(target: torch.Tensor, attention: torch.Tensor, batch_size: int, eps: float = 1e-5) -> torch.Tensor:
-    """(1/batch_size) Σ_i [1 − Σ min(C_i, A_i) / max(Σ A_i, eps)]: attention mass outside the target.
-
-    0 when A ≤ C pointwise, 1 per sample when they are disjoint. The sum runs over the samples given (the
-    labeled ones) but divides by ``batch_size`` (the whole batch, as the reference)."""
-    c, a = target.float().flatten(1), attention.float().flatten(1)
-    inside = torch.minimum(c, a).sum(1) / a.sum(1).clamp_min(eps)
-    return (1.0 - inside).sum() / max(batch_size, 1)
-
-
-def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Σ_i ‖softmax(s_i) − softmax(t_i)‖² / (K·B), i.e. the mean squared difference of probabilities."""
-    return F.mse_loss(student_logits.float().softmax(-1), teacher_logits.float().softmax(-1))
+__all__ = ["MeanTeacherModule"]
 
 
 # ------------------------------------------------------------------------------------------ module

@@ -1,11 +1,11 @@
 """``SubjectAggregationModule``: DC-MT stage 2, a mean-teacher bi-GRU that grades subjects from their
 slice features (Huo et al., MedIA 2022; dossier ``../shared/research/method-dcmt.md`` §a.10, §b.3).
 
-Loss: CE on the labeled subjects + ω(e)·MSE(softmax_S, softmax_T) over all subjects, with the
-reference's stage-2 weight ω(e) = c·exp(−5 (1 − (clip(e, 20, 100) − 20)/100)²) from epoch 20 on (0 before;
-0.086294 at e = 50, capped at 0.818731 for e ≥ 100). As in stage 1 the EMA teacher is updated by
-:class:`callbacks.ema_teacher.EMATeacher` per optimiser step (the reference used the epoch index), and runs
-in eval mode. The student's only perturbation is its dropout (plus ``feature_noise`` if the DataModule adds
+Loss: CE on the labeled subjects + ω(e)·MSE(softmax_S, softmax_T) over all subjects, with the reference's stage-2
+weight ω(e) = c·exp(−5 (1 − (clip(e, 20, 100) − 20)/100)²) from epoch 20 on (0 before; 0.086294 at e = 50, capped
+at 0.818731 for e ≥ 100; :func:`networks.dcmt.subject_consistency_weight`). As in stage 1 the EMA teacher is
+updated by :class:`callbacks.ema_teacher.EMATeacher` per optimiser step (the reference used the epoch index), and
+runs in eval mode. The student's only perturbation is its dropout (plus ``feature_noise`` if the DataModule adds
 it); the reference's teacher also used dropout (``teacher_train_mode=True``).
 
 Option ``meanpool_prior`` (off by default, i.e. the reference): the logits become
@@ -35,24 +35,11 @@ from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
-from lightning_modules.mean_teacher import offset_sigmoid_rampup, sigmoid_rampup, softmax_mse
 from lightning_modules.registry import register_method
 from lightning_modules.data_check import check_data_classes
+from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
 
-__all__ = ["SubjectAggregationModule", "subject_consistency_weight"]
-
-
-def subject_consistency_weight(t: float, consistency: float = 1.0, start: float = 20, rampup: float = 100,
-                               ramp: str = "reference") -> float:
-    """ω(t): 0 before ``start``; then ``consistency`` × the reference ramp (``offset_sigmoid_rampup``) or,
-    with ``ramp="shifted"``, ``sigmoid_rampup(t − start, rampup)`` which reaches the maximum."""
-    if t < start:
-        return 0.0
-    if ramp == "reference":
-        return consistency * offset_sigmoid_rampup(t, start, rampup)
-    if ramp == "shifted":
-        return consistency * sigmoid_rampup(t - start, rampup)
-    raise ValueError(f"ramp must be 'reference' or 'shifted', got {ramp!r}")
+__all__ = ["SubjectAggregationModule"]
 
 
 class SubjectAggregationModule(MedAttnModule):

@@ -17,6 +17,19 @@ Pieces (each usable on its own):
 * :func:`refine_cams`: bilinear upsampling (``align_corners=True``), per-map min–max normalisation (a zero
   range becomes 1e-5) and the soft threshold ``A = σ(ω (M̂ − σ₀))`` with ω = 100, σ₀ = 0.4.
 
+Losses and consistency ramps (pure functions; dossier §a.6–a.8, §a.10, oracle values §g), used by both stages
+(``MeanTeacherModule`` and ``SubjectAggregationModule`` in ``lightning_modules/``). With C the attention target (mask), A the refined CAM, S/T student/teacher::
+
+    L_1 = 1·CE_L + 0.5·nMSE(C, A)_L + 0.001·Bound(C, A)_L + ω_cls(e)·MSE(softmax S, softmax T)_B
+          + ω_att(e)·nMSE(A_S, A_T)_U                                         (stage 1, slices)
+    L_2 = CE_L + ω(e)·MSE(softmax S, softmax T)_B                             (stage 2, subjects)
+
+* :func:`normalised_mse` nMSE(a, b) = Σ (a − b)² / Σ (a + b); :func:`bound_loss` the attention mass outside the
+  target; :func:`softmax_mse` the mean squared difference of class probabilities.
+* :func:`sigmoid_rampup` exp(−5 (1 − t/T)²), :func:`offset_sigmoid_rampup` (the reference's "att" ramp, which
+  caps below 1), :func:`consistency_weights` (ω_cls, ω_att) of stage 1 and :func:`subject_consistency_weight`
+  ω of stage 2, all 0 before the switch epoch.
+
 Choices where the paper is silent or timm differs:
 
 * Output stride 16 comes from timm's ``output_stride=16``, which *dilates* layer4 (DeepLab style); the
@@ -27,6 +40,11 @@ Choices where the paper is silent or timm differs:
 
 Example:
     >>> import torch
+    >>> c = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    >>> float(normalised_mse(c, c)), float(bound_loss(c, 1 - c, batch_size=1))  # identical maps; disjoint maps
+    (0.0, 1.0)
+    >>> consistency_weights(19), [round(w, 6) for w in consistency_weights(20)]  # the epoch-20 switch
+    ((0.0, 0.0), [1.432524, 0.006738])
     >>> net = DCMTNet("test_resnet", num_classes=3, fa_channels=16, head_channels=16)
     >>> out = net.forward_all(torch.randn(2, 1, 64, 64))
     >>> out.logits.shape, out.features.shape, net.attention_maps(torch.randn(2, 1, 64, 64)).shape
@@ -35,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -46,7 +65,8 @@ from networks.cam_heads import minmax_normalize
 from networks.pooling import LSEPool
 
 __all__ = ["FABlock", "FAModule", "DCMTNet", "DCMTOutput", "class_activation_maps", "refine_cams",
-           "normalise_cams", "select_class"]
+           "normalise_cams", "select_class", "normalised_mse", "bound_loss", "softmax_mse", "sigmoid_rampup",
+           "offset_sigmoid_rampup", "consistency_weights", "subject_consistency_weight"]
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -186,3 +206,75 @@ class DCMTNet(nn.Module):
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Refined CAMs of every class at the input size, (B, K, H, W) in [0, 1]."""
         return self.refine(self.cams(self.forward_features(x)), x.shape[-2:])
+
+
+# ------------------------------------------------------------------------------------------ losses
+def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Σ (a − b)² / max(Σ (a + b), eps) over everything given (dossier a.6/a.7); 0 for empty inputs."""
+    a, b = a.float(), b.float()
+    return ((a - b) ** 2).sum() / (a + b).sum().clamp_min(eps)
+
+
+def bound_loss(target: torch.Tensor, attention: torch.Tensor, batch_size: int, eps: float = 1e-5) -> torch.Tensor:
+    """(1/batch_size) Σ_i [1 − Σ min(C_i, A_i) / max(Σ A_i, eps)]: attention mass outside the target.
+
+    0 when A ≤ C pointwise, 1 per sample when they are disjoint. The sum runs over the samples given (the
+    labeled ones) but divides by ``batch_size`` (the whole batch, as the reference)."""
+    c, a = target.float().flatten(1), attention.float().flatten(1)
+    inside = torch.minimum(c, a).sum(1) / a.sum(1).clamp_min(eps)
+    return (1.0 - inside).sum() / max(batch_size, 1)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Σ_i ‖softmax(s_i) − softmax(t_i)‖² / (K·B), i.e. the mean squared difference of probabilities."""
+    return F.mse_loss(student_logits.float().softmax(-1), teacher_logits.float().softmax(-1))
+
+
+# ------------------------------------------------------------------------------- consistency ramps
+def sigmoid_rampup(t: float, length: float) -> float:
+    """exp(−5 (1 − clip(t, 0, T)/T)²), the mean-teacher ramp; 1 when ``length`` is 0."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(t, 0.0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def offset_sigmoid_rampup(t: float, start: float, length: float) -> float:
+    """The reference's "att" ramp: exp(−5 (1 − (clip(t, start, T) − start)/T)²).
+
+    0-phase at ``start`` and capped at ``T``: for start 20, T 40 it rises from 0.006738 to 0.286505 (never
+    1); for T 100 it caps at 0.818731 (dossier a.8, a.10)."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - (min(max(t, start), length) - start) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def consistency_weights(t: float, consistency_cls: float = 5.0, consistency_att: float = 1.0, start: float = 20,
+                        cls_rampup: float = 40, att_rampup: float = 40, att_ramp: str = "reference") -> tuple[float, float]:
+    """(ω_cls, ω_att) at time ``t`` (1-based epoch, or step): both 0 before ``start``; then
+    ω_cls = c·sigmoid_rampup(t, cls_rampup) and ω_att = a·offset_sigmoid_rampup(t, start, att_rampup)
+    (``att_ramp="reference"``) or a·sigmoid_rampup(t − start, att_rampup) (``"shifted"``)."""
+    if t < start:
+        return 0.0, 0.0
+    w_cls = consistency_cls * sigmoid_rampup(t, cls_rampup)
+    if att_ramp == "reference":
+        w_att = consistency_att * offset_sigmoid_rampup(t, start, att_rampup)
+    elif att_ramp == "shifted":
+        w_att = consistency_att * sigmoid_rampup(t - start, att_rampup)
+    else:
+        raise ValueError(f"att_ramp must be 'reference' or 'shifted', got {att_ramp!r}")
+    return w_cls, w_att
+
+
+def subject_consistency_weight(t: float, consistency: float = 1.0, start: float = 20, rampup: float = 100,
+                               ramp: str = "reference") -> float:
+    """ω(t): 0 before ``start``; then ``consistency`` × the reference ramp (``offset_sigmoid_rampup``) or,
+    with ``ramp="shifted"``, ``sigmoid_rampup(t − start, rampup)`` which reaches the maximum."""
+    if t < start:
+        return 0.0
+    if ramp == "reference":
+        return consistency * offset_sigmoid_rampup(t, start, rampup)
+    if ramp == "shifted":
+        return consistency * sigmoid_rampup(t - start, rampup)
+    raise ValueError(f"ramp must be 'reference' or 'shifted', got {ramp!r}")

@@ -12,8 +12,9 @@ from callbacks.feature_export import SliceFeatureWriter
 from datamodules.manifest import DataError
 from datamodules.subject_features import SubjectFeatureDataModule, read_slice_features
 from lightning_modules.dcmt_metrics import SubjectMetrics
-from lightning_modules.subject_aggregation import SubjectAggregationModule, _write_tiny_features, subject_consistency_weight
+from lightning_modules.subject_aggregation import SubjectAggregationModule, _write_tiny_features
 from networks.aggregation import BiGRUAggregator, center_crop_or_pad
+from networks.dcmt import subject_consistency_weight
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -169,27 +170,22 @@ def test_subject_module_rejects_input_width_mismatch(tmp_path):
         SubjectFeatureDataModule(path, inputs="logits")
 
 
-def test_acceptance_stage2_width_and_row_merge(tmp_path):
-    """The DC-MT acceptance script sizes the aggregator from the stage-2 config's ``inputs`` (or an override)
-    and merges the rows of seeds run as separate processes into one summary."""
-    import json
+@pytest.mark.parametrize("inputs, width", [(None, 16), ("probabilities", 3), ("features+probabilities", 19)])
+def test_stage2_width_follows_the_feature_file_and_inputs(tmp_path, inputs, width):
+    """The suite's dcmt_subject arm passes only the features file: the CLI sizes the aggregator from the stage-2
+    config's ``inputs`` (or an override) on that file (DATA_LINKS num_features -> in_features). (Rows of seeds run
+    as separate processes need no merging any more: every run is a run directory that medattn compare reads.)"""
+    from pathlib import Path
 
-    from experiments.dcmt.acceptance import merge_previous_rows, stage2_input_width
+    from experiments.cli import MedAttnCLI
 
     path = _write_tiny_features(tmp_path / "f.npz", n_subjects=6, dim=16, k=3)
-    assert stage2_input_width(path, []) == 16  # experiments/dcmt_subject/synthetic.yaml reads the features
-    assert stage2_input_width(path, ["--data.init_args.inputs", "probabilities"]) == 3
-    assert stage2_input_width(path, ["--data.init_args.inputs", "features+probabilities"]) == 19
-
-    previous = tmp_path / "acceptance.json"
-    assert merge_previous_rows(previous, [{"method": "dcmt", "seed": 1}]) == [{"method": "dcmt", "seed": 1}]
-    old_rows = [{"method": "dcmt", "seed": 0, "x": 1}, {"method": "dcmt", "seed": 1, "x": 1},
-                {"method": "dcmt_subject", "seed": 0, "x": 1}]
-    previous.write_text(json.dumps({"rows": old_rows}))
-    new_rows = [{"method": "labeled_only", "seed": 1, "x": 2}, {"method": "dcmt", "seed": 1, "x": 2}]
-    merged = merge_previous_rows(previous, new_rows)
-    assert [(r["method"], r["seed"], r["x"]) for r in merged] == [
-        ("dcmt", 0, 1), ("dcmt_subject", 0, 1), ("dcmt", 1, 2), ("labeled_only", 1, 2)]
+    config = Path(__file__).resolve().parents[1] / "experiments" / "dcmt_subject" / "synthetic.yaml"
+    args = ["-c", str(config), "--data.init_args.features_file", str(path), "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}", *(["--data.init_args.inputs", inputs] if inputs else [])]
+    cli = MedAttnCLI(args=args, run=False)
+    assert cli.datamodule.num_features == width
+    assert cli.model.hparams.net["init_args"]["in_features"] == width  # the built network got it
 
 
 def test_meanpool_prior_starts_at_mean_pooling_and_learns_a_correction(tmp_path):

@@ -11,9 +11,10 @@ import torch
 
 from callbacks.ema_teacher import EMATeacher
 from lightning_modules.dcmt_metrics import MaskLocalisationRate, SliceMetrics
-from lightning_modules.mean_teacher import (MeanTeacherModule, bound_loss, consistency_weights, normalised_mse,
-                                            offset_sigmoid_rampup, sigmoid_rampup, softmax_mse)
-from networks.dcmt import DCMTNet, FABlock, class_activation_maps, normalise_cams, refine_cams, select_class
+from lightning_modules.mean_teacher import MeanTeacherModule
+from networks.dcmt import (DCMTNet, FABlock, bound_loss, class_activation_maps, consistency_weights, normalise_cams,
+                           normalised_mse, offset_sigmoid_rampup, refine_cams, select_class, sigmoid_rampup,
+                           softmax_mse)
 from networks.pooling import LSEPool
 
 
