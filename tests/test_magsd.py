@@ -323,7 +323,7 @@ def test_v7labs_reader_errors_name_the_row(tmp_path):
         V7LabsLabels(tmp_path).load()
 
 
-# ------------------------------------------------------------------------------------ configs, crossval
+# ------------------------------------------------------------------------------------ configs (crossval: test_suite_presets)
 CONFIGS = ["synthetic.yaml", "synthetic.yaml+resnet50.yaml", "covid_cxr.yaml", "covid_4class.yaml"]  # + = overlay
 
 
@@ -340,29 +340,6 @@ def test_experiment_configs_parse_and_build(name, tmp_path):
     if "resnet50" not in name:
         assert isinstance(cli.model, MAGSDModule) and cli.model.net.num_scales == 3
     assert cli.datamodule.hparams.seed == 0
-
-
-@pytest.mark.slow
-def test_crossval_runs_every_fold_and_writes_the_table(tmp_path):
-    from pathlib import Path
-
-    from experiments.magsd.crossval import main
-
-    config = Path(__file__).resolve().parents[1] / "experiments" / "magsd" / "synthetic.yaml"
-    markdown = main(["-c", str(config), "--num_folds", "3", "--out", str(tmp_path / "cv"), "--",
-                     "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-                     "--trainer.max_epochs=1",
-                     "--trainer.limit_train_batches=2", "--trainer.precision=32-true",
-                     "--model.init_args.net.init_args.backbone=test_resnet",
-                     "--model.init_args.net.init_args.num_maps=4",
-                     f"--data.init_args.reader.init_args.cache_dir={tmp_path}",
-                     "--data.init_args.reader.init_args.n_images=60", "--data.init_args.reader.init_args.image_size=32",
-                     "--data.init_args.image_size=32", "--data.init_args.labeled_batch_size=8",
-                     "--data.init_args.min_per_class=0"])  # 60 tiny images: class counts are not the point
-    table = pd.read_csv(tmp_path / "cv" / "crossval.csv")
-    assert table["fold"].astype(str).tolist() == ["0", "1", "2", "mean", "std"]
-    assert int(table["n_test"][:3].astype(float).sum()) == 60  # the folds partition the data
-    assert "test/specificity" in table.columns and "| mean |" in markdown
 
 
 def test_head_lr_scale_gives_the_classifier_its_own_learning_rate():

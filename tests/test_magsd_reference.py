@@ -160,35 +160,4 @@ def test_reference_recipe_fast_dev_run(arm, tmp_path):
                                atol=1e-4, rtol=0)
 
 
-# ----------------------------------------------------------------------------------- both arms, one scorer
-def test_prediction_metrics_hand_case():
-    from experiments.magsd.runner import prediction_metrics
-
-    # 3 classes; true 0,0,1,2,-; predicted 0,1,1,1,- (last row has no label: left out)
-    frame = pd.DataFrame({
-        "image_id": list("abcde"), "patient_id": list("abcde"),
-        "label/x": [1, 1, 0, 0, -1], "label/y": [0, 0, 1, 0, -1], "label/z": [0, 0, 0, 1, -1],
-        "score/x": [0.8, 0.3, 0.1, 0.2, 0.9], "score/y": [0.1, 0.6, 0.8, 0.5, 0.0], "score/z": [0.1, 0.1, 0.1, 0.3, 0.1],
-    })  # fmt: skip
-    m = prediction_metrics(frame)
-    assert m["test/accuracy"] == pytest.approx(2 / 4)
-    assert m["test/recall"] == pytest.approx((1 / 2 + 1 + 0) / 3)
-    assert m["test/precision"] == pytest.approx((1 + 1 / 3 + 0) / 3)
-    assert m["test/specificity"] == pytest.approx((2 / 2 + 1 / 3 + 3 / 3) / 3)
-    assert m["test/f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
-    multilabel = frame.assign(**{"label/y": [1, 0, 1, 0, 0]})
-    assert prediction_metrics(multilabel) == {}
-
-
-def test_acceptance_reference_recipe_puts_the_overlay_under_both_arms(monkeypatch, tmp_path):
-    import experiments.magsd.acceptance as acceptance
-
-    calls = []
-
-    def fake_run(args):
-        calls.append([Path(a).name for a in args if a.endswith(".yaml")])
-        return {"n_train": 197, "fit_seconds": 1.0, "test/auroc": 0.5}
-
-    monkeypatch.setattr(acceptance, "run_experiment", fake_run)
-    acceptance.main(["--recipe", "reference", "--seeds", "0", "--out", str(tmp_path)])
-    assert calls == [["synthetic.yaml", "reference.yaml"], ["synthetic.yaml", "reference.yaml", "resnet50.yaml"]]
+# both arms, one scorer, and the reference overlay under both arms: tests/test_suite_presets.py

@@ -90,13 +90,14 @@ def test_budget_flags_per_datamodule():
     assert S.budget_flags(S.ARMS["nonlocal_unet"], volumes, 1.0) == []
 
 
-def test_plan_orders_dependencies_and_reports_missing_configs(tmp_path):
-    arms = [S.ARMS["oxnet"], S.ARMS["pcam"], S.Arm("ghost", "experiments/ghost/{dataset}.yaml", "g", "method")]
-    runs, notes = S.plan(arms, [0], [1.0], "synthetic", "x", [], tmp_path, "T")
+def test_plan_adds_and_orders_dependencies_and_reports_missing_configs(tmp_path):
+    """A chained arm brings the arm it starts from (stage 1 before stage 2), and an arm whose config is missing is
+    left out with a note, never silently."""
+    ghost = S.Arm("ghost", "experiments/ghost/{dataset}.yaml", "g", "method")
+    runs, notes = S.plan([S.ARMS["oxnet"], S.ARMS["pcam"], ghost], [0], [1.0], "synthetic", "x", [], tmp_path, "T")
     assert "ghost: experiments/ghost/synthetic.yaml does not exist - arm left out" in notes
-    if (ROOT / "experiments" / "oxnet" / "synthetic.yaml").is_file():  # oxnet needs its stage-1 arm
-        assert any(n.startswith("oxnet: needs the retinanet arm") for n in notes)
-    assert [r.arm.name for r in runs] == ["pcam"]
+    assert "oxnet: needs the retinanet_stage1 arm - added" in notes
+    assert [r.arm.name for r in runs] == ["pcam", "retinanet_stage1", "oxnet"]
     assert runs[0].run_dir == tmp_path / "x-pcam-l1" / "pcam-l1-s0-T"
 
 

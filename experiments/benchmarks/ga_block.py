@@ -130,8 +130,8 @@ def markdown(results: dict, args) -> str:
            [f"{v} peak MB" for v in cols] + ["max abs diff", "cpu/wall", "load1"]
     lines = [f"GA block, fwd + bwd, batch {args.batch}, C = {args.channels}, {args.heads} head(s), query 'same', "
              f"{args.threads} threads, {args.repeats} interleaved rounds; median [min-max]. Peak MB = VmHWM rise "
-             f"of a fresh process over one step, address space capped at VmSize + {args.cap_gb:g} GB.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"of a fresh process over one step, address space capped at VmSize + {args.cap_gb:g} GB.", ""]
+    rows = []
     for case, res in results.items():
         dims, size = parse_case(case)
         tokens = size ** dims
@@ -150,8 +150,12 @@ def markdown(results: dict, args) -> str:
         load = [s["load1"] for v in cols for s in res["samples"].get(v, [])]
         row.append(f"{statistics.median(util):.2f}" if util else "-")
         row.append(f"{statistics.median(load):.1f}" if load else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(row)
+    import pandas as pd
+
+    from experiments.compare.render import to_markdown  # the repository's one Markdown table writer
+
+    return "\n".join([*lines, to_markdown(pd.DataFrame(rows, columns=head))]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

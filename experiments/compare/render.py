@@ -60,8 +60,9 @@ def pair_differences(table: pd.DataFrame, metrics: list[str], digits: int = 3) -
             rows = tagged[(tagged["pair"] == pair) & (tagged["labels"] == labels)]
             for method in dict.fromkeys(rows.loc[rows["role"] == "method", "method"]):
                 for baseline in dict.fromkeys(rows.loc[rows["role"] == "baseline", "method"]):
-                    a = rows[rows["method"] == method].set_index("seed")
-                    b = rows[rows["method"] == baseline].set_index("seed")
+                    # paired by seed (and fold, in cross-validation: the same held-out patients)
+                    a = rows[rows["method"] == method].fillna({"fold": -1}).set_index(["seed", "fold"])
+                    b = rows[rows["method"] == baseline].fillna({"fold": -1}).set_index(["seed", "fold"])
                     seeds = sorted(set(a.index.dropna()) & set(b.index.dropna()))
                     cells = []
                     for m in metrics:

@@ -197,7 +197,7 @@ def run_values(run: Run, val: str = "best", monitor: str | None = None, mode: st
     df = _numeric(run.history)
     out: dict[str, float] = {}
     for col in df.columns:
-        if col.startswith(("test/", "time/", "train/")):
+        if col.startswith(("test/", "time/", "train/", "data/")):
             valid = df[col].dropna()
             if len(valid):
                 out[col] = float(valid.iloc[-1])
@@ -254,19 +254,22 @@ def identify(run: Run, by: str = "auto") -> tuple[str, float, int | None]:
 
 
 def runs_table(runs: list[Run], val: str = "best", monitor: str | None = None, by: str = "auto") -> pd.DataFrame:
-    """One row per run: identity columns then every value; duplicates of (method, labels, seed) keep the latest."""
+    """One row per run: identity columns then every value; duplicates of (method, labels, seed, fold) keep the
+    latest."""
     rows = []
     for run in runs:
         method, labels, seed = identify(run, by)
-        rows.append({"method": method, "labels": labels, "seed": seed, "pair": run.tag("pair"),
+        fold = _as_float(run.tag("fold"))  # k-fold runs: one row per (seed, fold)
+        rows.append({"method": method, "labels": labels, "seed": seed, "fold": None if fold is None else int(fold),
+                     "pair": run.tag("pair"),
                      "role": run.tag("role"), "run_id": run.run_id, "path": run.path, "source": run.source,
                      **run_values(run, val, monitor)})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     table = table.sort_values(["run_id", "path"], kind="stable")
-    key = ["method", "labels", "seed"]
-    dupes = table[table.duplicated(key, keep="last") & table["seed"].notna()]
+    key = ["method", "labels", "seed", "fold"]
+    dupes = table[table.fillna({"fold": -1}).duplicated(key, keep="last") & table["seed"].notna()]
     for _, row in dupes.iterrows():
         print(f"[compare] ignoring {row['path']}: a later run has the same method/labels/seed "
               f"({row['method']}, {row['labels']:g}, {row['seed']})", file=sys.stderr)

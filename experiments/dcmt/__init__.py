@@ -1,1 +1,1 @@
-"""DC-MT experiment configs and the acceptance runner."""
+"""DC-MT experiment configs (run by the suite: `python -m experiments.suite --preset dcmt-acceptance`)."""
