@@ -259,8 +259,9 @@ def runs_table(runs: list[Run], val: str = "best", monitor: str | None = None, b
     rows = []
     for run in runs:
         method, labels, seed = identify(run, by)
-        fold = _as_float(run.tag("fold"))  # k-fold runs: one row per (seed, fold)
-        rows.append({"method": method, "labels": labels, "seed": seed, "fold": None if fold is None else int(fold),
+        fold = run.tag("fold")  # k-fold / leave-one-subject-out runs: one row per (seed, fold)
+        fold = int(fold) if fold is not None and fold.isdigit() else fold
+        rows.append({"method": method, "labels": labels, "seed": seed, "fold": fold,
                      "pair": run.tag("pair"),
                      "role": run.tag("role"), "run_id": run.run_id, "path": run.path, "source": run.source,
                      **run_values(run, val, monitor)})

@@ -15,8 +15,8 @@ run directory ``<out>/loso-<name>/<name>-fold<k>-<tag>/``) with ``--data.init_ar
 ``--data.init_args.val_subjects [<next>]``; the data root is set with ``--data.init_args.reader.init_args.root``.
 A fold whose run directory already holds test metrics is skipped, so the same ``--tag`` resumes. Everything after
 ``--`` goes to every fold's command. At the end ``medattn compare`` tabulates the folds (one row per fold, i.e.
-per test subject, as the paper reports) into ``<out>/compare/<name>.md``, and the mean ± sample std over the folds
-of every ``test/dice*`` metric is written to ``<out>/compare/<name>_loso.md`` and printed.
+per test subject, as the paper reports) into ``<out>/compare/<name>.md``, and a second ``medattn compare --by group``
+writes the mean ± sample std over the folds of every ``test/dice*`` metric to ``<out>/compare/<name>_loso.md``.
 """
 
 from __future__ import annotations
@@ -63,20 +63,6 @@ def fold_plan(subjects: list[str], folds: list[str] | None = None) -> list[tuple
         raise ValueError(f"--folds {unknown} are not subject ids of the reader ({subjects})")
     chosen = subjects if not folds else [s for s in subjects if s in set(folds)]
     return [(s, subjects[(subjects.index(s) + 1) % len(subjects)]) for s in chosen]
-
-
-def _summary(runs_csv: Path, name: str) -> str:
-    """Mean ± sample std over the folds of every test/dice* column of compare's per-run table."""
-    import pandas as pd
-
-    table = pd.read_csv(runs_csv)
-    cols = [c for c in table.columns if c.startswith("test/dice")]
-    lines = [f"| {name}: {len(table)} folds | mean | std |", "|---|---|---|"]
-    for c in cols:
-        values = pd.to_numeric(table[c], errors="coerce").dropna()
-        std = values.std(ddof=1) if len(values) > 1 else float("nan")
-        lines.append(f"| {c} | {values.mean():.3f} | {std:.3f} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from experiments.compare import main as compare
 
-    result = compare([str(out / group), "--tags", f"loso:{name}", "--by", "name", "--out", str(out / "compare"),
-                      "--name", name, "--metrics", "test/dice*", "test/hd95", "test/mhd", "--no-plot"])
-    summary = _summary(result["written"]["runs_csv"], name)
-    (out / "compare" / f"{name}_loso.md").write_text(summary + "\n")
-    print(summary)
+    # one row per fold (per test subject, as the paper reports), then the mean ± sample std over the folds
+    common = [str(out / group), "--tags", f"loso:{name}", "--out", str(out / "compare"), "--metrics", "test/dice*",
+              "test/hd95", "test/mhd", "--no-plot"]
+    compare([*common, "--by", "name", "--name", name])
+    compare([*common, "--by", "group", "--name", f"{name}_loso"])
     for failure in failures:
         print(f"[loso] {failure}")
     return 1 if failures else 0
