@@ -1,22 +1,17 @@
 """Mean-teacher EMA update as a Lightning callback (Tarvainen & Valpola, NeurIPS 2017), shared by DC-MT and
-OXnet.
+OXnet. The maths (α schedule, the in-place update, making the frozen copy) is in :mod:`networks.ema`; this
+callback decides *when* it runs.
 
 Convention: the LightningModule owns both networks as submodules, ``pl_module.student`` (trained) and
-``pl_module.teacher`` (a frozen copy made with :func:`make_teacher`). Because the teacher is a submodule it
-is saved in and restored from every checkpoint with the rest of ``state_dict``, follows ``.to(device)``, and
-``load_from_checkpoint`` rebuilds it. This callback only *updates* it:
+``pl_module.teacher`` (a frozen copy made with :func:`networks.ema.make_teacher`). Because the teacher is a
+submodule it is saved in and restored from every checkpoint with the rest of ``state_dict``, follows
+``.to(device)``, and ``load_from_checkpoint`` rebuilds it. This callback only *updates* it:
 
     θ_T ← α_t θ_T + (1 − α_t) θ_S,     α_t = min(1 − 1/(t + 1), decay),
 
 after every optimiser step, where ``t`` is the number of optimiser steps taken so far
 (``trainer.global_step`` as seen in ``on_train_batch_end``, so the first update uses α = 0.5, as in
-Tarvainen's code). The DC-MT reference passes the *epoch* index as ``t`` (dossier e.6), which keeps α
-constant within an epoch and below 0.9804 for all 50 epochs; here ``t`` is the step, so α reaches
-``decay`` after ``1/(1 − decay) − 1`` steps.
-
-What is averaged: every floating-point parameter and buffer (BN running statistics included) with one
-``torch._foreach_lerp_`` per group; non-float buffers (``num_batches_tracked``) are copied from the student,
-since lerp is undefined for integers.
+Tarvainen's code; the DC-MT reference's epoch index is discussed in :mod:`networks.ema`).
 
 DDP: the update runs on every rank with no collective. DDP keeps the student's parameters bit-identical
 on all ranks after each step (gradients are all-reduced before the step) and the teacher starts as a copy
@@ -29,91 +24,21 @@ before the module hook and moves ``ModelCheckpoint`` last, so a step-triggered c
 the updated teacher and a resumed run is not one update behind.
 
 Example:
-    >>> import torch, lightning.pytorch as pl
-    >>> student = torch.nn.Linear(2, 2)
-    >>> teacher = make_teacher(student)
-    >>> ema_alpha(1, 0.99), ema_alpha(1000, 0.99)
-    (0.5, 0.99)
-    >>> ema_update_(teacher, student, 0.5)
+    >>> import lightning.pytorch as pl
     >>> trainer = pl.Trainer(callbacks=[EMATeacher(decay=0.99)])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import copy
-
 import lightning.pytorch as pl
-import torch
 from torch import nn
+
+# the maths lives in networks.ema; ema_alpha, ema_update_ and make_teacher stay importable from here too
+from networks.ema import check_same_structure, ema_alpha, ema_update_, make_teacher  # noqa: F401
 
 EVAL_MODELS = ("student", "teacher", "both")
 
-__all__ = ["EMATeacher", "EVAL_MODELS", "ema_alpha", "ema_update_", "eval_model_names", "make_teacher"]
-
-
-def ema_alpha(step: int, decay: float = 0.99) -> float:
-    """EMA weight on the *teacher* after ``step`` optimiser steps: ``min(1 − 1/(step + 1), decay)``.
-
-    ``ema_alpha(0) == 0`` (the teacher becomes the student), ``ema_alpha(1) == 0.5``, and it reaches
-    ``decay`` at ``step = 1/(1 − decay) − 1`` (99 for 0.99).
-    """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    return min(1.0 - 1.0 / (step + 1.0), decay)
-
-
-def _check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
-    """Raise unless both modules have the same parameter and buffer names (once per fit, not per step)."""
-    for kind in ("parameters", "buffers"):
-        t_names = [n for n, _ in getattr(teacher, f"named_{kind}")()]
-        s_names = [n for n, _ in getattr(student, f"named_{kind}")()]
-        if t_names != s_names:
-            diff = sorted(set(t_names) ^ set(s_names))[:5]
-            raise ValueError(
-                f"teacher and student {kind} differ ({len(t_names)} vs {len(s_names)}; e.g. {diff}). "
-                "The teacher must be a copy of the student (use callbacks.ema_teacher.make_teacher)."
-            )
-
-
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
-    """In place: ``teacher ← alpha · teacher + (1 − alpha) · student`` for float parameters and buffers,
-    ``teacher ← student`` for non-float buffers.
-
-    Tensors are paired by registration order (a deep copy has the same order); counts and shapes are checked
-    on every call, names once per fit by :class:`EMATeacher` (the name walk costs more than the update).
-    """
-    t_all = [*teacher.parameters(), *teacher.buffers()]
-    s_all = [*student.parameters(), *student.buffers()]
-    if len(t_all) != len(s_all) or any(t.shape != s.shape for t, s in zip(t_all, s_all)):
-        _check_same_structure(teacher, student)
-        raise ValueError("teacher and student tensors differ in shape; the teacher must be a copy of the student")
-    t_float = [t for t in t_all if t.is_floating_point()]
-    s_float = [s for t, s in zip(t_all, s_all) if t.is_floating_point()]
-    if t_float:
-        # lerp(t, s, w) = t + w (s − t) = (1 − w) t + w s, so w = 1 − alpha.
-        torch._foreach_lerp_(t_float, s_float, 1.0 - float(alpha))
-    for t, s in zip(t_all, s_all):
-        if not t.is_floating_point():
-            t.copy_(s)
-
-
-def make_teacher(student: nn.Module, train_mode: bool = False) -> nn.Module:
-    """A frozen deep copy of ``student`` (``requires_grad_(False)``), ready to be the EMA teacher.
-
-    It is returned in eval mode by default: its BN layers then use the EMA-averaged running statistics and
-    its dropout is off, so its targets are deterministic and its buffers change only through the EMA. (The
-    DC-MT reference runs the teacher in train mode, dossier e.6; pass ``train_mode=True`` for that.)
-    Lightning never calls ``.train()`` on the whole module during ``fit`` (it captures and restores each
-    submodule's mode around validation), but a module that wants the mode to survive an explicit
-    ``module.train()`` should override ``train`` to re-apply it.
-    """
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    teacher.train(train_mode)
-    return teacher
+__all__ = ["EMATeacher", "EVAL_MODELS", "eval_model_names"]
 
 
 def eval_model_names(eval_model: str) -> tuple[str, ...]:
@@ -173,7 +98,7 @@ class EMATeacher(pl.Callback):
                 "(teacher.requires_grad_(False)), otherwise the optimiser may update it and DDP reports "
                 "unused parameters."
             )
-        _check_same_structure(teacher, student)  # fail early on a structural mismatch
+        check_same_structure(teacher, student)  # fail early on a structural mismatch
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Steps already taken (non-zero on resume): only steps after this one trigger updates.

@@ -43,7 +43,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import (log_metric_collection, masked_ce, prediction_targets,
@@ -57,6 +57,7 @@ from lightning_modules.data_check import check_data_classes
 # the losses and ramps live with the network (networks.dcmt); the other names stay importable from here too
 from networks.dcmt import (bound_loss, consistency_weights, normalise_cams, normalised_mse,  # noqa: F401
                            offset_sigmoid_rampup, select_class, sigmoid_rampup, softmax_mse)
+from networks.ema import make_teacher
 
 __all__ = ["MeanTeacherModule"]
 

@@ -39,13 +39,14 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
 from callbacks.prototype_momentum import PrototypeMomentum
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.registry import register_method
 from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_, load_stage1_weights
+from networks.ema import make_teacher
 from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes)
 from networks.retina import RetinaNet, detection_losses
 from lightning_modules.data_check import check_data_classes

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from callbacks.ema_teacher import EMATeacher, eval_model_names, make_teacher
+from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
 from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
@@ -38,6 +38,7 @@ from lightning_modules.dcmt_metrics import SubjectMetrics
 from lightning_modules.registry import register_method
 from lightning_modules.data_check import check_data_classes
 from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
+from networks.ema import make_teacher
 
 __all__ = ["SubjectAggregationModule"]
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.ema_teacher import EMATeacher, ema_alpha, ema_update_, eval_model_names, make_teacher
+from callbacks.ema_teacher import EMATeacher, eval_model_names
+from networks.ema import ema_alpha, ema_update_, make_teacher
 
 
 def _net() -> nn.Module:

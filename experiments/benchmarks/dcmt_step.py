@@ -28,11 +28,11 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.ema_teacher import ema_alpha, ema_update_
 from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
                                            step_medians, write)
 from lightning_modules.mean_teacher import MeanTeacherModule
 from networks.dcmt import DCMTNet
+from networks.ema import ema_alpha, ema_update_
 
 
 def make_batch(labeled: int, unlabeled: int, size: int, classes: int = 3) -> dict:

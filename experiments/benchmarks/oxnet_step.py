@@ -27,12 +27,13 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.ema_teacher import EMATeacher, ema_alpha, ema_update_
+from callbacks.ema_teacher import EMATeacher
 from callbacks.prototype_momentum import PrototypeMomentum, momentum_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
                                            step_medians, write)
 from lightning_modules.oxnet import OXnetModule
+from networks.ema import ema_alpha, ema_update_
 from networks.oxnet import OXnet
 from networks.retina import RetinaNet
 
