@@ -24,10 +24,12 @@ volumes ``spacing`` float (B, spatial_dims).
   * ``split="all"`` (``--data.init_args.split all``, as ``CXRDataModule``): every volume of the reader is the
     test split, once, whole foreground box, for testing a trained model on other subjects; no training split.
 
-With ``split="all"`` both DataModules evaluate through :class:`~datamodules.dataset.UnpaddedDistributedSampler`:
-under DDP every subject (image) is evaluated exactly once, never padded with a repeat. The default split keeps
-Lightning's evaluation sampler (it pads the ranks with repeats when the split does not divide evenly, and it
-lets a one-subject validation split run on two ranks, which the unpadded sampler refuses).
+Both DataModules evaluate through :class:`~datamodules.dataset.UnpaddedDistributedSampler`: under DDP every subject
+(image) of the test split is evaluated exactly once, never padded with a repeat (Lightning's sampler would repeat
+one when the split does not divide evenly, counting that subject twice in the test Dice). A test split with fewer
+items than ranks is refused (a rank with nothing to do would wait for the others). A validation split with fewer
+items than ranks (one validation subject on two GPUs) keeps Lightning's padded sampler, with a warning when the
+repeats make some subjects count more than others; validation only selects the checkpoint.
 
 :class:`LungSegmentationDataModule`: chest X-rays with lung masks in the covid-chestxray-dataset layout
 (``metadata.csv`` + ``images/`` + ``masks/<stem>.png``), split by patient, letterboxed to ``image_size``.
@@ -36,6 +38,7 @@ lets a one-subject validation split run on two ranks, which the unpadded sampler
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -148,12 +151,17 @@ class CroppedVolumeDataset(Dataset):
         }
 
 
-def _eval_sampler(split: str, length: int, trainer, what: str) -> UnpaddedDistributedSampler | None:
-    """``split="all"``: the unpadded evaluation sampler (each item on exactly one DDP rank); else ``None``."""
-    if split != "all":
-        return None
+def _eval_sampler(split: str, length: int, trainer, what: str, stage: str = "test") -> UnpaddedDistributedSampler | None:
+    """The unpadded evaluation sampler (each item on exactly one DDP rank), or ``None`` (Lightning's padded one) for a
+    validation split smaller than the number of ranks (see the module docstring)."""
     world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-    return UnpaddedDistributedSampler(length, world, rank, what)
+    if split == "all" or stage != "val" or length >= world:
+        return UnpaddedDistributedSampler(length, world, rank, what)
+    if length and world % length:
+        warnings.warn(f"{what} has {length} item(s) for {world} DDP ranks: Lightning's sampler repeats some of them, "
+                      "so they weigh more in the validation metrics that select the checkpoint. Use a validation "
+                      "split of at least as many items as ranks, or a multiple of its size in ranks.", stacklevel=2)
+    return None
 
 
 def _collate(samples: Sequence[dict]) -> dict:
@@ -355,7 +363,7 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         # Crops differ in size, so evaluation batches hold one volume.
         refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, "volume")
         self.setup(stage)
-        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split")
+        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split", stage)
         return DataLoader(self.datasets[stage], batch_size=1, sampler=sampler, num_workers=0, collate_fn=_collate)
 
     def val_dataloader(self) -> DataLoader:
@@ -544,7 +552,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
     def _eval_loader(self, stage: str) -> DataLoader:
         refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, f"image in {self.root}")
         self.setup(stage)
-        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split")
+        sampler = _eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split", stage)
         return DataLoader(self.datasets[stage], batch_size=self.eval_batch_size, sampler=sampler,
                           num_workers=self.num_workers, collate_fn=_collate)
 

@@ -239,3 +239,27 @@ def test_medattn_test_nonlocal_unet_on_other_volumes(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as stop:  # fit on split=all: one line naming the option, exit status 2
         main(["fit", "-c", NONLOCAL, *SHRINK, "--data.init_args.split", "all", "--trainer.max_epochs", "1"])
     assert stop.value.code == 2 and "--data.init_args.split all" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- default split under DDP
+def test_default_test_split_is_evaluated_once_per_subject_on_any_rank_count(tmp_path):
+    """The held-out test subjects of the default split are each evaluated exactly once however many ranks share
+    them (Lightning's padded sampler evaluated one of 3 test subjects twice on 2 ranks, so it weighed double in
+    test/dice); a validation split smaller than the ranks keeps the padded sampler with a warning when the repeats
+    are uneven."""
+    reader = SyntheticVolumes(cache_dir=tmp_path, num_subjects=5, shape=(12, 12, 12))
+    dm = VolumeSegmentationDataModule(reader, patch_size=8, val_subjects=["00"], test_subjects=["02", "03", "04"])
+    dm.setup("test")
+    for world in (2, 3):
+        seen = []
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, is_global_zero=rank == 0)
+            seen += [item for batch in dm.test_dataloader() for item in batch["subject_id"]]
+        assert sorted(seen) == ["02", "03", "04"], f"{world} ranks: {sorted(seen)}"
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True)
+    from datamodules.dataset import UnpaddedDistributedSampler
+
+    # one validation subject on two ranks: Lightning's padded sampler (each rank the same subject: exact mean)
+    assert not isinstance(dm.val_dataloader().sampler, UnpaddedDistributedSampler)
+    dm.trainer = None
