@@ -182,3 +182,10 @@ def test_epoch_budget_replaces_the_time_limit(tmp_path, capsys):
         assert _flag(argv, "--trainer.max_epochs") == "7" and _flag(argv, "--trainer.max_time") == "null"
     with pytest.raises(SystemExit):
         S.main(["--arms", "pcam", "--epochs", "7", "--minutes", "5", "--dry-run", "--out", str(tmp_path)])
+
+
+def test_folds_and_labels_are_refused_for_a_config_grid(tmp_path):
+    """--folds with --configs used to plan a single run, the folds silently dropped."""
+    for extra in (["--folds", "5"], ["--labels", "0.5"]):
+        with pytest.raises(SystemExit):
+            S.main(["--configs", "experiments/magsd/covid_cxr.yaml", *extra, "--dry-run", "--out", str(tmp_path)])

@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--folds {folds}: cross-validation needs at least 2 folds")
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
     notes: list[str] = []
+    if (args.grid or args.configs) and (folds or args.labels):
+        parser.error("--folds and --labels apply to arms (--arms / --preset), not to --grid / --configs; use "
+                     "--arms <method> --dataset <config stem> --folds k instead")
     if args.grid or args.configs:
         name = args.name or (Path(args.grid).stem if args.grid else "configs")
         runs = grid_plan(args.grid, args.configs or [], seeds, name, args.extra_configs, out, args.tag)
