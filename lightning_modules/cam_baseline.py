@@ -5,8 +5,6 @@ Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -140,17 +138,5 @@ class CAMClassifierModule(MedAttnModule):
             log_metric_collection(self, self.test_localization, self.class_names, "test")
 
 
-def _tiny(tmp_dir: Path):
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
-    from networks.cam_classifier import CAMNet
-
-    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0),
-                         image_size=32, labeled_batch_size=4, eval_batch_size=8,
-                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
-    module = CAMClassifierModule(CAMNet("test_resnet", num_classes=data.num_classes))
-    return module, data
-
-
-register_method("cam_baseline", CAMClassifierModule, _tiny,
+register_method("cam_baseline", CAMClassifierModule,
                 paper="Zhou et al., Learning Deep Features for Discriminative Localization, CVPR 2016")

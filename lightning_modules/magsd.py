@@ -69,7 +69,6 @@ Example::
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -365,23 +364,9 @@ class MAGSDModule(MedAttnModule):
 
 
 # ------------------------------------------------------------------------------------------ registry
-def tiny(tmp_dir: Path):
-    """A tiny MAG-SD (``test_resnet``, 8 maps, 64 px) on a small single-label synthetic dataset."""
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
-    from networks.magsd import MAGSDNet
-
-    reader = SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, single_label=True)
-    datamodule = CXRDataModule(reader, image_size=64, labeled_batch_size=4, eval_batch_size=8,
-                               val_fraction=0.2, test_fraction=0.2, min_per_class=0)  # tiny data: counts not the point
-    module = MAGSDModule(MAGSDNet(num_classes=4, backbone="test_resnet", num_maps=8))
-    return module, datamodule
-
-
 register_method(
     "magsd",
     MAGSDModule,
-    tiny,
     paper="Li et al., Multiscale Attention Guided Network for COVID-19 Diagnosis Using Chest X-Ray Images, "
     "IEEE JBHI 2021 (arXiv:2012.02278)",
 )

@@ -37,8 +37,6 @@ at 0.2865 (``att_ramp="reference"``; ``"shifted"`` ramps fully to ``consistency_
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -268,18 +266,5 @@ class MeanTeacherModule(MedAttnModule):
         return result
 
 
-def _tiny(tmp_dir: Path):
-    from datamodules.slices import SliceStackDataModule
-    from datamodules.synthetic_slices import SyntheticSlices
-    from networks.dcmt import DCMTNet
-
-    data = SliceStackDataModule(SyntheticSlices(cache_dir=Path(tmp_dir) / "synthetic", n_subjects=10, image_size=32,
-                                                min_slices=4, max_slices=6),
-                                image_size=32, labeled_batch_size=2, unlabeled_batch_size=4, eval_batch_size=8,
-                                label_ratio=0.5, cache=True, min_per_class=0)  # 10 subjects: counts not the point
-    net = DCMTNet("test_resnet", num_classes=3, fa_channels=16, head_channels=16)
-    return MeanTeacherModule(net, consistency_start=0), data
-
-
-register_method("dcmt", MeanTeacherModule, _tiny,
+register_method("dcmt", MeanTeacherModule,
                 paper="Huo et al., Self-ensembling semi-supervised learning with dual-consistency, MedIA 2022")

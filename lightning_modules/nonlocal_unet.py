@@ -38,7 +38,6 @@ import math
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -296,17 +295,4 @@ class NonLocalUNetModule(MedAttnModule):
 
 
 # ------------------------------------------------------------------------------------------ registry
-def tiny(tmp_dir: Path):
-    """A 3D Non-local U-Net with 4 filters on three 24^3 synthetic subjects (train, val, test), 16^3 patches."""
-    from datamodules.segmentation import VolumeSegmentationDataModule
-    from datamodules.synthetic_volumes import SyntheticVolumes
-    from networks.nonlocal_unet import NonLocalUNet
-
-    reader = SyntheticVolumes(cache_dir=Path(tmp_dir), num_subjects=3, shape=(24, 24, 24))  # train, val, test
-    data = VolumeSegmentationDataModule(reader, patch_size=16, batch_size=2, patches_per_epoch=4)
-    net = NonLocalUNet(3, in_channels=reader.in_channels, num_classes=reader.num_classes, filters=4)
-    module = NonLocalUNetModule(net, class_names=list(reader.class_names), roi_size=16, overlap=0.5)
-    return module, data
-
-
-register_method("nonlocal_unet", NonLocalUNetModule, tiny, paper=PAPER)
+register_method("nonlocal_unet", NonLocalUNetModule, paper=PAPER)

@@ -32,8 +32,6 @@ Loss weights default to 1 (the reference; its ramped "consistency weight" was co
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -318,21 +316,6 @@ class OXnetModule(MedAttnModule):
             evaluation.log(self, "test", self.class_names)
 
 
-
-def _tiny(tmp_dir: Path):
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
-
-    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=60, image_size=64, seed=0,
-                                      box_fraction=0.5),
-                         image_size=64, box_fraction=0.2, unlabeled_fraction=0.3, box_batch_size=1,
-                         labeled_batch_size=1, unlabeled_batch_size=1, two_views=True, eval_batch_size=8,
-                         min_per_class=0)  # 60 tiny images: class counts per split are not the point
-    net = OXnet(RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5),
-                          fpn_channels=16, head_depth=1, anchor_size_factor=2.0))
-    return OXnetModule(net, freeze_bn=False), data
-
-
-register_method("oxnet", OXnetModule, _tiny,
+register_method("oxnet", OXnetModule,
                 paper="Luo et al., OXnet: Deep Omni-supervised Thoracic Disease Detection from Chest X-rays, "
                       "MICCAI 2021")

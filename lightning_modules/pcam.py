@@ -36,8 +36,6 @@ Choices where the reference is wrong or silent (dossier section e):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -223,19 +221,6 @@ class PCAMModule(MedAttnModule):
             self.test_localization.reset()
 
 
-def _tiny(tmp_dir: Path):
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
-    from networks.cam_heads import PoolingClassifier
-
-    data = CXRDataModule(SyntheticCXR(cache_dir=Path(tmp_dir) / "synthetic", n_images=48, image_size=64, seed=0),
-                         image_size=32, labeled_batch_size=4, eval_batch_size=8,
-                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
-    module = PCAMModule(PoolingClassifier("test_resnet", num_classes=data.num_classes, pool="pcam"),
-                        class_names=data.class_names)
-    return module, data
-
-
-register_method("pcam", PCAMModule, _tiny,
+register_method("pcam", PCAMModule,
                 paper="Ye et al., Weakly supervised lesion localization with probabilistic-CAM pooling, "
                       "arXiv:2005.14480")

@@ -1,13 +1,15 @@
 """One registry of every method, so contract tests can be parameterised over all of them (as timm does
 over ``list_models()``).
 
-Each method file registers itself with :func:`register_method`, giving a factory that builds a *tiny*
-configuration (tiny backbone, tiny images) of the module and its DataModule for tests.
+Each method file registers itself with :func:`register_method` (name, class, paper). The factory that builds its
+*tiny* configuration (tiny backbone, tiny images) of the module and DataModule for tests lives in
+:mod:`lightning_modules.tiny`, the one home of test fixtures, and is looked up there by name when called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +23,8 @@ class MethodSpec:
     Attributes:
         name: short name used in configs, W&B groups and tests (``"pcam"``).
         module_class: the LightningModule class.
-        tiny: ``tiny(tmp_dir) -> (module, datamodule)``; tiny enough for a CPU forward/backward in < 2 s.
+        tiny: ``tiny(tmp_dir) -> (module, datamodule)``; tiny enough for a CPU forward/backward in < 2 s
+            (by default the factory of the same name in :mod:`lightning_modules.tiny`).
         paper: citation shown in the README table.
     """
 
@@ -34,7 +37,21 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, module_class: type, tiny: Callable, paper: str = "") -> None:
+def tiny_fixture(name: str, tmp_dir: Path) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """Build method ``name``'s tiny (module, datamodule) with :data:`lightning_modules.tiny.FACTORIES` (imported on
+    first use, so the method files never import test fixtures)."""
+    from lightning_modules.tiny import FACTORIES
+
+    if name not in FACTORIES:
+        raise KeyError(f"method {name!r} has no tiny factory: add one to FACTORIES in lightning_modules/tiny.py "
+                       f"(it has {sorted(FACTORIES)})")
+    return FACTORIES[name](Path(tmp_dir))
+
+
+def register_method(name: str, module_class: type, tiny: Callable | None = None, paper: str = "") -> None:
+    """Register a method. ``tiny``: its tiny factory; default: ``lightning_modules.tiny.FACTORIES[name]``."""
+    if tiny is None:
+        tiny = partial(tiny_fixture, name)  # a partial of a module-level function pickles (ddp_spawn)
     if name in METHODS and METHODS[name].module_class is not module_class:
         raise KeyError(f"method {name!r} is already registered by {METHODS[name].module_class.__name__}")
     METHODS[name] = MethodSpec(name, module_class, tiny, paper)

@@ -273,18 +273,5 @@ class RetinaNetModule(MedAttnModule):
         self.test_detection.log(self, "test", self.class_names)
 
 
-def _tiny(tmp_dir: Path):
-    from datamodules.cxr import CXRDataModule
-    from datamodules.synthetic import SyntheticCXR
-
-    data = CXRDataModule(SyntheticCXR(cache_dir=tmp_dir / "synthetic", n_images=48, image_size=64, seed=0,
-                                      box_fraction=0.5),
-                         image_size=64, box_fraction=0.3, box_batch_size=2, labeled_batch_size=0, eval_batch_size=8,
-                         min_per_class=0)  # 48 tiny images: class counts per split are not the point
-    net = RetinaNet(num_classes=data.num_classes, backbone="test_resnet", fpn_levels=(3, 4, 5), fpn_channels=16,
-                    head_depth=1, anchor_size_factor=2.0)
-    return RetinaNetModule(net), data
-
-
-register_method("retinanet", RetinaNetModule, _tiny,
+register_method("retinanet", RetinaNetModule,
                 paper="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017")

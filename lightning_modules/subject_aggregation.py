@@ -22,9 +22,6 @@ reports how much the aggregator adds.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -39,6 +36,9 @@ from lightning_modules.registry import register_method
 from lightning_modules.data_check import check_data_classes
 from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
 from networks.ema import make_teacher
+
+# Kept importable for tests written during the issue-16 session; the fixture lives in lightning_modules/tiny.py.
+from lightning_modules.tiny import write_tiny_features as _write_tiny_features  # noqa: E402,F401
 
 __all__ = ["SubjectAggregationModule"]
 
@@ -183,57 +183,5 @@ class SubjectAggregationModule(MedAttnModule):
         return {"subject_id": batch["subject_id"], "probabilities": logits.float().softmax(-1)}
 
 
-def _write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int = 3, seed: int = 0,
-                         split: dict | None = None) -> Path:
-    """A small slice-feature file with a learnable signal, in the SliceFeatureWriter format, with the stage-1 split
-    record of ``datamodules.subject_splits.split_subjects(subjects, **split)`` (default: 3 folds, fold 0, label
-    ratio 0.5); ``split=False`` writes no record (a file from before the record existed)."""
-    rng = np.random.default_rng(seed)
-    rows = {k_: [] for k_ in ("features", "probabilities", "image_id", "subject_id", "slice_index", "slice_label",
-                              "subject_label")}
-    for s in range(n_subjects):
-        grade, n = s % k, int(rng.integers(4, 9))
-        for i in range(n):
-            f = rng.standard_normal(dim).astype(np.float32)
-            f[grade] += 2.0
-            rows["features"].append(f)
-            rows["probabilities"].append(np.eye(k, dtype=np.float32)[grade] * 0.5 + 0.5 / k)
-            rows["image_id"].append(f"s{s:03d}_{i:03d}")
-            rows["subject_id"].append(f"s{s:03d}")
-            rows["slice_index"].append(i)
-            rows["slice_label"].append(grade)
-            rows["subject_label"].append(grade)
-    arrays = {key: np.asarray(v) for key, v in rows.items()}
-    if split is not False:
-        import json
-
-        import pandas as pd
-
-        from datamodules.subject_splits import role_frame, split_subjects, subject_folds
-
-        args = {"num_folds": 3, "fold": 0, "label_ratio": 0.5, "seed": 0, **(split or {})}
-        subjects = pd.DataFrame({"subject_id": [f"s{s:03d}" for s in range(n_subjects)],
-                                 "subject_label": np.arange(n_subjects) % k * 1.0, "fold": np.nan})
-        roles = role_frame(split_subjects(subjects, **args), subject_folds(subjects, args["num_folds"], args["seed"]))
-        roles = roles.set_index("subject_id").reindex(arrays["subject_id"])
-        arrays.update(subject_role=roles["role"].to_numpy().astype(str), subject_fold=roles["fold"].to_numpy(),
-                      # min_per_class 0: a dozen subjects cannot hold 10 per class; counts are not what it is for
-                      split_info=np.asarray(json.dumps({**args, "min_per_class": 0})))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, class_names=np.array([f"grade_{i}" for i in range(k)]), **arrays)
-    return path
-
-
-def _tiny(tmp_dir: Path):
-    from datamodules.subject_features import SubjectFeatureDataModule
-    from networks.aggregation import BiGRUAggregator
-
-    # 2 validation subjects, so that a 2-process DDP run gives each rank one
-    path = _write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz", split={"val_fraction": 0.25})
-    data = SubjectFeatureDataModule(path, seq_len=6, labeled_batch_size=2, unlabeled_batch_size=2, eval_batch_size=8)
-    net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8)
-    return SubjectAggregationModule(net, consistency_start=0), data
-
-
-register_method("dcmt_subject", SubjectAggregationModule, _tiny,
+register_method("dcmt_subject", SubjectAggregationModule,
                 paper="Huo et al., Self-ensembling semi-supervised learning with dual-consistency, MedIA 2022 (stage 2)")

@@ -12,7 +12,8 @@ from callbacks.feature_export import SliceFeatureWriter
 from datamodules.manifest import DataError
 from datamodules.subject_features import SubjectFeatureDataModule, read_slice_features
 from lightning_modules.dcmt_metrics import SubjectMetrics
-from lightning_modules.subject_aggregation import SubjectAggregationModule, _write_tiny_features
+from lightning_modules.subject_aggregation import SubjectAggregationModule
+from lightning_modules.tiny import write_tiny_features
 from networks.aggregation import BiGRUAggregator, center_crop_or_pad
 from networks.dcmt import subject_consistency_weight
 
@@ -73,9 +74,9 @@ def test_subject_metrics_oracle():
 
 def test_feature_export_roundtrip(tmp_path):
     """Stage 1 predict writes one feature + probabilities per slice of every subject, sorted, with names."""
-    from lightning_modules.mean_teacher import _tiny
+    from lightning_modules.tiny import dcmt
 
-    module, data = _tiny(tmp_path)
+    module, data = dcmt(tmp_path)
     out = tmp_path / "export" / "features.npz"
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[SliceFeatureWriter(out)])
@@ -93,7 +94,7 @@ def test_feature_export_roundtrip(tmp_path):
 def test_subject_datamodule_split_is_the_recorded_stage1_split(tmp_path):
     from datamodules.subject_splits import split_subjects
 
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=15, split=dict(num_folds=3, fold=1, seed=3))
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=15, split=dict(num_folds=3, fold=1, seed=3))
     dm = SubjectFeatureDataModule(path, seq_len=6, labeled_batch_size=2, unlabeled_batch_size=2, seed=3)
     dm.setup()
     recorded = read_slice_features(path)
@@ -118,7 +119,7 @@ def test_subject_module_learns_and_logs_meanpool(tmp_path):
     from functools import partial
 
     torch.manual_seed(0)
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=18)
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=18)
     data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, label_ratio=0.5, labeled_batch_size=3,
                                     unlabeled_batch_size=3, eval_batch_size=8)
     net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8, dropout=0.1)
@@ -139,7 +140,7 @@ def test_subject_module_learns_and_logs_meanpool(tmp_path):
 def test_subject_datamodule_inputs(tmp_path, inputs, width):
     """``inputs`` picks the per-slice vector: the stage-1 feature, the K slice probabilities, or both (in that
     order), placed at the same centred positions."""
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=9)
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=9)
     dm = SubjectFeatureDataModule(path, seq_len=10, num_folds=3, inputs=inputs, eval_batch_size=16)
     dm.setup()
     assert dm.num_features == width
@@ -158,7 +159,7 @@ def test_subject_datamodule_inputs(tmp_path, inputs, width):
 
 
 def test_subject_module_rejects_input_width_mismatch(tmp_path):
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=9)
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=9)
     data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, inputs="probabilities")
     net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(8, 8), hidden_size=4)
     module = SubjectAggregationModule(net)
@@ -179,7 +180,7 @@ def test_stage2_width_follows_the_feature_file_and_inputs(tmp_path, inputs, widt
 
     from experiments.cli import MedAttnCLI
 
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=6, dim=16, k=3)
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=6, dim=16, k=3)
     config = Path(__file__).resolve().parents[1] / "experiments" / "dcmt_subject" / "synthetic.yaml"
     args = ["-c", str(config), "--data.init_args.features_file", str(path), "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}", *(["--data.init_args.inputs", inputs] if inputs else [])]
@@ -194,7 +195,7 @@ def test_meanpool_prior_starts_at_mean_pooling_and_learns_a_correction(tmp_path)
     from functools import partial
 
     torch.manual_seed(0)
-    path = _write_tiny_features(tmp_path / "f.npz", n_subjects=18)
+    path = write_tiny_features(tmp_path / "f.npz", n_subjects=18)
     data = SubjectFeatureDataModule(path, seq_len=6, num_folds=3, label_ratio=0.5, labeled_batch_size=3,
                                     unlabeled_batch_size=3, eval_batch_size=8)
     net = BiGRUAggregator(in_features=16, seq_len=6, embed_channels=(16, 8), hidden_size=8, dropout=0.1)

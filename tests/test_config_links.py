@@ -168,10 +168,10 @@ def test_medattn_data_moves_every_data_root(tmp_path, monkeypatch):
 
 
 def test_subject_aggregator_takes_its_input_size_from_the_feature_file(tmp_path):
-    from lightning_modules.subject_aggregation import _write_tiny_features
+    from lightning_modules.tiny import write_tiny_features
 
     features = tmp_path / "slice_features.npz"
-    _write_tiny_features(features, n_subjects=30, dim=24)
+    write_tiny_features(features, n_subjects=30, dim=24)
     cli = _cli("dcmt_subject/synthetic.yaml", "--data.init_args.features_file", str(features), tmp_path=tmp_path)
     assert cli.datamodule.num_features == 24
     assert cli.model.student.in_features == 24 and cli.model.student.num_classes == cli.datamodule.num_classes

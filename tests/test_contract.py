@@ -153,3 +153,21 @@ def test_image_logger_writes_an_overlay_png(name, data_root, tmp_path):
     if name != "dcmt":  # DC-MT slices carry no boxes and (tiny data) an empty mask
         colours = {tuple(c) for p in pngs for c in np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3).tolist()}
         assert GT_COLOUR in colours, f"{name}: no ground-truth overlay in {len(pngs)} images"
+
+
+def test_every_method_has_a_tiny_factory_and_fixtures_stay_out_of_the_method_files():
+    """The registry's tiny instances come from one module, ``lightning_modules/tiny.py`` (issue 16): every registered
+    method has a factory there, and no method file defines a ``tiny`` factory or a synthetic-data writer again."""
+    import ast
+    from pathlib import Path
+
+    from lightning_modules.registry import METHODS
+    from lightning_modules.tiny import FACTORIES
+
+    assert set(FACTORIES) == set(METHODS)
+    package = Path(__file__).resolve().parents[1] / "lightning_modules"
+    fixtures = [f"{path.name}:{node.lineno} {node.name}" for path in sorted(package.rglob("*.py"))
+                if path.name not in ("tiny.py", "registry.py")  # the fixtures, and the registry's pointer to them
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)
+                and ("tiny" in node.name.lower() or node.name.startswith("_write"))]
+    assert not fixtures, fixtures

@@ -237,9 +237,9 @@ def test_short_training_reduces_the_loss(tmp_path):
 
 
 def test_fit_validate_with_trainer(tmp_path):
-    from lightning_modules.mean_teacher import _tiny
+    from lightning_modules.tiny import dcmt
 
-    module, data = _tiny(tmp_path)
+    module, data = dcmt(tmp_path)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                          log_every_n_steps=1)

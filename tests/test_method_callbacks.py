@@ -86,20 +86,20 @@ def test_conflicting_duplicate_is_an_error_naming_it(tmp_path, listed, match):
 
 
 def test_subclass_duplicate_would_update_twice_and_is_an_error(tmp_path):
-    from lightning_modules.mean_teacher import _tiny
+    from lightning_modules.tiny import dcmt
 
     class MyEMA(EMATeacher):
         pass
 
-    module, data = _tiny(Path(tmp_path))
+    module, data = dcmt(Path(tmp_path))
     with pytest.raises(ValueError, match="MyEMA"):
         _plain_trainer(tmp_path, callbacks=[MyEMA(0.99)], steps=1).fit(module, datamodule=data)
 
 
 def test_mean_teacher_conflicting_decay_is_not_dropped_silently(tmp_path):
-    from lightning_modules.mean_teacher import _tiny
+    from lightning_modules.tiny import dcmt
 
-    module, data = _tiny(Path(tmp_path))
+    module, data = dcmt(Path(tmp_path))
     with pytest.raises(ValueError, match=r"decay': 0.5.*ema_decay"):
         _plain_trainer(tmp_path, callbacks=[EMATeacher(decay=0.5)], steps=1).fit(module, datamodule=data)
 

@@ -213,13 +213,13 @@ def test_every_shipped_config_is_covered():
 def _prepare(config: str, workdir: Path) -> None:
     """What a config reads that an earlier stage writes: DC-MT stage 2 reads stage 1's slice features."""
     if config == "dcmt_subject/synthetic":
-        from lightning_modules.subject_aggregation import _write_tiny_features
+        from lightning_modules.tiny import write_tiny_features
 
         shipped = yaml.safe_load((REPO / "experiments" / f"{config}.yaml").read_text())
         stage1 = yaml.safe_load((REPO / "experiments" / "dcmt" / "synthetic.yaml").read_text())
         # features as wide as stage 1's head writes them; 30 subjects in 3 folds, label ratio 0.5
-        _write_tiny_features(workdir / shipped["data"]["init_args"]["features_file"], n_subjects=30,
-                             dim=stage1["model"]["init_args"]["net"]["init_args"]["head_channels"])
+        write_tiny_features(workdir / shipped["data"]["init_args"]["features_file"], n_subjects=30,
+                            dim=stage1["model"]["init_args"]["net"]["init_args"]["head_channels"])
 
 
 def _flat(ckpt: dict) -> dict[str, torch.Tensor]:

@@ -77,12 +77,12 @@ def test_stage2_split_is_stage1_split(tmp_path, fold_column):
 
 
 def test_stage2_refuses_a_file_without_roles_or_with_other_split_arguments(tmp_path):
-    from lightning_modules.subject_aggregation import _write_tiny_features
+    from lightning_modules.tiny import write_tiny_features
 
-    old = _write_tiny_features(tmp_path / "old.npz", split=False)
+    old = write_tiny_features(tmp_path / "old.npz", split=False)
     with pytest.raises(DataError, match=r"old\.npz: no stage-1 subject roles"):
         SubjectFeatureDataModule(old, seq_len=6).setup()
-    new = _write_tiny_features(tmp_path / "new.npz")  # stage 1: 3 folds, fold 0, label ratio 0.5
+    new = write_tiny_features(tmp_path / "new.npz")  # stage 1: 3 folds, fold 0, label ratio 0.5
     with pytest.raises(DataError, match=r"new\.npz: stage 1 used fold=0, but stage 2 was given fold=1"):
         SubjectFeatureDataModule(new, seq_len=6, fold=1).setup()
     with pytest.raises(DataError, match=r"label_ratio=0.5, but stage 2 was given label_ratio=0.25"):
