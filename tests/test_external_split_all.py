@@ -167,7 +167,7 @@ def test_subject_features_split_all_needs_a_file_of_test_subjects(tmp_path):
     """Stage 2 with split='all' tests every subject of a file that stage 1 exported with split='all' (another
     cohort: every subject recorded as test), once per rank count. A file of the training cohort (labeled,
     unlabeled and val subjects) is refused, counting them: the models were trained or selected on them."""
-    from lightning_modules.subject_aggregation import _write_tiny_features
+    from lightning_modules.tiny import write_tiny_features
 
     stage1 = _slice_data(_slices_reader(tmp_path), split="all", min_per_class=0)
     features = _export(tmp_path, stage1, "external.npz")
@@ -181,7 +181,7 @@ def test_subject_features_split_all_needs_a_file_of_test_subjects(tmp_path):
                                    "(split=all), 6 subjects")
     _refuses_fit_and_validate(dm)
     # the stage-1 default split's export is refused with split=all; its held-out subjects are tested by default
-    trained = _write_tiny_features(tmp_path / "trained.npz")
+    trained = write_tiny_features(tmp_path / "trained.npz")
     with pytest.raises(DataError, match=r"trained\.npz: split='all' \(--data.init_args.split all\) tests every "
                                         r"subject of the file, but stage 1 recorded \d+ labeled, \d+ unlabeled"):
         SubjectFeatureDataModule(trained, seq_len=4, split="all").setup("test")

@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.mean_teacher import MeanTeacherModule, bound_loss, normalised_mse, softmax_mse
+from lightning_modules.mean_teacher import MeanTeacherModule
 from networks.aggregation import BiGRUAggregator
-from networks.dcmt import DCMTNet, FABlock, FAModule, select_class
+from networks.dcmt import DCMTNet, FABlock, FAModule, bound_loss, normalised_mse, select_class, softmax_mse
 
 SIZE = 32
 

@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
-from callbacks.ema_teacher import ema_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from lightning_modules.oxnet import OXnetModule
 from lightning_modules.retinanet import RetinaNetModule
+from networks.ema import ema_update_
 from networks.oxnet import OXnet
 from networks.retina import RetinaNet, detection_losses, encode_targets, local_attention_map
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.ema_teacher import ema_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from lightning_modules.oxnet import OXnetModule
+from networks.ema import ema_update_
 from networks.oxnet import OXnet, pseudo_boxes
 from networks.retina import RetinaNet, encode_targets, match_anchors
 
