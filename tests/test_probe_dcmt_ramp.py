@@ -92,8 +92,9 @@ def _check_total(terms: dict, w_cls: float, w_att: float) -> None:
         torch.testing.assert_close(terms["total"], base)
         return
     assert "cons_cls" in terms, f"no consistency term although ω = ({w_cls:.4g}, {w_att:.4g})"
-    # the consistency terms are large enough that a wrong ramp value shows: Δω·L_cc ≫ the float32 tolerance
-    assert float(terms["cons_cls"]) > 1e-4 and float(terms["cons_att"]) > 1e-4
+    # L_cc is large enough that a wrong ω_cls shows: Δω·L_cc ≫ the float32 tolerance (the teacher sees an independent
+    # image). L_ac may be ~0 on a trajectory where the CAMs agree, so ω_att is pinned by the logged weights instead.
+    assert float(terms["cons_cls"]) > 1e-4 and "cons_att" in terms
     want = base + w_cls * terms["cons_cls"] + w_att * terms["cons_att"]
     torch.testing.assert_close(terms["total"], want, rtol=0, atol=1e-6)
 
