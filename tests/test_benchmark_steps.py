@@ -90,3 +90,20 @@ def test_step_benchmark_runs_tiny_on_cpu(name, tmp_path, monkeypatch):
     for key in ("lightning_step_ms", "bare_step_ms", "lightning_step_cpu_ms", "bare_step_cpu_ms"):
         assert len(payload[key]["values"]) == 1 and payload[key]["median"] > 0
     assert payload["overhead_median"] == pytest.approx(payload["ratio_per_round"][0] - 1)
+
+
+def test_bare_steps_runs_loss_backward_step_then_after_step_per_batch():
+    weight = torch.nn.Parameter(torch.tensor(1.0))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    seen, after = [], []
+
+    def loss_of(step, batch):
+        seen.append((step, weight.item()))
+        return batch["x"] * weight  # gradient x: each step subtracts 0.5 * x
+
+    loader = common.SameBatch({"x": torch.tensor(2.0)}, steps=3).loader()
+    wall, cpu = common.bare_steps(loader, optimizer, loss_of, warmup=1, device=torch.device("cpu"),
+                                  after_step=lambda step: after.append((step, weight.item())))
+    assert seen == [(0, 1.0), (1, 0.0), (2, -1.0)]  # the loss of step k sees the weights after k steps
+    assert after == [(0, 0.0), (1, -1.0), (2, -2.0)]  # after_step(k) runs after step k's optimiser step
+    assert wall >= 0 and cpu >= 0

@@ -7,9 +7,10 @@ Step-benchmark harness (``--accelerator {cpu,gpu}`` from :func:`add_common_args`
 process-CPU time, read after a CUDA synchronise on a GPU so that queued kernels are counted), :func:`step_timer`
 (a Lightning callback stamping every ``on_train_batch_end``), :func:`step_medians`, :func:`fit_steps` (the
 minimal Trainer, ``devices=1``) and :func:`compare_rounds` (rounds alternating the two arms, order flipped every
-round; overhead = median over rounds of the ratio of median steps, minus one). Each benchmark keeps its own
-bare loop, which moves its network, optimiser and batch to ``device_of(accelerator)`` like Lightning does: that
-loop is the method-specific work.
+round; overhead = median over rounds of the ratio of median steps, minus one), :func:`bare_steps` (the bare arm's
+loop: loss, backward, step, optional after-step work) and :func:`compare_and_write`. Each benchmark supplies its
+own bare loss and after-step work, with its network, optimiser and batch on ``device_of(accelerator)`` like
+Lightning does: that is the method-specific work.
 """
 
 from __future__ import annotations
@@ -150,6 +151,25 @@ def step_medians(stamps: list[tuple[float, float]], start: tuple[float, float], 
     return statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs)
 
 
+def bare_steps(loader: DataLoader, optimizer: torch.optim.Optimizer, loss_of: Callable[[int, dict], torch.Tensor],
+               warmup: int, device: torch.device, after_step: Callable[[int], None] | None = None
+               ) -> tuple[float, float]:
+    """The bare arm's loop: per batch ``loss_of(step, batch)``, backward, optimiser step, then ``after_step(step)``
+    (EMA, prototype update: what a method's callbacks do after the step), a :func:`clock` stamp per step.
+    Median (wall, CPU) seconds per step after ``warmup``, like :func:`fit_steps`."""
+    stamps: list[tuple[float, float]] = []
+    start = clock(device)
+    for step, batch in enumerate(loader):
+        loss = loss_of(step, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        stamps.append(clock(device))
+    return step_medians(stamps, start, warmup)
+
+
 def fit_steps(module, loader: DataLoader, steps: int, warmup: int, accelerator: str = "cpu",
               precision: str = "32-true", callbacks: Iterable = ()) -> tuple[float, float]:
     """``Trainer.fit`` for ``steps`` steps on one device; median (wall, CPU) seconds per step after ``warmup``.
@@ -206,3 +226,13 @@ def compare_rounds(lightning: Callable[[], tuple[float, float]], bare: Callable[
         "cpu_ratio_per_round": cpu_ratios, "cpu_overhead_median": cpu_overhead,
         "target": target, "passes": overhead <= target, "passes_cpu": cpu_overhead <= target,
     }
+
+
+def compare_and_write(args: argparse.Namespace, device: torch.device, lightning: Callable[[], tuple[float, float]],
+                      bare: Callable[[], tuple[float, float]], discard: int = 0, **extra) -> dict:
+    """:func:`compare_rounds` over ``args.repeats`` rounds, written to ``results/<args.name>.json`` with the
+    command's arguments, the device and ``extra`` entries; returns the payload."""
+    payload = {"config": vars(args), "device": str(device), **extra,
+               **compare_rounds(lightning, bare, args.repeats, discard=discard)}
+    write(args.name, payload)
+    return payload

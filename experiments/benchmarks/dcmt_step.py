@@ -28,8 +28,8 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
-                                           step_medians, write)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
+                                           fit_steps)
 from lightning_modules.mean_teacher import MeanTeacherModule
 from networks.dcmt import DCMTNet
 from networks.ema import ema_alpha, ema_update_
@@ -53,18 +53,8 @@ def run_bare(module: MeanTeacherModule, optimizer: torch.optim.Optimizer, loader
     """The same work without Lightning: ``compute_losses`` (student + no-grad teacher), backward, step, EMA
     (``module``, ``optimizer`` and the loader's batch already on ``device``)."""
     module.train()
-    stamps: list[tuple[float, float]] = []
-    step = step0
-    start = clock(device)
-    for batch in loader:
-        loss = module.compute_losses(batch)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        ema_update_(module.teacher, module.student, ema_alpha(step, decay))
-        stamps.append(clock(device))
-    return step_medians(stamps, start, warmup)
+    return bare_steps(loader, optimizer, lambda step, batch: module.compute_losses(batch)["total"], warmup, device,
+                      lambda step: ema_update_(module.teacher, module.student, ema_alpha(step0 + step + 1, decay)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,10 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         bare_steps += args.steps
         return got
 
-    payload = {"config": vars(args), "device": str(device), **compare_rounds(
-        lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator), bare_run, args.repeats)}
-    write(args.name, payload)
-    return payload
+    return compare_and_write(
+        args, device, lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator), bare_run)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
-                                           step_medians, write)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
+                                           fit_steps)
 from lightning_modules.magsd import MAGSDModule
 from networks.attention_augment import magsd_augment
 from networks.magsd import MAGSDNet
@@ -57,18 +57,14 @@ def run_bare(net: MAGSDNet, optimizer: torch.optim.Optimizer, loader: DataLoader
     """The same step without Lightning (``net``, ``optimizer`` and the loader's batch already on ``device``)."""
     net.train()
     generator = torch.Generator(device=device)  # augmentation draws happen on the images' device
-    stamps: list[tuple[float, float]] = []
-    start = clock(device)
-    for step, batch in enumerate(loader):
+
+    def loss_of(step: int, batch: dict) -> torch.Tensor:
         image = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
         generator.manual_seed(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = bare_loss(net, image, batch["labels"].argmax(dim=1), generator, channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stamps.append(clock(device))
-    return step_medians(stamps, start, warmup)
+            return bare_loss(net, image, batch["labels"].argmax(dim=1), generator, channels_last)
+
+    return bare_steps(loader, optimizer, loss_of, warmup, device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,12 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     loader = SameBatch(batch, args.steps, device).loader()
 
     precision = "bf16-mixed" if args.bf16 else "32-true"
-    payload = {"config": vars(args), "device": str(device), **compare_rounds(
-        lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator, precision),
-        lambda: run_bare(bare_net, bare_opt, loader, args.warmup, args.bf16, args.channels_last, device),
-        args.repeats)}
-    write(args.name, payload)
-    return payload
+    return compare_and_write(
+        args, device, lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator, precision),
+        lambda: run_bare(bare_net, bare_opt, loader, args.warmup, args.bf16, args.channels_last, device))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from callbacks.ema_teacher import EMATeacher
 from callbacks.prototype_momentum import PrototypeMomentum, momentum_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
-from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
-                                           step_medians, write)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
+                                           fit_steps)
 from lightning_modules.oxnet import OXnetModule
 from networks.ema import ema_alpha, ema_update_
 from networks.oxnet import OXnet
@@ -69,20 +69,14 @@ def run_bare(module: OXnetModule, optimizer: torch.optim.Optimizer, loader: Data
     """The same work without Lightning: ``compute_losses``, backward, step, EMA, prototype update (``module``,
     ``optimizer`` and the loader's batch already on ``device``)."""
     module.train()
-    stamps: list[tuple[float, float]] = []
-    step = step0
-    start = clock(device)
-    for batch in loader:
-        loss = module.compute_losses(batch)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        ema_update_(module.teacher, module.student, ema_alpha(step, 0.99))
+
+    def after_step(step: int) -> None:
+        ema_update_(module.teacher, module.student, ema_alpha(step0 + step + 1, 0.99))
         sums, weights = module.prototype_stats
         momentum_update_(module.prototypes, module.prototype_updates, sums, weights, 0.7)
-        stamps.append(clock(device))
-    return step_medians(stamps, start, warmup)
+
+    return bare_steps(loader, optimizer, lambda step, batch: module.compute_losses(batch)["total"], warmup, device,
+                      after_step)
 
 
 def build(args) -> OXnet:
@@ -132,10 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         bare_opt = adamw([p for p in bare.parameters() if p.requires_grad])
         return run_bare(bare, bare_opt, loader, args.warmup, 0, device)
 
-    payload = {"config": vars(args), "device": str(device), "teacher_anchors_above_0.5_per_image": candidates,
-               **compare_rounds(lightning_run, bare_run, args.repeats)}
-    write(args.name, payload)
-    return payload
+    return compare_and_write(args, device, lightning_run, bare_run,
+                             **{"teacher_anchors_above_0.5_per_image": candidates})
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, clock, compare_rounds, device_of, fit_steps,
-                                           step_medians, write)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
+                                           fit_steps)
 from lightning_modules.pcam import PCAMModule
 from networks.cam_heads import PoolingClassifier
 from networks.pcam_loss import pcam_bce
@@ -35,18 +35,14 @@ def run_bare(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
              channels_last: bool, device: torch.device) -> tuple[float, float]:
     """The same step without Lightning (``net``, ``optimizer`` and the loader's batch already on ``device``)."""
     net.train()
-    stamps: list[tuple[float, float]] = []
-    start = clock(device)
-    for batch in loader:
+
+    def loss_of(step: int, batch: dict) -> torch.Tensor:
         image = batch["image"].contiguous(memory_format=torch.channels_last) if channels_last else batch["image"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = net(image)
-        loss, _ = pcam_bce(logits, batch["labels"], batch["label_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stamps.append(clock(device))
-    return step_medians(stamps, start, warmup)
+        return pcam_bce(logits, batch["labels"], batch["label_mask"])[0]
+
+    return bare_steps(loader, optimizer, loss_of, warmup, device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,12 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     loader = SameBatch(batch, args.steps, device).loader()
 
     precision = "bf16-mixed" if args.bf16 else "32-true"
-    payload = {"config": vars(args), "device": str(device), **compare_rounds(
-        lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator, precision),
-        lambda: run_bare(bare_net, bare_opt, loader, args.warmup, args.bf16, args.channels_last, device),
-        args.repeats, discard=1)}
-    write(args.name, payload)
-    return payload
+    return compare_and_write(
+        args, device, lambda: fit_steps(module, loader, args.steps, args.warmup, args.accelerator, precision),
+        lambda: run_bare(bare_net, bare_opt, loader, args.warmup, args.bf16, args.channels_last, device), discard=1)
 
 
 if __name__ == "__main__":
