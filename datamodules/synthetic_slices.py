@@ -56,7 +56,7 @@ import pandas as pd
 
 from datamodules.manifest import DataError
 from datamodules.progress import progress
-from datamodules.slices import H5SliceReader, NiftiSliceReader, SliceTable
+from datamodules.readers.slices import H5SliceReader, NiftiSliceReader, SliceTable
 
 GENERATOR_VERSION = 1
 CARTILAGE_LABEL = 2
@@ -255,7 +255,8 @@ def write_synthetic_slices(root: str | Path, config: SyntheticSlicesConfig | Non
 
 class SyntheticSlices:
     """Reader of the synthetic slice stacks: writes them on first use (cached by parameter hash), then reads
-    them with :class:`datamodules.slices.H5SliceReader` or :class:`datamodules.slices.NiftiSliceReader`.
+    them with :class:`datamodules.readers.slices.H5SliceReader` or
+    :class:`datamodules.readers.slices.NiftiSliceReader`.
 
     Args:
         cache_dir: parent of ``synthetic-slices-<hash>``; default ``$MEDATTN_CACHE`` or ``~/.cache/medattn``.

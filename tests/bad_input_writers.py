@@ -252,7 +252,7 @@ def pixel_limit_configurable(tmp: Path):
 
 
 def slices(tmp: Path, labels=("0", "1", "2"), subjects="subject_id,subject_label\ns0,1\ns1,2\n", nan=False):
-    from datamodules.slices import NiftiSliceReader
+    from datamodules.readers.slices import NiftiSliceReader
 
     volume = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
     volume[2, 3, 1] = np.nan if nan else volume[2, 3, 1]

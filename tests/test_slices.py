@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from datamodules.manifest import DataError
-from datamodules.slices import (H5SliceReader, NiftiSliceReader, SliceStackDataModule, SliceTransform,
-                                normalise_intensity, split_subjects)
+from datamodules.readers.slices import H5SliceReader, NiftiSliceReader, normalise_intensity
+from datamodules.slice_dataset import SliceTransform
+from datamodules.slices import SliceStackDataModule
+from datamodules.subject_splits import split_subjects
 from datamodules.synthetic_slices import (CARTILAGE_LABEL, SyntheticSlices, SyntheticSlicesConfig, render_subject,
                                           write_synthetic_slices)
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from datamodules.manifest import DataError
-from datamodules.slices import SliceStackDataModule, SliceTable
+from datamodules.readers.slices import SliceTable
+from datamodules.slices import SliceStackDataModule
 from datamodules.subject_features import SubjectFeatureDataModule
 
 GRADES = ["grade_0", "grade_1", "grade_2"]
