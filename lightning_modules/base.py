@@ -155,6 +155,24 @@ class MedAttnModule(pl.LightningModule):
                      prog_bar=name == "total", sync_dist=not on_step)
 
 
+class EvaluationHooks:
+    """Lightning's validation and test hooks for a :class:`MedAttnModule` whose two evaluation stages differ only
+    by the stage name: ``_evaluate(batch, stage)`` per batch and ``_log_metrics(stage)`` at the epoch end, with
+    ``stage`` ``"val"`` or ``"test"`` (list it before ``MedAttnModule`` in the bases)."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+
 def _checkpoint_class(cls: type, hparams: Mapping[str, Any]) -> type:
     """The class a checkpoint's ``_class_path`` names when it is a subclass of ``cls`` defined in an imported module
     or in ``lightning_modules`` (never an arbitrary module named by a file), else ``cls``."""

@@ -43,7 +43,7 @@ from torch import nn
 
 from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import EvaluationHooks, MedAttnModule, default_optimizer
 from lightning_modules.classification import (log_metric_collection, masked_ce, prediction_targets,
                                               record_test_predictions)
 from lightning_modules.metrics import localization_metrics
@@ -61,7 +61,7 @@ __all__ = ["MeanTeacherModule"]
 
 
 # ------------------------------------------------------------------------------------------ module
-class MeanTeacherModule(MedAttnModule):
+class MeanTeacherModule(EvaluationHooks, MedAttnModule):
     """DC-MT on slice batches (``datamodules.slices.SliceStackDataModule`` or any batch-contract DataModule
     with ``two_views=True`` and one-hot multiclass labels).
 
@@ -243,18 +243,6 @@ class MeanTeacherModule(MedAttnModule):
                 self.test_predictions[name].finish(self, self.class_names)
                 if self.hparams.localization:  # NaN (nothing to score) is left out of the log
                     log_metric_collection(self, self.test_localization[name], self.class_names, "test")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """One pooled feature and the class probabilities per slice, with names (for stage 2)."""

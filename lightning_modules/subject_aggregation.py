@@ -28,7 +28,7 @@ from torch import nn
 
 from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import EvaluationHooks, MedAttnModule, default_optimizer
 from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
@@ -43,7 +43,7 @@ from lightning_modules.tiny import write_tiny_features as _write_tiny_features  
 __all__ = ["SubjectAggregationModule"]
 
 
-class SubjectAggregationModule(MedAttnModule):
+class SubjectAggregationModule(EvaluationHooks, MedAttnModule):
     """Mean-teacher subject classifier on :class:`datamodules.subject_features.SubjectFeatureDataModule` batches.
 
     Args:
@@ -164,18 +164,6 @@ class SubjectAggregationModule(MedAttnModule):
                 if stage == "test":
                     self.test_predictions[name].finish(self, self.class_names)
             self.log_dict(values, sync_dist=False)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         net = getattr(self, self.eval_names[-1])
