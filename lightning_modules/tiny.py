@@ -177,7 +177,7 @@ def write_tiny_features(path: Path, n_subjects: int = 12, dim: int = 16, k: int 
 # ------------------------------------------------------------------------------------- segmentation (3D)
 def nonlocal_unet(tmp_dir: Path):
     """A 3D Non-local U-Net with 4 filters on three 24^3 synthetic subjects (train, val, test), 16^3 patches."""
-    from datamodules.segmentation import VolumeSegmentationDataModule
+    from datamodules.volume_segmentation import VolumeSegmentationDataModule
     from datamodules.synthetic_volumes import SyntheticVolumes
     from lightning_modules.nonlocal_unet import NonLocalUNetModule
     from networks.nonlocal_unet import NonLocalUNet

@@ -114,7 +114,7 @@ def load_volume(tmp: Path, **kwargs):
 
 
 def patch_datamodule(tmp: Path, patch: int):
-    from datamodules.segmentation import VolumeSegmentationDataModule
+    from datamodules.volume_segmentation import VolumeSegmentationDataModule
 
     dm = VolumeSegmentationDataModule(volumes(tmp), patch_size=patch, batch_size=1, patches_per_epoch=2)
     dm.setup("fit")

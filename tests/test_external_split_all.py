@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from datamodules.manifest import DataError
-from datamodules.segmentation import LungSegmentationDataModule, VolumeSegmentationDataModule, foreground_box
+from datamodules.lung_segmentation import LungSegmentationDataModule
+from datamodules.volume_segmentation import VolumeSegmentationDataModule, foreground_box
 from datamodules.slices import SliceStackDataModule
 from datamodules.subject_features import SubjectFeatureDataModule
 from datamodules.synthetic_slices import SyntheticSlices

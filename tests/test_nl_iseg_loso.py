@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from datamodules.segmentation import VolumeSegmentationDataModule
+from datamodules.volume_segmentation import VolumeSegmentationDataModule
 from datamodules.volumes import ISeg2017
 from experiments.nonlocal_unet.loso import fold_plan, main, subjects_of
 

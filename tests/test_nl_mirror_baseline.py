@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.segmentation import VolumeSegmentationDataModule
+from datamodules.volume_segmentation import VolumeSegmentationDataModule
 from datamodules.volumes import NiftiVolumes
 from experiments.nonlocal_unet.mirror_baseline import mirror_dice, mirror_prediction
 

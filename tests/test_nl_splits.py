@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from datamodules.manifest import DataError
-from datamodules.segmentation import VolumeSegmentationDataModule
+from datamodules.volume_segmentation import VolumeSegmentationDataModule
 from datamodules.synthetic_volumes import SyntheticVolumes
 
 ROOT = Path(__file__).resolve().parents[1]

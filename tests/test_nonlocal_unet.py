@@ -12,6 +12,7 @@ from torch import nn
 from lightning_modules.nonlocal_unet import NonLocalUNetModule, PerClassMean, surface_distances
 from networks.global_aggregation import GlobalAggregation
 from networks.nonlocal_unet import NonLocalUNet
+from nonlocal_fixtures import WindowRecorder
 
 
 def _count(module: nn.Module) -> int:
@@ -67,20 +68,11 @@ def test_activation_and_norm_are_swappable():
 
 
 # ---------------------------------------------------------------------------------------- inference
-class _Probe(nn.Module):
-    """Records the first coordinate of every window (the input holds the axis-0 index) and predicts class 1."""
+class _Probe(WindowRecorder):
+    """Records the first coordinate of every window and predicts class 1."""
 
-    num_classes = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.starts: list[int] = []
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        self.starts += [int(v) for v in x[:, 0, 0, 0, 0]]
-        logits = torch.stack([x[:, 0] * 0, x[:, 0] * 0 + (x[:, 0] % 3)], 1)  # varies per voxel
-        return logits + self.dummy
+    def logits(self, x):
+        return torch.stack([x[:, 0] * 0, x[:, 0] * 0 + (x[:, 0] % 3)], 1)  # varies per voxel
 
 
 def test_sliding_window_matches_reference_stride_and_averages_probabilities():
@@ -167,7 +159,7 @@ def test_loss_choices_and_kernel_only_weight_decay():
 @pytest.mark.slow  # about 6-10 s on 2 cores
 def test_learns_tiny_synthetic_volumes(tmp_path):
     """30 steps on 16^3 patches of 24^3 synthetic volumes take the held-out Dice from chance to > 0.7."""
-    from datamodules.segmentation import VolumeSegmentationDataModule
+    from datamodules.volume_segmentation import VolumeSegmentationDataModule
     from datamodules.synthetic_volumes import SyntheticVolumes
 
     pl.seed_everything(0)

@@ -85,7 +85,7 @@ def test_budget_flags_per_datamodule():
     assert S.budget_flags(S.ARMS["oxnet"], boxes, 1.0) == []
     with pytest.raises(ValueError, match="box_fraction"):
         S.budget_flags(S.ARMS["retinanet"], {"data": {"init_args": {"box_fraction": None}}}, 0.5)
-    volumes = {"data": {"class_path": "datamodules.segmentation.VolumeSegmentationDataModule", "init_args": {}}}
+    volumes = {"data": {"class_path": "datamodules.volume_segmentation.VolumeSegmentationDataModule", "init_args": {}}}
     assert S.budget_flags(S.ARMS["nonlocal_unet"], volumes, 0.5) is None
     assert S.budget_flags(S.ARMS["nonlocal_unet"], volumes, 1.0) == []
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from datamodules.manifest import DataError
-from datamodules.segmentation import (LungSegmentationDataModule, RandomPatchDataset, VolumeSegmentationDataModule,
-                                      foreground_box, patch_start_range, zscore)
+from datamodules.lung_segmentation import LungSegmentationDataModule
+from datamodules.segmentation import zscore
+from datamodules.volume_segmentation import (RandomPatchDataset, VolumeSegmentationDataModule, foreground_box,
+                                             patch_start_range)
 from datamodules.synthetic_volumes import SyntheticVolumes, render_subject
 from datamodules.volumes import ISeg2017, MNI152Tissue, NiftiVolumes, Volume
 

@@ -44,7 +44,7 @@ def mirror_prediction(label: np.ndarray, eval_box, train_limits, axis: int, cent
 
 def mirror_dice(dm, centre: str = "box") -> dict[str, float]:
     """``test/dice`` and ``test/dice_<class>`` of the mirror copy on a set-up hemisphere DataModule."""
-    from datamodules.segmentation import foreground_box
+    from datamodules.volume_segmentation import foreground_box
 
     if dm.holdout != "hemisphere":
         raise ValueError(f"the mirror-copy baseline needs holdout='hemisphere', got holdout={dm.holdout!r}")
