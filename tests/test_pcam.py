@@ -15,6 +15,7 @@ from lightning_modules.pcam import PCAMModule
 from lightning_modules.weak_localization import heatmaps_at_input
 from networks.cam_heads import PoolingClassifier
 from networks.pcam_loss import pcam_bce
+from pcam_fixtures import BrightRegionNet, two_box_batch
 
 LN2 = math.log(2)
 
@@ -100,34 +101,10 @@ def test_heatmaps_at_input_zero_the_letterbox_padding():
     assert out[1].eq(1).all()
 
 
-class _OracleNet(nn.Module):
-    """Logit map = +20 where the image is bright, −20 elsewhere, at input resolution (a perfect localiser)."""
-
-    num_classes = 2
-
-    def forward_with_maps(self, x):
-        s = torch.where(x > 0.5, 20.0, -20.0).repeat(1, 2, 1, 1)
-        return s.mean((2, 3)), s
-
-    def forward(self, x):
-        return self.forward_with_maps(x)[0]
-
-    def maps_to_heatmaps(self, s):
-        return torch.sigmoid(s)
-
-
 def test_test_step_feeds_localisation_metrics():
-    module = PCAMModule(_OracleNet(), class_names=["a", "b"])
-    image = torch.zeros(2, 1, 32, 32)
-    image[0, 0, 4:12, 8:20] = 1
-    image[1, 0, 20:30, 2:6] = 1
-    batch = {
-        "image": image, "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "label_mask": torch.ones(2, 2, dtype=torch.bool),
-        "boxes": [torch.tensor([[8.0, 4.0, 20.0, 12.0]]), torch.tensor([[2.0, 20.0, 6.0, 30.0]])],
-        "box_labels": [torch.tensor([0]), torch.tensor([1])], "has_boxes": torch.tensor([True, True]),
-        "attention_mask": image.clone(), "has_attention_mask": torch.tensor([True, True]),
-        "frame": torch.tensor([[32.0, 32.0, 1.0], [32.0, 32.0, 1.0]]),
-    }
+    module = PCAMModule(BrightRegionNet(20.0, -20.0), class_names=["a", "b"])  # a perfect localiser
+    batch = two_box_batch()
+    image = batch["image"]
     module.update_localization(batch, module.net.maps_to_heatmaps(module.net.forward_with_maps(image)[1]))
     out = module.test_localization.compute()
     assert out["test/loc/iou@0.7"] == 1.0 and out["test/loc/iobb@0.9"] == 1.0

@@ -12,27 +12,19 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from lightning_modules.nonlocal_unet import NonLocalUNetModule
+from nonlocal_fixtures import WindowRecorder
 
 
-class _WindowNet(nn.Module):
-    """Input holds the axis-0 voxel index; every window predicts class-1 logit = (its first index) / 16 at all voxels,
-    class-0 logit 0, and records its start."""
+class _WindowNet(WindowRecorder):
+    """Every window predicts class-1 logit = (its first index) / 16 at all voxels, class-0 logit 0, and records
+    its start."""
 
-    num_classes = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.starts: list[int] = []
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
+    def logits(self, x):
         start = x[:, :1, :1, :1, :1]  # (B, 1, 1, 1, 1): first voxel of each window
-        self.starts += [int(v) for v in start.flatten()]
         one = (start / 16).expand(-1, 1, *x.shape[2:])
-        return torch.cat([torch.zeros_like(one), one], 1) + self.dummy
+        return torch.cat([torch.zeros_like(one), one], 1)
 
 
 def _axis_image(length: int) -> torch.Tensor:

@@ -17,39 +17,15 @@ from torch import nn
 from lightning_modules.pcam import PCAMModule
 from networks.cam_heads import CAMHeads
 from networks.pooling import create_pool
-
-
-class _LogitMapNet(nn.Module):
-    """Logit map = +0.4 where the image is bright, −3 elsewhere (both classes): σ = 0.599 inside, 0.047 outside."""
-
-    num_classes = 2
-
-    def forward_with_maps(self, x):
-        s = torch.where(x > 0.5, 0.4, -3.0).repeat(1, 2, 1, 1)
-        return s.mean((2, 3)), s
-
-    def forward(self, x):
-        return self.forward_with_maps(x)[0]
-
-    def maps_to_heatmaps(self, s):
-        return torch.sigmoid(s)
+from pcam_fixtures import BrightRegionNet, two_box_batch
 
 
 def test_test_step_scores_the_probability_map_at_the_papers_threshold():
     """Oracle: the σ-map exceeds cam_threshold 0.5 exactly on the drawn box, so T(IoU) at 0.7 and T(IoBB) at 0.9 are 1.
     Scored on the raw logit map (clamped to [0, 1]: 0.4 inside), nothing exceeds 0.5 and both are 0."""
-    module = PCAMModule(_LogitMapNet(), class_names=["a", "b"]).eval()
-    image = torch.zeros(2, 1, 32, 32)
-    image[0, 0, 4:12, 8:20] = 1
-    image[1, 0, 20:30, 2:6] = 1
-    batch = {
-        "image": image, "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "label_mask": torch.ones(2, 2, dtype=torch.bool),
-        "boxes": [torch.tensor([[8.0, 4.0, 20.0, 12.0]]), torch.tensor([[2.0, 20.0, 6.0, 30.0]])],
-        "box_labels": [torch.tensor([0]), torch.tensor([1])], "has_boxes": torch.tensor([True, True]),
-        "attention_mask": image.clone(), "has_attention_mask": torch.tensor([True, True]),
-        "frame": torch.tensor([[32.0, 32.0, 1.0], [32.0, 32.0, 1.0]]),
-        "image_id": ["i0", "i1"], "patient_id": ["p0", "p1"],
-    }
+    # logit map +0.4 on the bright box, −3 elsewhere: σ = 0.599 inside, 0.047 outside
+    module = PCAMModule(BrightRegionNet(0.4, -3.0), class_names=["a", "b"]).eval()
+    batch = {**two_box_batch(), "image_id": ["i0", "i1"], "patient_id": ["p0", "p1"]}
     with pytest.warns(UserWarning, match="self.log"):  # no Trainer: Lightning drops the logged values
         module.test_step(batch, 0)  # the module's own path from logit maps to the metrics
     out = module.test_localization.compute()
