@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed, split_key
 from datamodules.io import read_gray_uint8, read_mask
-from datamodules.manifest import DataError, require_columns
+from datamodules.manifest import DataError, Reader
+from datamodules.readers.covid import DEFAULT_VIEWS, COVIDChestXray
 from datamodules.segmentation import collate_segmentation, eval_sampler, zscore
 from datamodules.splits import (check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note,
                                 split_by_patient)
@@ -70,17 +71,23 @@ class LungDataset(Dataset):
 
 
 class LungSegmentationDataModule(pl.LightningDataModule):
-    """2D lung segmentation on frontal chest X-rays with lung masks (covid-chestxray-dataset layout).
+    """2D lung segmentation on frontal chest X-rays with lung masks.
 
-    Reads ``metadata.csv`` (``patientid``, ``filename``; ``view`` and ``modality`` filter when present) and keeps
-    the images that have a mask ``<mask_dir>/<stem>.png`` (0/255; ``fallback_mask_dir`` is tried next, e.g.
-    ``masks_lungvae``, whose masks are model-generated). In ``shared/data/covid-cxr-mini`` that is 85 images of
-    48 patients with manual v7labs masks. Images and masks are letterboxed to ``image_size`` (longer side, then
-    zero padding at the bottom/right), held in memory, and split by patient (``datamodules.splits``).
-    Images are z-scored per image (as the volume patches). Classes: background, lung.
+    The images and masks come from a reader (any object with ``load() -> Manifest``, as ``CXRDataModule``): the
+    images whose ``mask_path`` is set are used, the labels are not. By default the reader is
+    :class:`~datamodules.readers.covid.COVIDChestXray` over ``root`` (covid-chestxray-dataset layout) with
+    ``finding_map=None``: ``metadata.csv`` (``patientid``, ``filename``, ``view``, ``modality``), rows filtered
+    on ``modality == "X-ray"`` and ``views``, masks ``<mask_dir>/<stem>.png`` (0/255; ``fallback_mask_dir`` is
+    tried next, e.g. ``masks_lungvae``, whose masks are model-generated). In ``shared/data/covid-cxr-mini`` that
+    is 85 images of 48 patients with manual v7labs masks. Images and masks are letterboxed to ``image_size``
+    (longer side, then zero padding at the bottom/right), held in memory, and split by patient
+    (``datamodules.splits``). Images are z-scored per image (as the volume patches). Classes: background, lung.
 
     Args:
-        root: dataset folder. image_size: square side (divisible by 4 for the Non-local U-Net).
+        root: dataset folder of the default reader. metadata, image_dir, mask_dir, fallback_mask_dir, views: its
+            arguments (``views`` empty or None: no view filter).
+        reader: another reader instead (``root`` and the reader arguments above are then left unset).
+        image_size: square side (divisible by 4 for the Non-local U-Net).
         split: ``"patients"`` (default): the patient split of ``val_fraction``/``test_fraction``. ``"all"``: every
             image with a mask is the test split, exactly once (under DDP too), for testing a trained model on
             another folder (``medattn test ... --ckpt_path <ckpt> --data.init_args.root <folder>
@@ -97,12 +104,13 @@ class LungSegmentationDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | None = None,
         metadata: str = "metadata.csv",
         image_dir: str = "images",
         mask_dir: str = "masks",
         fallback_mask_dir: str | None = None,
-        views: Sequence[str] | None = ("PA", "AP", "AP Supine"),
+        views: Sequence[str] | None = DEFAULT_VIEWS,
+        reader: Reader | None = None,
         image_size: int = 128,
         split: Literal["patients", "all"] = "patients",
         val_fraction: float = 0.2,
@@ -117,10 +125,21 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4 or image_size % 4:
             raise ValueError(f"LungSegmentationDataModule: image_size must be a positive multiple of 4, got {image_size!r}")
         check_split_choice(type(self).__name__, split)
-        self.split = split
-        self.root, self.metadata, self.image_dir = Path(root), metadata, image_dir
-        self.mask_dirs = [d for d in (mask_dir, fallback_mask_dir) if d]
-        self.views = list(views) if views else None
+        if reader is None:
+            if root is None:
+                raise ValueError("LungSegmentationDataModule: give root (the covid-chestxray-dataset folder) or reader")
+            reader = COVIDChestXray(root, metadata, image_dir, finding_map=None, views=list(views) if views else None,
+                                    mask_dir=mask_dir, fallback_mask_dir=fallback_mask_dir, boxes_csv=None)
+        else:  # the default reader's arguments would be silently ignored
+            given = {"root": (root, None), "metadata": (metadata, "metadata.csv"), "image_dir": (image_dir, "images"),
+                     "mask_dir": (mask_dir, "masks"), "fallback_mask_dir": (fallback_mask_dir, None),
+                     "views": (tuple(views) if views else views, DEFAULT_VIEWS)}
+            set_ = [k for k, (value, default) in given.items() if value != default]
+            if set_:
+                raise ValueError(f"LungSegmentationDataModule: {set_} configure the default reader; with reader= "
+                                 "give them to the reader instead")
+        self.reader, self.split = reader, split
+        self.root = getattr(reader, "root", None) or type(reader).__name__  # where the images are, for messages
         self.image_size, self.val_fraction, self.test_fraction = image_size, val_fraction, test_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.augment, self.num_workers, self.seed = augment, num_workers, seed
@@ -129,29 +148,15 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         self.notes: dict[str, str] = {}  # split -> how it was chosen (describe_split)
 
     def read_records(self) -> pd.DataFrame:
-        """One row per usable image: ``image_id``, ``image_path``, ``mask_path``, ``patient_id``."""
-        path = self.root / self.metadata
-        if not path.is_file():
-            raise DataError(f"metadata file not found: {path} (covid-chestxray-dataset layout expected)")
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        require_columns(frame, ["patientid", "filename"], path)
-        if "modality" in frame.columns:
-            frame = frame[frame["modality"].isin(["X-ray", ""])]
-        if self.views is not None and "view" in frame.columns:
-            frame = frame[frame["view"].isin(self.views)]
-        frame = frame.drop_duplicates("filename")
-        rows = []
-        for r in frame.itertuples(index=False):
-            stem = Path(r.filename).stem
-            mask = next((self.root / d / f"{stem}.png" for d in self.mask_dirs
-                         if (self.root / d / f"{stem}.png").is_file()), None)
-            if mask is None:
-                continue
-            rows.append({"image_id": r.filename, "image_path": str(self.root / self.image_dir / r.filename),
-                         "mask_path": str(mask), "patient_id": str(r.patientid)})
-        if not rows:
-            raise DataError(f"{path}: no frontal X-ray has a lung mask in {self.mask_dirs} under {self.root}")
-        return pd.DataFrame(rows)
+        """One row per image with a mask: ``image_id``, ``image_path``, ``mask_path``, ``patient_id``."""
+        manifest = self.reader.load()
+        records = manifest.records
+        has_mask = records["mask_path"].fillna("").astype(str) != "" if "mask_path" in records else False
+        records = records[has_mask]
+        if records.empty:
+            raise DataError(f"{manifest.source}: no image read by {type(self.reader).__name__} has a lung mask "
+                            f"(under {self.root})")
+        return records[["image_id", "image_path", "mask_path", "patient_id"]].reset_index(drop=True)
 
     def setup(self, stage: str | None = None) -> None:
         refuse_split_all_stage(self.split, stage, f"image with a lung mask in {self.root}")

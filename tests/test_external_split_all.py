@@ -20,13 +20,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from datamodules.manifest import DataError
 from datamodules.lung_segmentation import LungSegmentationDataModule
-from datamodules.volume_segmentation import VolumeSegmentationDataModule, foreground_box
+from datamodules.manifest import DataError
 from datamodules.slices import SliceStackDataModule
 from datamodules.subject_features import SubjectFeatureDataModule
 from datamodules.synthetic_slices import SyntheticSlices
 from datamodules.synthetic_volumes import SyntheticVolumes
+from datamodules.volume_segmentation import VolumeSegmentationDataModule, foreground_box
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSED = r"split='all' \(--data.init_args.split all\)"

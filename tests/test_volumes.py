@@ -226,5 +226,5 @@ def test_covid_lung_masks_split_by_patient(shared_data):
     assert math.isclose(float(batch["image"][0].mean()), 0.0, abs_tol=1e-4)
     fallback = LungSegmentationDataModule(root, fallback_mask_dir="masks_lungvae")
     assert len(fallback.read_records()) == 100  # at least one mask (README)
-    with pytest.raises(DataError, match="metadata file not found"):
+    with pytest.raises(DataError, match="COVID metadata: file not found"):
         LungSegmentationDataModule(root / "nowhere").read_records()

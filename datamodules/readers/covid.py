@@ -86,7 +86,9 @@ class COVIDChestXray:
     for anything else) to a class name; in ``task="multilabel"`` a value may be a list of class names, and ``[]``
     keeps the image with all-negative labels. ``classes`` defaults to the preset's, or to the dict's values in
     order of appearance. Rows whose finding maps to nothing are dropped (``report["dropped_unmapped"]``) or, with
-    ``strict=True``, raise.
+    ``strict=True``, raise. ``finding_map=None`` reads the images whatever their finding (the ``finding`` column may
+    then be absent), all of one class (``classes``, default ``["X-ray"]``): for tasks that use the images and masks
+    but not the labels (:class:`datamodules.lung_segmentation.LungSegmentationDataModule`).
 
     Choices:
         * Rows are filtered on ``modality`` (default ``X-ray``) and ``views`` (default PA, AP, AP Supine).
@@ -109,7 +111,7 @@ class COVIDChestXray:
         root: str | Path,
         metadata: str = "metadata.csv",
         image_dir: str = "images",
-        finding_map: str | dict[str, str | list[str]] = "magsd",
+        finding_map: str | dict[str, str | list[str]] | None = "magsd",
         classes: list[str] | None = None,
         task: str = "multiclass",
         views: list[str] | None = DEFAULT_VIEWS,
@@ -126,7 +128,12 @@ class COVIDChestXray:
         self.root = Path(root)
         self.metadata = metadata
         self.image_dir = image_dir
-        if isinstance(finding_map, str):
+        if finding_map is None:  # every image, one class: the labels are not used
+            self.classes = list(classes) if classes else ["X-ray"]
+            if len(self.classes) != 1:
+                raise ValueError(f"COVIDChestXray: finding_map=None reads one class, got classes={self.classes}")
+            mapping = {"*": self.classes[0]}
+        elif isinstance(finding_map, str):
             if finding_map not in FINDING_PRESETS:
                 raise ValueError(
                     f"COVIDChestXray: unknown finding_map preset {finding_map!r}; use {list(FINDING_PRESETS)} or a dict"
@@ -140,6 +147,7 @@ class COVIDChestXray:
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"COVIDChestXray: task must be 'multiclass' or 'multilabel', got {task!r}")
         self.task = task
+        self.label_findings = finding_map is not None
         self.finding_map = {}
         for key, value in mapping.items():
             targets = [value] if isinstance(value, str) else list(value)
@@ -171,7 +179,8 @@ class COVIDChestXray:
         self.report = {}
         path = Path(self.metadata) if Path(self.metadata).is_absolute() else self.root / self.metadata
         meta = C.read_csv(path, "COVID metadata", dtype={"patientid": str, "filename": str, "finding": str})
-        require_columns(meta, ["patientid", "finding", "filename"], path)
+        require_columns(meta, ["patientid", "finding", "filename"] if self.label_findings else ["patientid", "filename"],
+                        path)
         meta["_row"] = np.arange(len(meta))
         self.report["rows"] = len(meta)
 
@@ -221,6 +230,8 @@ class COVIDChestXray:
 
     def _map_findings(self, meta: pd.DataFrame, path: Path) -> pd.Series:
         """Per row: the list of class names, or None when the finding maps to nothing (mapped once per value)."""
+        if not self.label_findings:  # finding_map=None: every row, the one class
+            return pd.Series([self.finding_map["*"]] * len(meta), index=meta.index, dtype=object)
         findings = meta["finding"].fillna("").astype(str).str.strip()
         table = {f: match_finding(f, self.finding_map) for f in findings.unique()}
         targets = findings.map(table)
