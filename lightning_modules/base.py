@@ -14,7 +14,9 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 
 from callbacks.checkpoint_io import CheckpointError, load_checkpoint_file
+from callbacks.ema_teacher import EMATeacher
 from callbacks.faults import NonFiniteLossError  # noqa: F401  (re-exported: the modules raise it from check_finite)
+from callbacks.method_callbacks import module_callbacks
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -171,6 +173,22 @@ class EvaluationHooks:
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+
+class EMATeacherHooks:
+    """For a mean-teacher :class:`MedAttnModule` (``student`` and ``teacher`` nets, hyper-parameters ``ema_decay``
+    and ``teacher_train_mode``; list it before ``MedAttnModule`` in the bases): the module adds its
+    :class:`~callbacks.ema_teacher.EMATeacher` itself, so any Trainer runs the method
+    (:mod:`callbacks.method_callbacks`), and the teacher follows ``train()`` only with ``teacher_train_mode``
+    (otherwise it stays in eval mode: EMA'd BN statistics, no dropout)."""
+
+    def configure_callbacks(self):
+        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=self.hparams.ema_decay)})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.train(mode and self.hparams.teacher_train_mode)
+        return self
 
 
 def _checkpoint_class(cls: type, hparams: Mapping[str, Any]) -> type:

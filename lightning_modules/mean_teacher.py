@@ -41,9 +41,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from callbacks.ema_teacher import EMATeacher, eval_model_names
-from callbacks.method_callbacks import module_callbacks
-from lightning_modules.base import EvaluationHooks, MedAttnModule, default_optimizer
+from callbacks.ema_teacher import eval_model_names
+from lightning_modules.base import EMATeacherHooks, EvaluationHooks, MedAttnModule, default_optimizer
 from lightning_modules.classification import (log_metric_collection, masked_ce, prediction_targets,
                                               record_test_predictions)
 from lightning_modules.metrics import localization_metrics
@@ -61,7 +60,7 @@ __all__ = ["MeanTeacherModule"]
 
 
 # ------------------------------------------------------------------------------------------ module
-class MeanTeacherModule(EvaluationHooks, MedAttnModule):
+class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     """DC-MT on slice batches (``datamodules.slices.SliceStackDataModule`` or any batch-contract DataModule
     with ``two_views=True`` and one-hot multiclass labels).
 
@@ -118,15 +117,6 @@ class MeanTeacherModule(EvaluationHooks, MedAttnModule):
             for i, name in enumerate(self.eval_names)})
 
     # ------------------------------------------------------------------------------------ plumbing
-    def configure_callbacks(self):
-        # the EMA teacher is the method: added here, so any Trainer runs it (callbacks.method_callbacks)
-        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=self.hparams.ema_decay)})
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.train(mode and self.hparams.teacher_train_mode)
-        return self
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_data_classes(self, self.student.num_classes)

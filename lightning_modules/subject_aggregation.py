@@ -26,9 +26,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from callbacks.ema_teacher import EMATeacher, eval_model_names
-from callbacks.method_callbacks import module_callbacks
-from lightning_modules.base import EvaluationHooks, MedAttnModule, default_optimizer
+from callbacks.ema_teacher import eval_model_names
+from lightning_modules.base import EMATeacherHooks, EvaluationHooks, MedAttnModule, default_optimizer
 from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
@@ -43,7 +42,7 @@ from lightning_modules.tiny import write_tiny_features as _write_tiny_features  
 __all__ = ["SubjectAggregationModule"]
 
 
-class SubjectAggregationModule(EvaluationHooks, MedAttnModule):
+class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     """Mean-teacher subject classifier on :class:`datamodules.subject_features.SubjectFeatureDataModule` batches.
 
     Args:
@@ -79,15 +78,6 @@ class SubjectAggregationModule(EvaluationHooks, MedAttnModule):
                                       for stage in ("val", "test") for name in (*self.eval_names, "meanpool")})
         self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
                                  for i, name in enumerate(self.eval_names)}
-
-    def configure_callbacks(self):
-        # the EMA teacher is the method: added here, so any Trainer runs it (callbacks.method_callbacks)
-        return module_callbacks(self, {"ema_decay": lambda: EMATeacher(decay=self.hparams.ema_decay)})
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.train(mode and self.hparams.teacher_train_mode)
-        return self
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
