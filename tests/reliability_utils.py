@@ -79,6 +79,25 @@ def flat_state(module: nn.Module, trainer: pl.Trainer | None = None) -> dict[str
     return out
 
 
+def flat_tensors(obj: Any, prefix: str = "", numbers: bool = False,
+                 out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples as ``path -> tensor`` (detached, on the CPU), the path
+    ``prefix/key/index/...``; with ``numbers`` also int and float values (not bools) as 0-d tensors. Adds to
+    ``out`` when given; returns it."""
+    out = {} if out is None else out
+    if torch.is_tensor(obj):
+        out[prefix] = obj.detach().cpu()
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            flat_tensors(value, f"{prefix}/{key}", numbers, out)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            flat_tensors(value, f"{prefix}/{i}", numbers, out)
+    elif numbers and isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = torch.tensor(float(obj))
+    return out
+
+
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     """Largest |a − b| over common keys (and the key); the key sets must match."""
     assert set(a) == set(b), f"different keys: {sorted(set(a) ^ set(b))[:5]}"

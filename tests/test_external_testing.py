@@ -27,6 +27,7 @@ from PIL import Image
 from datamodules.cxr import CXRDataModule
 from datamodules.manifest import DataError
 from datamodules.readers.covid import COVIDChestXray
+from reliability_utils import flat_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CACHE = REPO / ".pytest_cache" / "medattn-synthetic"  # shared with test_resume_configs
@@ -131,20 +132,7 @@ def _outputs(module, batch) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         torch.manual_seed(0)
         out = module.predict_step(batch, 0)
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, value) -> None:
-        if torch.is_tensor(value):
-            found[prefix] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}/{key}", item)
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(f"{prefix}/{i}", item)
-
-    walk("", out)
-    return found
+    return flat_tensors(out)
 
 
 @pytest.mark.parametrize("name", [n if n == "pcam" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CONFIGS)])

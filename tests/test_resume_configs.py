@@ -30,6 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reliability_utils import flat_tensors  # noqa: E402
 from resume_kill_job import BATCHES, Tiny  # noqa: E402
 
 from callbacks.checkpoint_io import load_checkpoint_file  # noqa: E402
@@ -226,25 +227,12 @@ def _flat(ckpt: dict) -> dict[str, torch.Tensor]:
     """Weights, optimiser, schedulers and callback states (not the RNG callback, the checkpoint paths or the
     wall-clock timer) as flat tensors."""
     out: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, obj) -> None:
-        if torch.is_tensor(obj):
-            out[prefix] = obj.detach().cpu()
-        elif isinstance(obj, dict):
-            for key, value in obj.items():
-                walk(f"{prefix}/{key}", value)
-        elif isinstance(obj, (list, tuple)):
-            for i, value in enumerate(obj):
-                walk(f"{prefix}/{i}", value)
-        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            out[prefix] = torch.tensor(float(obj))
-
-    walk("model", ckpt["state_dict"])
-    walk("optimizer", ckpt["optimizer_states"])
-    walk("scheduler", ckpt.get("lr_schedulers", []))
+    flat_tensors(ckpt["state_dict"], "model", numbers=True, out=out)
+    flat_tensors(ckpt["optimizer_states"], "optimizer", numbers=True, out=out)
+    flat_tensors(ckpt.get("lr_schedulers", []), "scheduler", numbers=True, out=out)
     for key, value in ckpt["callbacks"].items():
         if not any(skip in key for skip in ("RngState", "Checkpoint", "Timer")):
-            walk(f"callback/{key}", value)
+            flat_tensors(value, f"callback/{key}", numbers=True, out=out)
     return out
 
 
