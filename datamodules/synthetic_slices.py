@@ -46,17 +46,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from datamodules.manifest import DataError
 from datamodules.progress import progress
 from datamodules.readers.slices import H5SliceReader, NiftiSliceReader, SliceTable
+from datamodules.synthetic_cache import default_cache_root, write_atomically
 
 GENERATOR_VERSION = 1
 CARTILAGE_LABEL = 2
@@ -207,50 +204,16 @@ def _write_tree(root: Path, config: SyntheticSlicesConfig) -> None:
     pd.DataFrame(slices).to_csv(root / "nifti" / "slices.csv", index=False)
 
 
-def is_complete(root: str | Path, config: SyntheticSlicesConfig) -> bool:
-    try:
-        return json.loads((Path(root) / "DONE").read_text())["hash"] == config.digest()
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def write_synthetic_slices(root: str | Path, config: SyntheticSlicesConfig | None = None, **params) -> Path:
     """Generate the dataset into ``root`` unless it already holds exactly this one (see the module doc).
 
     A non-empty ``root`` without a ``DONE`` marker is not ours and raises :class:`DataError` rather than
-    being overwritten; an outdated synthetic dataset there is replaced.
+    being overwritten; an outdated synthetic dataset there is replaced
+    (:func:`datamodules.synthetic_cache.write_atomically`).
     """
     config = config or SyntheticSlicesConfig(**params)
-    root = Path(root).expanduser().absolute()
-    if is_complete(root, config):
-        return root
-    if root.exists() and any(root.iterdir()) and not (root / "DONE").exists():
-        raise DataError(f"{root}: exists, is not empty and has no DONE marker, so it is not a synthetic-slices "
-                        "dataset; refusing to overwrite it. Choose an empty or new directory.")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_tree(tmp, config)
-        record = {"generator": "medattn.synthetic-slices", "hash": config.digest(), "params": config.params()}
-        (tmp / "DONE").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        for _ in range(3):
-            try:
-                os.replace(tmp, root)  # atomic; fails when root is a non-empty directory
-                break
-            except OSError:
-                if is_complete(root, config):
-                    break  # another rank won the race with the same data
-                stale = root.parent / f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                try:
-                    os.replace(root, stale)  # an outdated dataset: move it aside, then retry
-                except OSError:
-                    continue
-                shutil.rmtree(stale, ignore_errors=True)
-        else:
-            raise DataError(f"{root}: could not move the generated dataset into place")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return write_atomically(root, config.digest(), config.params(), lambda tmp: _write_tree(tmp, config),
+                            "synthetic-slices")
 
 
 class SyntheticSlices:
@@ -273,8 +236,6 @@ class SyntheticSlices:
         self.layout = layout
         self.config = SyntheticSlicesConfig(n_subjects, image_size, min_slices, max_slices, tuple(grade_probs),
                                             noise_std, distractor_prob, seed)
-        from datamodules.synthetic import default_cache_root
-
         parent = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         self.root = parent / f"synthetic-slices-{self.config.digest()}"
 

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from datamodules.manifest import DataError
 from datamodules.progress import progress
+from datamodules.synthetic_cache import default_cache_root, write_atomically
 from datamodules.volumes import ISEG_CLASSES, NiftiVolumes, VolumeSubject
 
 __all__ = ["SyntheticVolumes", "render_subject", "write_synthetic_volumes"]
@@ -97,63 +94,28 @@ def _digest(params: dict) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _is_complete(root: Path, digest: str) -> bool:
-    try:
-        return json.loads((root / "DONE").read_text())["hash"] == digest
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def write_synthetic_volumes(root: str | Path, num_subjects: int = 4, shape: Sequence[int] = (48, 48, 48),
                             seed: int = 0, noise: float = 0.04) -> Path:
-    """Write ``sub-<i>_{t1,t2,label}.nii.gz`` into ``root`` unless it already holds this exact dataset."""
+    """Write ``sub-<i>_{t1,t2,label}.nii.gz`` into ``root`` unless it already holds this exact dataset
+    (atomically: :func:`datamodules.synthetic_cache.write_atomically`)."""
+    params = _params(num_subjects, shape, seed, noise)
+
+    def write_tree(tmp: Path) -> None:
+        _write_tree(tmp, num_subjects, shape, seed, noise)
+
+    return write_atomically(root, _digest(params), params, write_tree, "synthetic-volumes")
+
+
+def _write_tree(tmp: Path, num_subjects: int, shape: Sequence[int], seed: int, noise: float) -> None:
     import nibabel as nib
 
-    params = _params(num_subjects, shape, seed, noise)
-    digest = _digest(params)
-    root = Path(root).expanduser().absolute()
-    if _is_complete(root, digest):
-        return root
-    if root.exists() and any(root.iterdir()) and not (root / "DONE").exists():
-        raise DataError(f"{root}: exists, is not empty and has no DONE marker, so it is not a synthetic-volumes "
-                        "dataset; refusing to overwrite it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    try:
-        for i in progress(range(num_subjects), total=num_subjects, desc="synthetic volumes"):
-            arrays = render_subject(shape, seed, i, noise)
-            for name, array in arrays.items():
-                # int16 intensities (0-1000 scale) compress several times faster than float32
-                data = array if name == "label" else np.round(array).astype(np.int16)
-                nib.save(nib.Nifti1Image(data, affine), str(tmp / f"sub-{i:02d}_{name}.nii.gz"))
-        (tmp / "DONE").write_text(json.dumps({"hash": digest, "params": params}, sort_keys=True) + "\n")
-        _move_into_place(tmp, root, digest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def _move_into_place(tmp: Path, root: Path, digest: str) -> None:
-    for _ in range(3):
-        try:
-            os.replace(tmp, root)  # atomic; fails if root is a non-empty directory
-            return
-        except OSError:
-            if _is_complete(root, digest):
-                return  # another process wrote the same data first
-            stale = root.parent / f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.replace(root, stale)  # an outdated dataset: move it aside, then retry
-            except OSError:
-                continue
-            shutil.rmtree(stale, ignore_errors=True)
-    raise DataError(f"{root}: could not move the generated volumes into place")
-
-
-def _default_cache_root() -> Path:
-    return Path(os.environ.get("MEDATTN_CACHE") or Path.home() / ".cache" / "medattn").expanduser()
+    for i in progress(range(num_subjects), total=num_subjects, desc="synthetic volumes"):
+        arrays = render_subject(shape, seed, i, noise)
+        for name, array in arrays.items():
+            # int16 intensities (0-1000 scale) compress several times faster than float32
+            data = array if name == "label" else np.round(array).astype(np.int16)
+            nib.save(nib.Nifti1Image(data, affine), str(tmp / f"sub-{i:02d}_{name}.nii.gz"))
 
 
 class SyntheticVolumes(NiftiVolumes):
@@ -175,7 +137,7 @@ class SyntheticVolumes(NiftiVolumes):
         if num_subjects < 1 or len(shape) != 3 or min(shape) < 8:
             raise ValueError(f"need num_subjects >= 1 and a 3D shape of at least 8^3, got {num_subjects}, {shape}")
         self.params = _params(num_subjects, shape, seed, noise)
-        parent = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
+        parent = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         super().__init__(parent / f"synthetic-volumes-{_digest(self.params)}",
                          images=("sub-*_t1.nii.gz", "sub-*_t2.nii.gz"), label="sub-*_label.nii.gz",
                          class_names=ISEG_CLASSES, modalities=("t1", "t2"))

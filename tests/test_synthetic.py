@@ -19,12 +19,12 @@ from datamodules.synthetic import (
     DATA_ENTRY_HEADER,
     SyntheticCXR,
     SyntheticCXRConfig,
-    is_complete,
     main,
     plan_synthetic_cxr,
     render_image,
     write_synthetic_cxr,
 )
+from datamodules.synthetic_cache import is_complete
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nih-cxr14-sample"
 SMALL = dict(n_images=24, image_size=48, seed=3)
@@ -209,9 +209,9 @@ def test_cache_is_reused_replaced_when_stale_and_never_clobbers_foreign_data(tmp
     write_synthetic_cxr(root, config)
     assert (root / "DONE").stat().st_mtime_ns == stamp  # reused, not rewritten
     bigger = SyntheticCXRConfig(n_images=6, image_size=32)
-    assert not is_complete(root, bigger)
+    assert not is_complete(root, bigger.digest())
     write_synthetic_cxr(root, bigger)  # stale synthetic data (other parameters) is replaced
-    assert is_complete(root, bigger) and len(list((root / "images").iterdir())) == 6
+    assert is_complete(root, bigger.digest()) and len(list((root / "images").iterdir())) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary directories left behind
 
     foreign = tmp_path / "mine"
@@ -236,14 +236,14 @@ def test_concurrent_first_use_is_safe(tmp_path: Path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert is_complete(root, SyntheticCXRConfig(n_images=6, image_size=32))
+    assert is_complete(root, SyntheticCXRConfig(n_images=6, image_size=32).digest())
     assert len(list((root / "images").iterdir())) == 6
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
 
 
 def test_cli_and_default_cache_dir(tmp_path: Path, monkeypatch, capsys):
     main(["--out", str(tmp_path / "cli"), "--n-images", "3", "--image-size", "32", "--seed", "5"])
-    assert is_complete(tmp_path / "cli", SyntheticCXRConfig(n_images=3, image_size=32, seed=5))
+    assert is_complete(tmp_path / "cli", SyntheticCXRConfig(n_images=3, image_size=32, seed=5).digest())
     assert "3 images of 32 px" in capsys.readouterr().out
     monkeypatch.setenv("MEDATTN_CACHE", str(tmp_path / "cache"))
     reader = SyntheticCXR(n_images=3, image_size=32)
