@@ -508,3 +508,17 @@ def test_vinbig_wbf(tmp_path, monkeypatch):
     (tmp_path / "sizes.csv").write_text("image_id,width,height\nimg1,200,300\nimg2,300,400\nimg3,300,400\n")
     with pytest.raises(DataError, match=r"train.csv: row 1 \(line 2\): bad box .*x_max is beyond the image width for an image of width 200"):
         VinBigData(tmp_path, size_csv="sizes.csv", require_images=False).load()
+
+
+def test_reader_option_checks_name_the_reader_the_option_and_the_choices():
+    from datamodules.readers import _common as C
+
+    assert C.chosen_classes("R", None, ("a", "b")) == ["a", "b"]
+    assert C.chosen_classes("R", None, ("a", "b", "c"), default=("c",)) == ["c"]
+    with pytest.raises(ValueError, match=r"^R: unknown classes \['z'\]; choose from \['a', 'b'\]$"):
+        C.chosen_classes("R", ["a", "z"], ("a", "b"))
+    with pytest.raises(ValueError, match=r"R: unknown classes \[\]"):  # choosing none is refused too
+        C.chosen_classes("R", [], ("a", "b"))
+    C.check_choice("R", "merge", "wbf", ("all", "wbf"))
+    with pytest.raises(ValueError, match=r"^R: merge must be 'all' or 'wbf', got 'x'$"):
+        C.check_choice("R", "merge", "x", ("all", "wbf"))

@@ -21,6 +21,24 @@ from datamodules.manifest import BOX_COLUMNS, DataError
 GLOB_CHARS = set("*?[")
 
 
+def chosen_classes(reader: str, classes: Iterable[str] | None, known: Iterable[str],
+                   default: Iterable[str] | None = None) -> list[str]:
+    """``classes`` (``default``, else all of ``known``, when None) as a list; a ValueError naming the reader when
+    one of them is not in ``known`` or none is chosen (a typo would otherwise train on an all-zero column)."""
+    known = list(known)
+    chosen = list(known if default is None else default) if classes is None else list(classes)
+    unknown = [c for c in chosen if c not in known]
+    if unknown or not chosen:
+        raise ValueError(f"{reader}: unknown classes {unknown}; choose from {known}")
+    return chosen
+
+
+def check_choice(reader: str, name: str, value, choices: tuple) -> None:
+    """A ValueError ``"<reader>: <name> must be 'a' or 'b', got 'c'"`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{reader}: {name} must be {' or '.join(map(repr, choices))}, got {value!r}")
+
+
 def where(source: str | Path, row: int) -> str:
     """``"file.csv: row 5 (line 6)"`` for the 0-based data row ``row``."""
     return f"{source}: row {row + 1} (line {row + 2})"

@@ -97,14 +97,10 @@ class CheXpert:
         self.root = Path(root)
         self.csv = [csv] if isinstance(csv, (str, Path)) else list(csv)
         self.image_root = None if image_root is None else Path(image_root)
-        self.classes = list(COMPETITION_CLASSES) if classes is None else list(classes)
-        unknown = [c for c in self.classes if c not in CHEXPERT_CLASSES]
-        if unknown or not self.classes:
-            raise ValueError(f"CheXpert: unknown classes {unknown}; choose from {list(CHEXPERT_CLASSES)}")
+        self.classes = C.chosen_classes("CheXpert", classes, CHEXPERT_CLASSES, default=COMPETITION_CLASSES)
         self.uncertainty = uncertainty
         self.policies = self._policies(uncertainty)
-        if blank not in ("zero", "ignore"):
-            raise ValueError(f"CheXpert: blank must be 'zero' or 'ignore', got {blank!r}")
+        C.check_choice("CheXpert", "blank", blank, ("zero", "ignore"))
         self.blank = blank
         self.frontal_only = frontal_only
         self.require_images = require_images

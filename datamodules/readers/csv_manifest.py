@@ -72,8 +72,7 @@ class CSVManifest:
         self.label_columns = list(label_columns)
         if not self.label_columns:
             raise ValueError("CSVManifest: label_columns is empty")
-        if task not in ("multilabel", "multiclass"):
-            raise ValueError(f"CSVManifest: task must be 'multilabel' or 'multiclass', got {task!r}")
+        C.check_choice("CSVManifest", "task", task, ("multilabel", "multiclass"))
         if uncertain_value is not None and uncertain_value not in UNCERTAIN_POLICIES:
             raise ValueError(f"CSVManifest: uncertain_value must be None or one of {list(UNCERTAIN_POLICIES)}")
         self.image_column = image_column

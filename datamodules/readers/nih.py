@@ -103,10 +103,7 @@ class NIHChestXray14:
         self.data_entry = data_entry
         self.bbox_list = bbox_list
         self.image_dir = image_dir
-        self.classes = list(NIH_CLASSES) if classes is None else list(classes)
-        unknown = [c for c in self.classes if c not in NIH_CLASSES]
-        if unknown or not self.classes:
-            raise ValueError(f"NIHChestXray14: unknown classes {unknown}; choose from {list(NIH_CLASSES)}")
+        self.classes = C.chosen_classes("NIHChestXray14", classes, NIH_CLASSES)
         self.mask_dir = mask_dir
         self.attention_mask_dir = attention_mask_dir
         self.view_positions = None if view_positions is None else list(view_positions)

@@ -70,19 +70,14 @@ class VinBigData:
         self.csv = csv
         self.image_dir = image_dir
         self.image_ext = image_ext
-        self.classes = list(VINBIG_CLASSES) if classes is None else list(classes)
-        unknown = [c for c in self.classes if c not in VINBIG_CLASSES]
-        if unknown or not self.classes:
-            raise ValueError(f"VinBigData: unknown classes {unknown}; choose from {list(VINBIG_CLASSES)}")
-        if merge not in ("all", "wbf"):
-            raise ValueError(f"VinBigData: merge must be 'all' or 'wbf', got {merge!r}")
+        self.classes = C.chosen_classes("VinBigData", classes, VINBIG_CLASSES)
+        C.check_choice("VinBigData", "merge", merge, ("all", "wbf"))
         if merge == "wbf" and importlib.util.find_spec("ensemble_boxes") is None:
             raise ImportError(
                 "VinBigData(merge='wbf') needs the ensemble_boxes library, which is not installed: "
                 "pip install ensemble-boxes (or use merge='all')"
             )
-        if label_rule not in ("any", "majority"):
-            raise ValueError(f"VinBigData: label_rule must be 'any' or 'majority', got {label_rule!r}")
+        C.check_choice("VinBigData", "label_rule", label_rule, ("any", "majority"))
         self.merge = merge
         self.wbf_iou = wbf_iou
         self.label_rule = label_rule
