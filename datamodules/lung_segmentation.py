@@ -23,8 +23,8 @@ from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Reader
 from datamodules.readers.covid import DEFAULT_VIEWS, COVIDChestXray
 from datamodules.segmentation import collate_segmentation, eval_sampler, zscore
-from datamodules.splits import (check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note,
-                                split_by_patient)
+from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
+from datamodules.splits import split_by_patient
 from datamodules.transforms import letterbox
 
 __all__ = ["LungDataset", "LungSegmentationDataModule"]

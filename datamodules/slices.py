@@ -32,7 +32,7 @@ from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, 
 from datamodules.manifest import DataError
 from datamodules.readers.slices import SliceReader, SliceTable
 from datamodules.slice_dataset import SliceDataset, SliceTransform, collate_slices
-from datamodules.splits import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
+from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, check_subject_counts, role_frame, split_subjects,
                                         subject_folds)
 

@@ -56,7 +56,7 @@ from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
 from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
 from datamodules.manifest import DataError
 from datamodules.slice_dataset import collate_slices
-from datamodules.splits import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
+from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import check_subject_counts, split_from_roles
 from networks.aggregation import center_crop_or_pad
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed
 from datamodules.manifest import DataError
 from datamodules.segmentation import collate_segmentation, eval_sampler, zscore
-from datamodules.splits import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
+from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.volumes import Volume, VolumeReader
 
 __all__ = ["foreground_box", "patch_start_range", "RandomPatchDataset", "CroppedVolumeDataset",
