@@ -16,6 +16,7 @@ Lightning does: that is the method-specific work.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -149,6 +150,20 @@ def step_medians(stamps: list[tuple[float, float]], start: tuple[float, float], 
         raise ValueError(f"{len(stamps)} steps recorded, none left after --warmup {warmup}: raise --steps")
     pairs = list(zip([start, *stamps[:-1]], stamps))[warmup:]
     return statistics.median(b[0] - a[0] for a, b in pairs), statistics.median(b[1] - a[1] for a, b in pairs)
+
+
+def bare_copy(net: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The bare arm's network: a deep copy (the same initial weights as the Lightning arm's), moved to the device
+    Lightning trains on and, with ``channels_last``, to that memory format (as ``MedAttnModule.setup`` does)."""
+    bare = copy.deepcopy(net).to(device)
+    return bare.to(memory_format=torch.channels_last) if channels_last else bare
+
+
+def labelled_image_batch(labels: torch.Tensor, image_size: int) -> dict:
+    """One classification batch: random single-channel ``image_size``² images (drawn after ``labels``, from the
+    global generator) for the (B, K) ``labels``, every label known."""
+    image = torch.randn(labels.shape[0], 1, image_size, image_size)
+    return {"image": image, "labels": labels, "label_mask": torch.ones_like(labels, dtype=torch.bool)}
 
 
 def bare_steps(loader: DataLoader, optimizer: torch.optim.Optimizer, loss_of: Callable[[int, dict], torch.Tensor],

@@ -22,14 +22,13 @@ Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
-                                           fit_steps)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_copy, bare_steps, compare_and_write,
+                                           device_of, fit_steps, labelled_image_batch)
 from lightning_modules.magsd import MAGSDModule
 from networks.attention_augment import magsd_augment
 from networks.magsd import MAGSDNet
@@ -83,17 +82,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     net = MAGSDNet(num_classes=args.classes, backbone=args.backbone, num_scales=args.num_scales)
-    bare_net = copy.deepcopy(net).to(device)  # same initial weights, on the device Lightning trains on
-    if args.channels_last:
-        bare_net = bare_net.to(memory_format=torch.channels_last)
+    bare_net = bare_copy(net, device, args.channels_last)
     sgd = dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
     module = MAGSDModule(net, optimizer=lambda p: torch.optim.SGD(p, **sgd), channels_last=args.channels_last,
                          augment_seed=0)
     bare_opt = torch.optim.SGD(bare_net.parameters(), **sgd)
     labels = F.one_hot(torch.arange(args.batch) % args.classes, args.classes).float()
-    batch = {"image": torch.randn(args.batch, 1, args.image_size, args.image_size), "labels": labels,
-             "label_mask": torch.ones_like(labels, dtype=torch.bool)}
-    loader = SameBatch(batch, args.steps, device).loader()
+    loader = SameBatch(labelled_image_batch(labels, args.image_size), args.steps, device).loader()
 
     precision = "bf16-mixed" if args.bf16 else "32-true"
     return compare_and_write(

@@ -19,13 +19,12 @@ epoch-end work (AUROC compute) is outside the per-step figure. With ``--accelera
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
-                                           fit_steps)
+from experiments.benchmarks.common import (SameBatch, add_common_args, bare_copy, bare_steps, compare_and_write,
+                                           device_of, fit_steps, labelled_image_batch)
 from lightning_modules.pcam import PCAMModule
 from networks.cam_heads import PoolingClassifier
 from networks.pcam_loss import pcam_bce
@@ -62,15 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     kwargs = {} if args.output_stride == 32 else {"output_stride": args.output_stride}
     net = PoolingClassifier(args.backbone, num_classes=args.classes, pool="pcam", backbone_kwargs=kwargs)
-    bare_net = copy.deepcopy(net).to(device)  # same initial weights, on the device Lightning trains on
-    if args.channels_last:
-        bare_net = bare_net.to(memory_format=torch.channels_last)
+    bare_net = bare_copy(net, device, args.channels_last)
     module = PCAMModule(net, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), channels_last=args.channels_last)
     bare_opt = torch.optim.AdamW(bare_net.parameters(), lr=1e-3)
     labels = (torch.rand(args.batch, args.classes) < 0.3).float()
-    batch = {"image": torch.randn(args.batch, 1, args.image_size, args.image_size), "labels": labels,
-             "label_mask": torch.ones_like(labels, dtype=torch.bool)}
-    loader = SameBatch(batch, args.steps, device).loader()
+    loader = SameBatch(labelled_image_batch(labels, args.image_size), args.steps, device).loader()
 
     precision = "bf16-mixed" if args.bf16 else "32-true"
     return compare_and_write(
