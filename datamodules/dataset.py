@@ -125,6 +125,12 @@ def collate_cxr(samples: Sequence[dict]) -> dict:
     return batch
 
 
+def collate_samples(samples: Sequence[dict]) -> dict:
+    """Stack tensors; keep strings (ids) as lists: the batches of slices, subject features and segmentation."""
+    return {k: [s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples])
+            for k in samples[0]}
+
+
 class MixedStreamSampler(DistributedSampler):
     """Yields indices so that every consecutive block of ``sum(batch_sizes)`` holds exactly ``batch_sizes[s]``
     images of stream ``s`` (in stream order), i.e. a DataLoader with ``batch_size=sum(batch_sizes)`` and

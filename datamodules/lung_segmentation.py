@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed, split_key
+from datamodules.dataset import KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed, split_key
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Reader
 from datamodules.readers.covid import DEFAULT_VIEWS, COVIDChestXray
-from datamodules.segmentation import collate_segmentation, eval_sampler, zscore
+from datamodules.segmentation import eval_sampler, zscore
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.splits import split_by_patient
 from datamodules.transforms import letterbox
@@ -203,14 +203,14 @@ class LungSegmentationDataModule(pl.LightningDataModule):
         dataset.seed_base = (self.seed, run_seed(), rank)
         sampler = KeyedSampler(len(dataset), world, rank, seed=self.seed, shuffle=True, batch_size=self.batch_size)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate_segmentation, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, collate_fn=collate_samples, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, f"image in {self.root}")
         self.setup(stage)
         sampler = eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split", stage)
         return DataLoader(self.datasets[stage], batch_size=self.eval_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=collate_segmentation)
+                          num_workers=self.num_workers, collate_fn=collate_samples)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -1,4 +1,4 @@
-"""What the segmentation DataModules share: per-channel z-scoring, the evaluation sampler and the collate function.
+"""What the segmentation DataModules share: per-channel z-scoring and the evaluation sampler.
 
 The DataModules live in their own modules: random 3D patches from volumes in :mod:`datamodules.volume_segmentation`
 (``VolumeSegmentationDataModule``), 2D lung masks on chest X-rays in :mod:`datamodules.lung_segmentation`
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
-
 import torch
 
 from datamodules.dataset import UnpaddedDistributedSampler
 
-__all__ = ["zscore", "eval_sampler", "collate_segmentation"]
+__all__ = ["zscore", "eval_sampler"]
 
 
 def zscore(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
@@ -52,9 +50,3 @@ def eval_sampler(split: str, length: int, trainer, what: str, stage: str = "test
                       "so they weigh more in the validation metrics that select the checkpoint. Use a validation "
                       "split of at least as many items as ranks, or a multiple of its size in ranks.", stacklevel=2)
     return None
-
-
-def collate_segmentation(samples: Sequence[dict]) -> dict:
-    """Stack tensors, keep strings (ids) as lists."""
-    return {k: [s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples])
-            for k in samples[0]}

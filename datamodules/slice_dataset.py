@@ -1,7 +1,7 @@
 """Slice stacks as samples of the batch contract (``datamodules/batch.py``): the slice transform (letterbox,
-dilated attention mask, shared geometry and per-view photometry), the dataset over rows of a
-:class:`datamodules.readers.slices.SliceTable`, and its collate function. Used by
-:class:`datamodules.slices.SliceStackDataModule` and :mod:`datamodules.subject_features`.
+dilated attention mask, shared geometry and per-view photometry) and the dataset over rows of a
+:class:`datamodules.readers.slices.SliceTable` (batched by :func:`datamodules.dataset.collate_samples`), used by
+:class:`datamodules.slices.SliceStackDataModule`.
 """
 
 from __future__ import annotations
@@ -156,8 +156,3 @@ class SliceDataset(Dataset):
             "image_id": str(row["image_id"]), "patient_id": str(row["subject_id"]), "subject_id": str(row["subject_id"]),
         })
         return sample
-
-
-def collate_slices(samples: Sequence[dict]) -> dict:
-    return {k: [s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples])
-            for k in samples[0]}

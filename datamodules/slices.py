@@ -28,10 +28,10 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
-from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, run_seed
+from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, collate_samples, run_seed
 from datamodules.manifest import DataError
 from datamodules.readers.slices import SliceReader, SliceTable
-from datamodules.slice_dataset import SliceDataset, SliceTransform, collate_slices
+from datamodules.slice_dataset import SliceDataset, SliceTransform
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import (DEFAULT_VAL_FRACTION, ROLES, check_subject_counts, role_frame, split_subjects,
                                         subject_folds)
@@ -277,7 +277,7 @@ class SliceStackDataModule(pl.LightningDataModule):
         dataset = SliceDataset(self.table, rows, streams, self._transform(True), hp.cache,
                                seed_base=(hp.seed, run_seed(), rank))
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=collate_slices, num_workers=hp.num_workers,
+                          collate_fn=collate_samples, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)
 
     def _eval_loader(self, rows: np.ndarray) -> DataLoader:
@@ -286,7 +286,7 @@ class SliceStackDataModule(pl.LightningDataModule):
         dataset = SliceDataset(self.table, rows, streams, self._transform(False), hp.cache)
         world, rank = self._world()
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=UnpaddedDistributedSampler(len(rows), world, rank),
-                          collate_fn=collate_slices, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
+                          collate_fn=collate_samples, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         refuse_split_all_stage(self.hparams.split, "validate", f"subject of {type(self.reader).__name__}")

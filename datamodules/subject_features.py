@@ -53,9 +53,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
-from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler
+from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, collate_samples
 from datamodules.manifest import DataError
-from datamodules.slice_dataset import collate_slices
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import check_subject_counts, split_from_roles
 from networks.aggregation import center_crop_or_pad
@@ -305,13 +304,13 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         world, rank = self._world()
         sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed)
         return DataLoader(self._dataset(ids, streams, True), batch_size=sampler.batch_size, sampler=sampler,
-                          drop_last=True, collate_fn=collate_slices, num_workers=hp.num_workers)
+                          drop_last=True, collate_fn=collate_samples, num_workers=hp.num_workers)
 
     def _eval_loader(self, ids: Sequence[str]) -> DataLoader:
         streams = np.full(len(ids), STREAM_LABEL)
         world, rank = self._world()
         return DataLoader(self._dataset(ids, streams, False), batch_size=self.hparams.eval_batch_size,
-                          sampler=UnpaddedDistributedSampler(len(ids), world, rank), collate_fn=collate_slices,
+                          sampler=UnpaddedDistributedSampler(len(ids), world, rank), collate_fn=collate_samples,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.dataset import KeyedSampler, SampleKey, run_seed, sample_seed
+from datamodules.dataset import KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed
 from datamodules.manifest import DataError
-from datamodules.segmentation import collate_segmentation, eval_sampler, zscore
+from datamodules.segmentation import eval_sampler, zscore
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.volumes import Volume, VolumeReader
 
@@ -308,14 +308,14 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
         dataset.seed_base = (run_seed(), rank)
         sampler = KeyedSampler(len(dataset), world, rank, shuffle=False, batch_size=self.batch_size)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate_segmentation, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, collate_fn=collate_samples, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         # Crops differ in size, so evaluation batches hold one volume.
         refuse_split_all_stage(self.split, "validate" if stage == "val" else stage, "volume")
         self.setup(stage)
         sampler = eval_sampler(self.split, len(self.datasets[stage]), self.trainer, f"the {stage} split", stage)
-        return DataLoader(self.datasets[stage], batch_size=1, sampler=sampler, num_workers=0, collate_fn=collate_segmentation)
+        return DataLoader(self.datasets[stage], batch_size=1, sampler=sampler, num_workers=0, collate_fn=collate_samples)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
