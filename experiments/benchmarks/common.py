@@ -76,6 +76,29 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int, warmup: int = 2
     parser.add_argument("--repeats", type=int, default=repeats, help="rounds of one Lightning and one bare run")
 
 
+def step_parser(doc: str, name: str, steps: int, backbone: str, image_size: int, batch: int | None = None,
+                classes: int | None = None, warmup: int = 2, repeats: int = 5) -> argparse.ArgumentParser:
+    """The parser every step benchmark starts from (defaults per benchmark): the network's ``--backbone`` and
+    ``--image-size`` (``--batch`` and ``--classes`` where given), ``--name`` of the results file and
+    :func:`add_common_args`; the description is the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--backbone", default=backbone)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    if batch is not None:
+        parser.add_argument("--batch", type=int, default=batch)
+    if classes is not None:
+        parser.add_argument("--classes", type=int, default=classes)
+    parser.add_argument("--name", default=name, help="writes results/<name>.json")
+    add_common_args(parser, steps=steps, warmup=warmup, repeats=repeats)
+    return parser
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """The parsed arguments and the device of ``--accelerator``."""
+    args = parser.parse_args(argv)
+    return args, device_of(args.accelerator)
+
+
 def device_of(accelerator: str) -> torch.device:
     """The device Lightning's ``accelerator`` with ``devices=1`` trains on (``gpu`` -> ``cuda:0``)."""
     if accelerator == "cpu":

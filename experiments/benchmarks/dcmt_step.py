@@ -22,14 +22,13 @@ once, clocks read after a CUDA synchronise; wall time is then the figure). Harne
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
-                                           fit_steps)
+from experiments.benchmarks.common import (SameBatch, bare_steps, compare_and_write, fit_steps, parse_step_args,
+                                           step_parser)
 from lightning_modules.mean_teacher import MeanTeacherModule
 from networks.dcmt import DCMTNet
 from networks.ema import ema_alpha, ema_update_
@@ -58,17 +57,12 @@ def run_bare(module: MeanTeacherModule, optimizer: torch.optim.Optimizer, loader
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="test_resnet")
+    parser = step_parser(__doc__, "dcmt_step", steps=12, backbone="test_resnet", image_size=64)
     parser.add_argument("--output-stride", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--fa-channels", type=int, default=64)
     parser.add_argument("--labeled", type=int, default=10)
     parser.add_argument("--unlabeled", type=int, default=30)
-    add_common_args(parser, steps=12, warmup=2, repeats=5)
-    parser.add_argument("--name", default="dcmt_step")
-    args = parser.parse_args(argv)
-    device = device_of(args.accelerator)
+    args, device = parse_step_args(parser, argv)
 
     torch.manual_seed(0)
     net = DCMTNet(args.backbone, num_classes=3, output_stride=args.output_stride, fa_channels=args.fa_channels,

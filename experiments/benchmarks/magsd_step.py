@@ -21,14 +21,13 @@ Writes ``results/<name>.json``.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_copy, bare_steps, compare_and_write,
-                                           device_of, fit_steps, labelled_image_batch)
+from experiments.benchmarks.common import (SameBatch, bare_copy, bare_steps, compare_and_write, fit_steps,
+                                           labelled_image_batch, parse_step_args, step_parser)
 from lightning_modules.magsd import MAGSDModule
 from networks.attention_augment import magsd_augment
 from networks.magsd import MAGSDNet
@@ -67,18 +66,11 @@ def run_bare(net: MAGSDNet, optimizer: torch.optim.Optimizer, loader: DataLoader
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="resnet50")
+    parser = step_parser(__doc__, "magsd_step", steps=8, backbone="resnet50", image_size=128, batch=16, classes=4)
     parser.add_argument("--num-scales", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--classes", type=int, default=4)
-    add_common_args(parser, steps=8, warmup=2, repeats=5)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--name", default="magsd_step")
-    args = parser.parse_args(argv)
-    device = device_of(args.accelerator)
+    args, device = parse_step_args(parser, argv)
 
     torch.manual_seed(0)
     net = MAGSDNet(num_classes=args.classes, backbone=args.backbone, num_scales=args.num_scales)

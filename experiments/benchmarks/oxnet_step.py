@@ -21,7 +21,6 @@ Writes ``results/<name>.json``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -30,8 +29,8 @@ from torch.utils.data import DataLoader
 from callbacks.ema_teacher import EMATeacher
 from callbacks.prototype_momentum import PrototypeMomentum, momentum_update_
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_steps, compare_and_write, device_of,
-                                           fit_steps)
+from experiments.benchmarks.common import (SameBatch, bare_steps, compare_and_write, fit_steps, parse_step_args,
+                                           step_parser)
 from lightning_modules.oxnet import OXnetModule
 from networks.ema import ema_alpha, ema_update_
 from networks.oxnet import OXnet
@@ -88,18 +87,13 @@ def build(args) -> OXnet:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser = step_parser(__doc__, "oxnet_step", steps=8, backbone="resnet10t", image_size=128)
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--head-depth", type=int, default=2)
     parser.add_argument("--head-std", type=float, default=0.1)
     parser.add_argument("--per-stream", type=int, default=4)
-    add_common_args(parser, steps=8, warmup=2, repeats=5)
-    parser.add_argument("--name", default="oxnet_step")
-    args = parser.parse_args(argv)
-    device = device_of(args.accelerator)
+    args, device = parse_step_args(parser, argv)
 
     def adamw(params):
         return torch.optim.AdamW(params, lr=1e-5)  # small: the workload (pseudo-box count) stays stable

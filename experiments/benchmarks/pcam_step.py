@@ -18,13 +18,12 @@ epoch-end work (AUROC compute) is outside the per-step figure. With ``--accelera
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torch.utils.data import DataLoader
 
-from experiments.benchmarks.common import (SameBatch, add_common_args, bare_copy, bare_steps, compare_and_write,
-                                           device_of, fit_steps, labelled_image_batch)
+from experiments.benchmarks.common import (SameBatch, bare_copy, bare_steps, compare_and_write, fit_steps,
+                                           labelled_image_batch, parse_step_args, step_parser)
 from lightning_modules.pcam import PCAMModule
 from networks.cam_heads import PoolingClassifier
 from networks.pcam_loss import pcam_bce
@@ -45,18 +44,11 @@ def run_bare(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Dat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="resnet18")
+    parser = step_parser(__doc__, "pcam_step", steps=12, backbone="resnet18", image_size=128, batch=32, classes=4)
     parser.add_argument("--output-stride", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=4)
-    add_common_args(parser, steps=12, warmup=2, repeats=5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--name", default="pcam_step")
-    args = parser.parse_args(argv)
-    device = device_of(args.accelerator)
+    args, device = parse_step_args(parser, argv)
 
     torch.manual_seed(0)
     kwargs = {} if args.output_stride == 32 else {"output_stride": args.output_stride}

@@ -40,9 +40,9 @@ BENCHMARKS: dict[str, dict[str, list[str]]] = {
 
 def accepts_accelerator(source: Path) -> bool:
     """Whether a benchmark script takes ``--accelerator``: its own option, or the step benchmarks' shared
-    ``common.add_common_args``."""
+    ``common.add_common_args`` (directly or through ``common.step_parser``)."""
     text = source.read_text()
-    return 'add_argument("--accelerator"' in text or "add_common_args(" in text
+    return 'add_argument("--accelerator"' in text or "add_common_args(" in text or "step_parser(" in text
 
 
 def commands(names: list[str], profile: str, accelerator: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
