@@ -153,6 +153,7 @@ CONFIGS = {
     "retinanet/synthetic": _cxr(80, box_batch_size=2),
     "dcmt/synthetic": [*DCMT_SYN, "--data.init_args.unlabeled_batch_size", "4"],
     "dcmt/labeled_only": DCMT_SYN,  # an overlay: composed on its BASE below
+    "magsd/reference": CXR_SYN,  # the reference recipe (its own augmentation and schedule), composed on its BASE
     # stage 2 reads the stage-1 feature file at the config's own features_file (written by _prepare below)
     "dcmt_subject/synthetic": ["--data.init_args.labeled_batch_size", "2", "--data.init_args.unlabeled_batch_size",
                                "2", "--data.init_args.eval_batch_size", "8"],
@@ -161,7 +162,7 @@ CONFIGS = {
                                 "--data.init_args.patches_per_epoch", "6"],
 }
 # Overlays that are runs of their own (another arm of a comparison), composed on the config they follow.
-BASE = {"dcmt/labeled_only": "dcmt/synthetic"}
+BASE = {"dcmt/labeled_only": "dcmt/synthetic", "magsd/reference": "magsd/synthetic"}
 # Configs on the real samples in ../shared/data: config -> (sample folder, flags). Only sizes shrink;
 # each keeps its shipped min_per_class (set for covid-cxr-mini), schedule, precision and workers.
 COVID_CXR = ["--data.init_args.image_size", "32", "--data.init_args.labeled_batch_size", "4",
@@ -185,6 +186,7 @@ NOT_A_RUN = "a fragment composed with -c after an experiment config, or a W&B sw
 NO_IMAGES = "the shipped sample holds the label CSVs only, no images"
 EXEMPT = {
     "dcmt/dcmt_h5": "needs knee slices in HDF5 (<subject>_<slice>.h5); no such data is shipped",
+    "nonlocal_unet/iseg2017": "needs iSeg-2017 (T1/T2 Analyze volumes of 10 subjects); no such data is shipped",
     "pcam/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
     "retinanet/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
     "oxnet/nih": f"NIH ChestX-ray14: {NO_IMAGES}",
