@@ -33,8 +33,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch import nn
 
-# the maths lives in networks.ema; ema_alpha, ema_update_ and make_teacher stay importable from here too
-from networks.ema import check_same_structure, ema_alpha, ema_update_, make_teacher  # noqa: F401
+from networks.ema import check_same_structure, ema_alpha, ema_update_  # the maths; this callback schedules it
 
 EVAL_MODELS = ("student", "teacher", "both")
 

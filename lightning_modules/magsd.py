@@ -90,7 +90,7 @@ from lightning_modules.weak_localization import (attention_targets, has_localiza
                                                  update_localization, valid_region)
 from lightning_modules.data_check import check_data_classes
 from networks.attention_augment import magsd_augment
-from networks.magsd import soft_distance, soft_distance_target  # the loss lives with the network; importable here too
+from networks.magsd import soft_distance, soft_distance_target
 
 VIEW_NAMES = ("mixup", "dim", "patch")
 

@@ -52,8 +52,7 @@ from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import has_localization_targets, set_class_names, update_localization
 from lightning_modules.data_check import check_data_classes
 # the losses and ramps live with the network (networks.dcmt); the other names stay importable from here too
-from networks.dcmt import (bound_loss, consistency_weights, normalise_cams, normalised_mse,  # noqa: F401
-                           offset_sigmoid_rampup, select_class, sigmoid_rampup, softmax_mse)
+from networks.dcmt import bound_loss, consistency_weights, normalise_cams, normalised_mse, select_class, softmax_mse
 from networks.ema import make_teacher
 
 __all__ = ["MeanTeacherModule"]

@@ -49,7 +49,7 @@ from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
-from networks.pcam_loss import pcam_bce  # the loss lives with the maths; importable from here too
+from networks.pcam_loss import pcam_bce
 
 __all__ = ["MaskedBCEMean", "PCAMModule"]
 

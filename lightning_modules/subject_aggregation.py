@@ -36,9 +36,6 @@ from lightning_modules.data_check import check_data_classes
 from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
 from networks.ema import make_teacher
 
-# Kept importable for tests written during the issue-16 session; the fixture lives in lightning_modules/tiny.py.
-from lightning_modules.tiny import write_tiny_features as _write_tiny_features  # noqa: E402,F401
-
 __all__ = ["SubjectAggregationModule"]
 
 
