@@ -135,6 +135,22 @@ def changed_arguments(config: dict | None, saved: dict | None, prefix: str) -> l
             if key in there and here[key] is not None and here[key] != there[key]]
 
 
+# data arguments an evaluation on other data is expected to change: where the data is, which part is evaluated, how
+# it is batched and split; any other difference changes what the network sees (size, intensity, preprocessing)
+_EVALUATION_DATA_KEYS = ("reader", "root", "split", "batch_size", "num_workers", "fraction", "fold", "seed",
+                         "min_per_class", "use_official_test_split", "hold_out_boxed_for_test", "subjects",
+                         "features_file", "val_", "test_", "holdout")
+
+
+def preprocessing_changes(config: dict | None, saved: dict | None) -> list[str]:
+    """The data arguments of an evaluation (``test``/``validate``/``predict`` with a checkpoint) that differ from the
+    training run's other than those that choose and batch the data (:data:`_EVALUATION_DATA_KEYS`): e.g. a
+    different ``image_size`` or normalisation, under which the network sees inputs unlike its training inputs."""
+    return [c for c in changed_arguments(config, saved, "--data")
+            if not any(k in c.split(":")[0].rsplit(".", 1)[-1] or f".{k}" in c.split(":")[0]
+                       for k in _EVALUATION_DATA_KEYS)]
+
+
 def _as_recorded(run_dir: Path, checkpoint: dict) -> Path:
     """``run_dir`` spelled as the checkpoint's ``ModelCheckpoint`` recorded it (relative or absolute) when both name
     the same folder: ``ModelCheckpoint`` restores its best score only when the ``dirpath`` string is equal."""
@@ -224,6 +240,14 @@ class MedAttnCLI(LightningCLI):
         # data arguments it derives from are compared above, and check_forced_links refuses a contradicting value
         linked = {f"--model.init_args.{target}" for _, target in DATA_LINKS}
         changed = [c for c in changed if c.split(":")[0] not in linked]
+        if subcommand != "fit":  # evaluating on other data is allowed; a change of preprocessing is said aloud
+            differs = []
+            for saved in (run_config.get("data"), checkpoint.get("datamodule_hyper_parameters")):
+                differs += [c for c in preprocessing_changes(dumped.get("data"), saved) if c not in differs]
+            if differs:
+                warnings.warn(f"--ckpt_path {ckpt}: {subcommand} prepares the data differently from training (the "
+                              "numbers describe the model under these inputs, not as trained):\n  " + "\n  ".join(differs),
+                              stacklevel=2)
         if changed:
             what = ("a resumed run continues the same experiment, so model and data arguments must equal the "
                     "checkpoint's; trainer flags such as --trainer.max_epochs may change" if subcommand == "fit" else
