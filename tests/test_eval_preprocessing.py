@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.cli import MedAttnCLI, preprocessing_changes
+from experiments.checkpoint_args import preprocessing_changes
+from experiments.cli import MedAttnCLI
 from tests.test_run_identity import RUNS, TINY, _copy_run, one_epoch, workdir  # noqa: F401  (fixtures)
 
 
