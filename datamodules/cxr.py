@@ -12,7 +12,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
-from datamodules.dataset import CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr, run_seed
+from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr, run_seed,
+                                 world_and_rank)
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
 from datamodules.progress import progress
@@ -258,11 +259,6 @@ class CXRDataModule(pl.LightningDataModule):
         return CXRTransform(hp.image_size, train=train and hp.augment, two_views=hp.two_views and train,
                             seed=hp.seed + 1000 * rank, **kwargs)
 
-    def _world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 1, 0
-        return self.trainer.world_size, self.trainer.global_rank
-
     def batch_sizes(self) -> dict[int, int]:
         hp = self.hparams
         return {STREAM_BOX: hp.box_batch_size, STREAM_LABEL: hp.labeled_batch_size,
@@ -281,7 +277,7 @@ class CXRDataModule(pl.LightningDataModule):
             epoch_stream = _STREAM_BY_NAME[hp.epoch_stream]
         else:
             epoch_stream = STREAM_LABEL if sizes[STREAM_LABEL] > 0 else STREAM_BOX
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed, keyed=True)
         # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
         dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams,
@@ -298,7 +294,7 @@ class CXRDataModule(pl.LightningDataModule):
         boxed = manifest.records["image_id"].astype(str).isin(set(manifest.boxes["image_id"].astype(str)))
         streams = np.where(boxed.to_numpy(), STREAM_BOX, STREAM_LABEL)
         dataset = CXRDataset(manifest, self._transform(train=False), streams)
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         sampler = UnpaddedDistributedSampler(len(dataset), world, rank, f"the {split} split")
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, collate_fn=collate_cxr,
                           num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)

@@ -44,6 +44,11 @@ def split_key(item) -> tuple[int, int, int]:
     return int(item), 0, int(item)
 
 
+def world_and_rank(trainer) -> tuple[int, int]:
+    """``(world size, global rank)`` of the DataModule's trainer; ``(1, 0)`` before it is attached (direct use)."""
+    return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+
 def run_seed() -> int:
     """The run's global seed (``seed_everything`` / ``--seed_everything`` stores it in ``PL_GLOBAL_SEED``), so runs
     with different seeds augment differently; 0 when no global seed was set."""

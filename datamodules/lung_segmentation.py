@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.dataset import KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed, split_key
+from datamodules.dataset import (KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed, split_key,
+                                 world_and_rank)
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Reader
 from datamodules.readers.covid import DEFAULT_VIEWS, COVIDChestXray
@@ -198,7 +199,7 @@ class LungSegmentationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # order = f(seed, epoch), augmentation = f(seed, run seed, rank, epoch, position, index): exact resume
         refuse_split_all_stage(self.split, "fit", f"image with a lung mask in {self.root}")
-        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        world, rank = world_and_rank(self.trainer)
         dataset = self.datasets["train"]
         dataset.seed_base = (self.seed, run_seed(), rank)
         sampler = KeyedSampler(len(dataset), world, rank, seed=self.seed, shuffle=True, batch_size=self.batch_size)

@@ -22,7 +22,7 @@ import math
 import warnings
 import torch
 
-from datamodules.dataset import UnpaddedDistributedSampler
+from datamodules.dataset import UnpaddedDistributedSampler, world_and_rank
 
 __all__ = ["zscore", "eval_sampler"]
 
@@ -42,7 +42,7 @@ def zscore(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
 def eval_sampler(split: str, length: int, trainer, what: str, stage: str = "test") -> UnpaddedDistributedSampler | None:
     """The unpadded evaluation sampler (each item on exactly one DDP rank), or ``None`` (Lightning's padded one) for a
     validation split smaller than the number of ranks (see the module docstring)."""
-    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    world, rank = world_and_rank(trainer)
     if split == "all" or stage != "val" or length >= world:
         return UnpaddedDistributedSampler(length, world, rank, what)
     if length and world % length:

@@ -28,7 +28,8 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
-from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, collate_samples, run_seed
+from datamodules.dataset import (MixedStreamSampler, UnpaddedDistributedSampler, collate_samples, run_seed,
+                                 world_and_rank)
 from datamodules.manifest import DataError
 from datamodules.readers.slices import SliceReader, SliceTable
 from datamodules.slice_dataset import SliceDataset, SliceTransform
@@ -259,9 +260,6 @@ class SliceStackDataModule(pl.LightningDataModule):
         return SliceTransform(hp.image_size, train=train and hp.augment, two_views=hp.two_views and train,
                               seed=hp.seed + 1000 * rank, **(hp.augment_kwargs or {}))
 
-    def _world(self) -> tuple[int, int]:
-        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         refuse_split_all_stage(hp.split, "fit", f"subject of {type(self.reader).__name__}")
@@ -271,7 +269,7 @@ class SliceStackDataModule(pl.LightningDataModule):
             epoch_stream = {"label": STREAM_LABEL, "unlabeled": STREAM_UNLABELED}[hp.epoch_stream]
         else:
             epoch_stream = STREAM_UNLABELED if hp.unlabeled_batch_size > 0 else STREAM_LABEL
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed, keyed=True)
         # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
         dataset = SliceDataset(self.table, rows, streams, self._transform(True), hp.cache,
@@ -284,7 +282,7 @@ class SliceStackDataModule(pl.LightningDataModule):
         hp = self.hparams
         streams = np.where(self.table.slices["label"].iloc[rows].notna().to_numpy(), STREAM_LABEL, STREAM_UNLABELED)
         dataset = SliceDataset(self.table, rows, streams, self._transform(False), hp.cache)
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=UnpaddedDistributedSampler(len(rows), world, rank),
                           collate_fn=collate_samples, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
 

@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batch import STREAM_LABEL, STREAM_UNLABELED
-from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, collate_samples
+from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, collate_samples, world_and_rank
 from datamodules.manifest import DataError
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import check_subject_counts, split_from_roles
@@ -286,9 +286,6 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
                                      np.asarray(counts), streams, self.num_classes,
                                      hp.feature_noise if train else 0.0, two_views=train)
 
-    def _world(self) -> tuple[int, int]:
-        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-
     def train_dataloader(self) -> DataLoader:
         refuse_split_all_stage(self.hparams.split, "fit", "subject of the features file")
         self.setup()
@@ -301,14 +298,14 @@ class SubjectFeatureDataModule(pl.LightningDataModule):
         streams = np.where(np.isin(ids, self.split["labeled"]), STREAM_LABEL, STREAM_UNLABELED)
         sizes = {STREAM_LABEL: hp.labeled_batch_size, STREAM_UNLABELED: hp.unlabeled_batch_size}
         epoch_stream = STREAM_UNLABELED if hp.unlabeled_batch_size > 0 else STREAM_LABEL
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         sampler = MixedStreamSampler(streams, sizes, epoch_stream, world, rank, hp.seed)
         return DataLoader(self._dataset(ids, streams, True), batch_size=sampler.batch_size, sampler=sampler,
                           drop_last=True, collate_fn=collate_samples, num_workers=hp.num_workers)
 
     def _eval_loader(self, ids: Sequence[str]) -> DataLoader:
         streams = np.full(len(ids), STREAM_LABEL)
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         return DataLoader(self._dataset(ids, streams, False), batch_size=self.hparams.eval_batch_size,
                           sampler=UnpaddedDistributedSampler(len(ids), world, rank), collate_fn=collate_samples,
                           num_workers=self.hparams.num_workers)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.dataset import KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed
+from datamodules.dataset import KeyedSampler, SampleKey, collate_samples, run_seed, sample_seed, world_and_rank
 from datamodules.manifest import DataError
 from datamodules.segmentation import eval_sampler, zscore
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
@@ -297,13 +297,10 @@ class VolumeSegmentationDataModule(pl.LightningDataModule):
             return tuple((max(b[i][0], lo), min(b[i][1], hi)) if i == a else b[i] for i in range(len(b)))
         return (cut(box, 0, mid), cut(limits, 0, mid)), (cut(box, mid, 10**9), cut(limits, mid, 10**9))
 
-    def _world(self) -> tuple[int, int]:
-        return (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-
     def train_dataloader(self) -> DataLoader:
         # patch draws = f(run seed, rank, epoch, position, index): exact resume with any number of workers
         refuse_split_all_stage(self.split, "fit", "volume")
-        world, rank = self._world()
+        world, rank = world_and_rank(self.trainer)
         dataset = self.datasets["train"]
         dataset.seed_base = (run_seed(), rank)
         sampler = KeyedSampler(len(dataset), world, rank, shuffle=False, batch_size=self.batch_size)
