@@ -50,7 +50,6 @@ def run_id_of(run_dir: Path) -> str:
 
 def retest_command(run_dir: Path, out: Path) -> list[str]:
     """``medattn test`` of ``run_dir``'s best checkpoint with its own config, logged under ``out``."""
-    run_id_of(run_dir)  # a folder we cannot name again is an error before anything runs
     return [sys.executable, "-m", "experiments.retest", "test-one", str(run_dir),
             "--trainer.logger.init_args.save_dir", str(out)]
 
@@ -101,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (run_dir / "checkpoints" / "best.ckpt").is_file():
             print(f"[retest] {i}/{len(runs)} {run_dir}: no checkpoints/best.ckpt - skipped")
             continue
+        run_id = run_id_of(run_dir)  # a folder we cannot name again is an error before it runs (also in a dry run)
         cmd = retest_command(run_dir, out)
         print(f"[retest] {i}/{len(runs)} {run_dir}", flush=True)
         if args.dry_run:
             continue
         # the same run id as the original, so the retest of run <name>-<id> is <out>/<group>/<name>-<id>
-        env["MEDATTN_RUN_ID"] = run_id_of(run_dir)
+        env["MEDATTN_RUN_ID"] = run_id
         if subprocess.run(cmd, env=env).returncode != 0:  # the caller's folder: relative paths in configs hold
             failures.append(str(run_dir))
     for failure in failures:
