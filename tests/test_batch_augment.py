@@ -237,7 +237,7 @@ def _edge(mask: torch.Tensor) -> torch.Tensor:
     return (dilated != eroded)[0]
 
 
-@pytest.mark.parametrize("zoom", [0.9, 1.1, 0.83, 1.19])
+@pytest.mark.parametrize("zoom", [0.9, 1.1, 0.83, 1.19, 1.016])  # 1.016: 65 px, cropped 0 before, 1 after
 @pytest.mark.parametrize("flip", [False, True])
 def test_geometry_equals_monai_for_the_same_draw(zoom, flip):
     """Same zoom and flip as MONAI's RandZoomBoxd + RandFlipBoxd + ClipBoxToImaged: boxes equal (1e-4 px), image
@@ -338,3 +338,36 @@ def test_datamodule_refuses_unknown_or_impossible_augment_on(tmp_path):
         CXRDataModule(reader, augment_on="gpu")
     with pytest.raises(ValueError, match="augment_on='batch' cannot run augmentation='reference'"):
         CXRDataModule(reader, augment_on="batch", augment_kwargs={"augmentation": "reference"})
+
+
+def test_separable_grid_is_affine_grid():
+    from datamodules.batch_augment import _separable_grid
+
+    g = torch.Generator().manual_seed(0)
+    linear, shift = torch.rand(3, 2, generator=g) * 2 - 1, torch.rand(3, 2, generator=g) - 0.5
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = linear[:, 0], linear[:, 1], shift
+    grid, (inside_y, inside_x) = _separable_grid(linear, shift, 20, 30)
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, 20, 30], align_corners=False)
+    torch.testing.assert_close(grid, expected, atol=1e-6, rtol=0)
+    assert torch.equal((inside_y * inside_x)[:, 0].bool(), (expected.abs() <= 1).all(dim=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_like_on_the_cpu():
+    """Device-agnostic: on CUDA the same draw gives the CPU's geometry, and a CUDA generator makes it reproducible."""
+    batch = _box_batch(64, [[5, 9, 30, 41], [40, 3, 63, 20]])
+    cuda = {k: ([t.cuda() for t in v] if isinstance(v, list) else v.cuda()) for k, v in batch.items()}
+    augment = BatchAugment(two_views=True, flip_prob=0.5)
+    params = augment.sample_parameters(2, torch.Generator().manual_seed(0))
+    geometry = {"zoom": params["zoom"], "flip": params["flip"], "image": {}, "image_teacher": {}}
+    on_cpu = augment(batch, params=geometry)
+    on_gpu = augment(cuda, params={k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in geometry.items()})
+    for key in ("image", "image_teacher", "mask", "attention_mask"):
+        assert on_gpu[key].is_cuda
+        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], atol=1e-4, rtol=0)
+    for got, expected in zip(on_gpu["boxes"], on_cpu["boxes"]):
+        torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=0)
+    one = augment(cuda, torch.Generator(device="cuda").manual_seed(7))
+    two = augment(cuda, torch.Generator(device="cuda").manual_seed(7))
+    assert torch.equal(one["image"], two["image"]) and torch.equal(one["image_teacher"], two["image_teacher"])
