@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -371,3 +373,42 @@ def test_runs_on_cuda_like_on_the_cpu():
     one = augment(cuda, torch.Generator(device="cuda").manual_seed(7))
     two = augment(cuda, torch.Generator(device="cuda").manual_seed(7))
     assert torch.equal(one["image"], two["image"]) and torch.equal(one["image_teacher"], two["image_teacher"])
+
+
+@pytest.mark.slow
+def test_batch_augmentation_resumes_exactly_mid_epoch(tmp_path):
+    """A run resumed from a step checkpoint sees the augmented batches the uninterrupted run saw: the seed is a
+    function of (data seed, run seed, rank, epoch, batch index) and Lightning restores the batch index."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.reliability import RngStateCallback
+    from datamodules.cxr import CXRDataModule
+    from lightning_modules.tiny import cam_baseline
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.images = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.images[(trainer.current_epoch, batch_idx)] = batch["image"].clone()
+
+    def run(root, callbacks, ckpt_path=None):
+        module, sample_data = cam_baseline(tmp_path / "data")
+        data = CXRDataModule(sample_data.reader, **{**sample_data.hparams, "augment_on": "batch"})
+        seen = Seen()
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             max_epochs=2, limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0,
+                             default_root_dir=root, callbacks=[*callbacks, seen, RngStateCallback()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning: the loader is "not resumable" (no state_dict)
+            trainer.fit(module, data, ckpt_path=ckpt_path)
+        return seen.images
+
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", filename="{step}", save_top_k=-1, every_n_train_steps=1)
+    full = run(tmp_path / "a", [steps])
+    resumed = run(tmp_path / "b", [], ckpt_path=str(tmp_path / "steps" / "step=1.ckpt"))
+    assert sorted(resumed) == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    for key, image in resumed.items():
+        assert torch.equal(image, full[key]), key
+    assert not torch.equal(full[(0, 1)], full[(1, 1)])  # epochs draw differently
