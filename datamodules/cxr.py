@@ -9,9 +9,11 @@ from typing import Literal, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_NAMES, STREAM_UNLABELED
+from datamodules.batch_augment import BatchAugment, batch_seed
 from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistributedSampler, collate_cxr, run_seed,
                                  world_and_rank)
 from datamodules.io import read_gray_uint8, read_mask
@@ -90,6 +92,13 @@ class CXRDataModule(pl.LightningDataModule):
             sample's loading time, see ``experiments/benchmarks/dataloader.py``) and the masks travel as zeros
             with ``has_mask``/``has_attention_mask`` False. Evaluation loaders always read them (localisation
             metrics, CAM logging).
+        augment_on: where training augmentation runs. ``"sample"`` (default): per sample in the loader workers
+            (``CXRTransform``). ``"batch"``: the training loader yields letterboxed, un-augmented, un-normalised
+            samples and :meth:`on_after_batch_transfer` applies ``datamodules.batch_augment.BatchAugment`` (same
+            settings, same distributions) to the whole batch on the device it was moved to; seeded per batch from
+            ``(seed, run seed, rank, epoch, batch index)`` (:func:`~datamodules.batch_augment.batch_seed`), so
+            resume and DDP ranks draw reproducibly. Evaluation batches are never augmented (per-sample
+            normalisation as today); ``augmentation="reference"`` (``augment_kwargs``) has no batch path.
         skip_corrupt: decode every image (and mask) once at setup, drop the unreadable ones and count them in
             ``self.report`` (without it, an unreadable image raises a ``DataError`` naming its path when loaded).
     """
@@ -122,6 +131,7 @@ class CXRDataModule(pl.LightningDataModule):
         seed: int = 0,
         train_masks: bool = True,
         skip_corrupt: bool = False,
+        augment_on: Literal["sample", "batch"] = "sample",
     ) -> None:
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -129,6 +139,12 @@ class CXRDataModule(pl.LightningDataModule):
                              f"pixels), got {image_size!r}")
         if split not in SPLITS:
             raise ValueError(f"CXRDataModule: split must be one of {SPLITS} (--data.init_args.split), got {split!r}")
+        if augment_on not in ("sample", "batch"):
+            raise ValueError(f"CXRDataModule: augment_on must be 'sample' or 'batch' (--data.init_args.augment_on), "
+                             f"got {augment_on!r}")
+        if augment_on == "batch" and (augment_kwargs or {}).get("augmentation") == "reference":
+            raise ValueError("CXRDataModule: augment_on='batch' cannot run augmentation='reference' "
+                             "(augment_kwargs); use augment_on='sample' for the MAG-SD reference recipe")
         self.save_hyperparameters(ignore=["reader"])
         self.reader = reader
         self.manifest: Manifest | None = None
@@ -256,8 +272,28 @@ class CXRDataModule(pl.LightningDataModule):
         hp = self.hparams
         kwargs = dict(hp.augment_kwargs or {})
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        if train and hp.augment_on == "batch":  # letterbox (and CLAHE) only, [0, 1]: BatchAugment does the rest
+            kwargs.update(normalize="global", mean=0.0, std=1.0)
+            return CXRTransform(hp.image_size, train=False, seed=hp.seed + 1000 * rank, **kwargs)
         return CXRTransform(hp.image_size, train=train and hp.augment, two_views=hp.two_views and train,
                             seed=hp.seed + 1000 * rank, **kwargs)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """``augment_on="batch"``: augment a training batch on its device (Lightning calls this after
+        ``batch_to_device``); everything else passes through."""
+        trainer = self.trainer
+        if self.hparams.augment_on != "batch" or trainer is None or not trainer.training:
+            return batch
+        if getattr(self, "_batch_augment", None) is None:
+            hp = self.hparams
+            self._batch_augment = BatchAugment.from_transform(CXRTransform(
+                hp.image_size, train=hp.augment, two_views=hp.two_views, **dict(hp.augment_kwargs or {})))
+        # this batch's index in the epoch: Lightning counts it "ready" right after this hook and restores the count
+        # on resume (lightning.pytorch.loops.training_epoch_loop, checked with Lightning 2.6)
+        index = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = batch_seed((self.hparams.seed, run_seed(), trainer.global_rank), trainer.current_epoch, index)
+        generator = torch.Generator(device=batch["image"].device).manual_seed(seed)
+        return self._batch_augment(batch, generator)
 
     def batch_sizes(self) -> dict[int, int]:
         hp = self.hparams
