@@ -63,6 +63,7 @@ from callbacks.run_info import RunSummary, SplitSummaryLogger
 from datamodules.manifest import DataError
 from experiments import cli_support
 from experiments.checkpoint_args import changed_arguments, preprocessing_changes
+from experiments.cpu_precision import apply_cpu_precision
 from experiments.config_links import (DATA_LINKS, DATA_PLACEHOLDER, DATA_VAR, ConfigLinkError, _LinkedInstantiator,  # noqa: F401
                                       check_forced_links, data_root, expand_data_root, forced_link_values)
 from experiments.logging import (continue_run, default_run_dir, experiment_dir, experiment_runs,
@@ -214,7 +215,9 @@ class MedAttnCLI(LightningCLI):
                               + "\n  ".join(changed) + "\nUse the checkpoint's values, or start a new run.")
 
     def before_instantiate_classes(self) -> None:
-        expand_data_root(self.config.get(self.subcommand, self.config) if self.subcommand else self.config)
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        expand_data_root(config)
+        apply_cpu_precision(config)  # bf16-mixed on a CPU without native bf16 -> 32-true, with a warning
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_LinkedInstantiator(cli=self, key="model"), LightningModule, subclasses=True)

@@ -7,7 +7,8 @@ Step-benchmark harness (``--accelerator {cpu,gpu}`` from :func:`add_common_args`
 process-CPU time, read after a CUDA synchronise on a GPU so that queued kernels are counted), :func:`step_timer`
 (a Lightning callback stamping every ``on_train_batch_end``), :func:`step_medians`, :func:`fit_steps` (the
 minimal Trainer, ``devices=1``) and :func:`compare_rounds` (rounds alternating the two arms, order flipped every
-round; overhead = median over rounds of the ratio of median steps, minus one), :func:`bare_steps` (the bare arm's
+round; overhead = median over rounds of the ratio of median steps, minus one; :func:`paired_rounds` is its
+round loop for any two arms), :func:`bare_steps` (the bare arm's
 loop: loss, backward, step, optional after-step work) and :func:`compare_and_write`. Each benchmark supplies its
 own bare loss and after-step work, with its network, optimiser and batch on ``device_of(accelerator)`` like
 Lightning does: that is the method-specific work.
@@ -91,6 +92,13 @@ def step_parser(doc: str, name: str, steps: int, backbone: str, image_size: int,
     parser.add_argument("--name", default=name, help="writes results/<name>.json")
     add_common_args(parser, steps=steps, warmup=warmup, repeats=repeats)
     return parser
+
+
+def named_configuration(parser: argparse.ArgumentParser, argv: list[str] | None, flag: str, values: dict) -> None:
+    """When the boolean option ``flag`` (its ``dest``) is given in ``argv``, make ``values`` the parser's defaults:
+    a named configuration that flags given with it still override."""
+    if getattr(parser.parse_known_args(argv)[0], flag):
+        parser.set_defaults(**values)
 
 
 def parse_step_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
@@ -227,36 +235,42 @@ def fit_steps(module, loader: DataLoader, steps: int, warmup: int, accelerator: 
     return step_medians(timer.stamps, start, warmup)
 
 
-def compare_rounds(lightning: Callable[[], tuple[float, float]], bare: Callable[[], tuple[float, float]],
-                   repeats: int, discard: int = 0, target: float = 0.05) -> dict:
-    """``repeats`` rounds of one ``lightning()`` and one ``bare()`` run (each returns median (wall, CPU) seconds
-    per step), the order flipped every round so that drift hits both arms alike, after ``discard`` untimed
-    rounds. The overhead is the median over rounds of (Lightning step / bare step) - 1, for wall and CPU time.
-    Prints one line per round and the summary; returns the JSON entries."""
+def paired_rounds(arms: dict[str, Callable[[], tuple[float, float]]], repeats: int, discard: int = 0
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float], list[float]]:
+    """``repeats`` rounds of one run of each of the two ``arms`` (each returns median (wall, CPU) seconds per step),
+    the order flipped every round so that drift hits both alike, after ``discard`` untimed rounds. Returns wall and
+    CPU ms per arm and round, and the per-round wall and CPU ratios first arm / second arm; prints one line a round."""
+    (a, run_a), (b, run_b) = arms.items()
     for _ in range(discard):  # first-call costs (thread pools, allocator, Trainer imports) are not per-step costs
-        lightning()
-        bare()
-    arms = {"lightning": lightning, "bare": bare}
-    wall_ms: dict[str, list[float]] = {"lightning": [], "bare": []}
-    cpu_ms: dict[str, list[float]] = {"lightning": [], "bare": []}
+        run_a()
+        run_b()
+    wall_ms: dict[str, list[float]] = {a: [], b: []}
+    cpu_ms: dict[str, list[float]] = {a: [], b: []}
     ratios, cpu_ratios = [], []
     for r in range(repeats):
-        got = {case: arms[case]() for case in (("lightning", "bare") if r % 2 == 0 else ("bare", "lightning"))}
+        got = {case: arms[case]() for case in ((a, b) if r % 2 == 0 else (b, a))}
         for case, (wall, cpu) in got.items():
             wall_ms[case].append(1e3 * wall)
             cpu_ms[case].append(1e3 * cpu)
-        ratios.append(got["lightning"][0] / got["bare"][0])
-        cpu_ratios.append(got["lightning"][1] / got["bare"][1])
-        print(f"round {r}: wall lightning {wall_ms['lightning'][-1]:.1f} ms, bare {wall_ms['bare'][-1]:.1f} ms, "
-              f"ratio {ratios[-1]:.3f}; cpu lightning {cpu_ms['lightning'][-1]:.1f} ms, "
-              f"bare {cpu_ms['bare'][-1]:.1f} ms, ratio {cpu_ratios[-1]:.3f}", flush=True)
+        ratios.append(got[a][0] / got[b][0])
+        cpu_ratios.append(got[a][1] / got[b][1])
+        print(f"round {r}: wall {a} {wall_ms[a][-1]:.1f} ms, {b} {wall_ms[b][-1]:.1f} ms, ratio {ratios[-1]:.3f}; "
+              f"cpu {a} {cpu_ms[a][-1]:.1f} ms, {b} {cpu_ms[b][-1]:.1f} ms, ratio {cpu_ratios[-1]:.3f}", flush=True)
+    return wall_ms, cpu_ms, ratios, cpu_ratios
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "values": values}
+
+
+def compare_rounds(lightning: Callable[[], tuple[float, float]], bare: Callable[[], tuple[float, float]],
+                   repeats: int, discard: int = 0, target: float = 0.05) -> dict:
+    """:func:`paired_rounds` of ``lightning()`` and ``bare()``. The overhead is the median over rounds of
+    (Lightning step / bare step) - 1, for wall and CPU time. Prints the summary; returns the JSON entries."""
+    wall_ms, cpu_ms, ratios, cpu_ratios = paired_rounds({"lightning": lightning, "bare": bare}, repeats, discard)
     overhead, cpu_overhead = statistics.median(ratios) - 1, statistics.median(cpu_ratios) - 1
     print(f"Lightning overhead (median of per-round ratios): wall {100 * overhead:+.1f}%, process CPU "
           f"{100 * cpu_overhead:+.1f}% (target <= {100 * target:.0f}%); load average {os.getloadavg()}")
-
-    def summary(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "values": values}
-
     return {
         "lightning_step_ms": summary(wall_ms["lightning"]), "bare_step_ms": summary(wall_ms["bare"]),
         "ratio_per_round": ratios, "overhead_median": overhead,

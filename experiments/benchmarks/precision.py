@@ -3,6 +3,7 @@
     python -m experiments.benchmarks.precision                     # CPU, resnet18 @ 128 px, batch 16
     python -m experiments.benchmarks.precision --accelerator gpu --backbone resnet50 --image-size 256 --batch 64
     python -m experiments.benchmarks.precision --variants fp32 channels_last+bf16   # a subset
+    python -m experiments.benchmarks.precision --resnet50-512     # the model's consumption (results/resnet50_512.json)
 
 One training step = forward of the CAM baseline network (``networks.cam_classifier.CAMNet``: timm backbone,
 GAP, linear), multilabel BCE, backward, AdamW; the batch is fixed and on the device (no data loading). Variants:
@@ -17,22 +18,63 @@ happens: its time is reported as ``first_steps_s``); then the variants are timed
 rounds of ``--steps`` steps, so machine drift hits them alike) and the median images/s is reported with the
 ratio to ``fp32``. On a GPU the device is synchronised before each clock read. Writes ``results/<name>.json``
 and ``.md``.
+
+``--resnet50-512`` is the named configuration of the data-loading question ("how many loader workers does a GPU
+need"): ResNet-50 at 512², batch 8, ``fp32`` and ``channels_last+bf16``, 3 rounds of 2 steps, written to
+``results/resnet50_512.json`` with a ``consumption`` entry: the images/s measured here, a GPU's images/s
+**published, not measured** (:data:`GPU_PUBLISHED`, scaled from 224² to 512² by the pixel ratio: the step's FLOPs
+grow with the pixel count), the training loader's images/s per worker from ``results/dataloader.json`` (medattn,
+PNG, the most workers measured, divided by their number) and :func:`workers_needed`. Flags given with it win.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from experiments.benchmarks.common import interleaved, write
+from experiments.benchmarks.common import RESULTS, interleaved, named_configuration, write
 from networks.cam_classifier import CAMNet
 
 VARIANTS = ("fp32", "channels_last", "bf16", "channels_last+bf16", "compile", "channels_last+bf16+compile")
 DEFAULT = ("fp32", "channels_last", "bf16", "channels_last+bf16", "channels_last+bf16+compile")
+RESNET50_512 = dict(backbone="resnet50", image_size=512, batch=8, steps=2, warmup=1, repeats=3,
+                    variants=["fp32", "channels_last+bf16"], name="resnet50_512")
+# Published, not measured: NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5, "Training performance: NVIDIA DGX A100
+# (8x A100 80GB)", 1 GPU, mixed precision, 224², pytorch-21.03 NGC container (V100 16GB: 1200 img/s).
+GPU_PUBLISHED = {"gpu": "NVIDIA A100 80GB", "precision": "mixed", "image_size": 224, "images_per_second": 2470.0,
+                 "source": "https://github.com/NVIDIA/DeepLearningExamples/blob/master/PyTorch/Classification/"
+                           "ConvNets/resnet50v1.5/README.md (Training performance: NVIDIA DGX A100, 1 GPU)"}
+
+
+def workers_needed(consumer_img_s: float, per_worker_img_s: float) -> int:
+    """Loader workers that keep a consumer of ``consumer_img_s`` busy when one worker delivers ``per_worker_img_s``
+    (workers scale about linearly while each has a core of its own): ceil(consumer / per worker)."""
+    return math.ceil(consumer_img_s / per_worker_img_s)
+
+
+def consumption(measured: dict[str, float], image_size: int, dataloader_json=None) -> dict:
+    """The ``consumption`` entry of ``--resnet50-512`` (see the module docstring)."""
+    scale = (GPU_PUBLISHED["image_size"] / image_size) ** 2
+    gpu = GPU_PUBLISHED["images_per_second"] * scale
+    out = {"cpu_measured_images_per_second": measured, "gpu_published_not_measured": {
+        **GPU_PUBLISHED, "scaled_to": image_size, "scaled_images_per_second": gpu}}
+    path = RESULTS / "dataloader.json" if dataloader_json is None else dataloader_json
+    rates = json.loads(path.read_text()).get("images_per_second", {}) if path.is_file() else {}
+    loader = {int(k.rsplit("/w", 1)[1]): v["median"] for k, v in rates.items() if k.startswith("medattn/png/w")}
+    workers = max((w for w in loader if w > 0), default=None)
+    if workers is not None:
+        per_worker = loader[workers] / workers
+        out["loader"] = {"source": str(path.name), "workers": workers, "images_per_second": loader[workers],
+                         "per_worker_images_per_second": per_worker}
+        out["workers_per_gpu"] = workers_needed(gpu, per_worker)
+        out["workers_per_cpu_run"] = workers_needed(max(measured.values()), per_worker)
+    return out
 
 
 def make_step(net: torch.nn.Module, variant: str, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
@@ -63,7 +105,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, ``--resnet50-512``'s values as defaults when it is given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--backbone", default="resnet18")
@@ -75,9 +118,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT))
     parser.add_argument("--name", default="precision")
+    parser.add_argument("--resnet50-512", action="store_true",
+                        help="ResNet-50 at 512², fp32 vs channels_last+bf16, with the loader-workers estimate")
+    named_configuration(parser, argv, "resnet50_512", RESNET50_512)
     args = parser.parse_args(argv)
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu but torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
 
     torch.manual_seed(0)
@@ -117,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"config": vars(args), "device": str(device), "images_per_second": results,
                "speedup_vs_fp32": {v: results[v]["median"] / reference for v in args.variants} if reference else {},
                "warmup_seconds": first_steps_s}
+    if args.resnet50_512:
+        payload["consumption"] = consumption({v: results[v]["median"] for v in args.variants}, args.image_size)
+        print(json.dumps(payload["consumption"], indent=1))
     write(args.name, payload, table)
     return payload
 

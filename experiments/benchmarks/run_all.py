@@ -4,11 +4,15 @@
     python -m experiments.benchmarks.run_all --profile quick      # smaller settings, a smoke check
     python -m experiments.benchmarks.run_all --only precision dataloader --accelerator gpu
     python -m experiments.benchmarks.run_all --dry-run            # print the commands
+    python -m experiments.benchmarks.run_all --only dcmt_step_paper resnet50_512   # opt-in (slow) configurations
 
 Each benchmark writes ``results/<name>.json`` (with the machine description) and usually ``.md``; then
 ``experiments.benchmarks.report`` renders them all (``--doc docs/performance.md`` updates that page between its
 ``<!-- benchmarks:start -->`` / ``<!-- benchmarks:end -->`` markers). ``--profile quick`` overwrites the same
-JSON files with small settings, so commit the JSONs of a default run only. Benchmarks run one after the other
+JSON files with small settings, so commit the JSONs of a default run only. The default (``full``) profile passes no
+rounds or sizes: every benchmark runs with the defaults it declares itself, rounds included (``dcmt_step`` 11, the
+other step benchmarks 5; each script's ``--help`` shows them); only ``ga_block`` gets ``--with-dropout``. ``OPT_IN`` entries (a benchmark script run as a named, slow
+configuration) run only when named in ``--only``. Benchmarks run one after the other
 (never two at once: they time the whole machine). A benchmark that does not exist yet is skipped with a note;
 ``--accelerator gpu`` is passed to the benchmarks that accept it, the others run on the CPU and say so.
 """
@@ -35,6 +39,12 @@ BENCHMARKS: dict[str, dict[str, list[str]]] = {
     "oxnet_step": {},
     "ga_block": {"quick": ["--cases", "2d:32", "3d:16", "--repeats", "3"], "full": ["--with-dropout"]},
     "precision": {"quick": ["--variants", "fp32", "channels_last", "bf16", "channels_last+bf16"]},
+    "cpu_preset": {"quick": ["--configs", "pcam", "--steps", "4", "--repeats", "2"]},
+}
+# name -> (script, arguments per profile): minutes on 2 cores, so run only when named (--only)
+OPT_IN: dict[str, tuple[str, dict[str, list[str]]]] = {
+    "dcmt_step_paper": ("dcmt_step", {"full": ["--paper"], "quick": ["--paper", "--steps", "4", "--repeats", "1"]}),
+    "resnet50_512": ("precision", {"full": ["--resnet50-512"], "quick": ["--resnet50-512", "--repeats", "1"]}),
 }
 
 
@@ -49,11 +59,12 @@ def commands(names: list[str], profile: str, accelerator: str) -> tuple[list[tup
     """(name, command) per existing benchmark, and notes."""
     out, notes = [], []
     for name in names:
-        source = HERE / f"{name}.py"
+        script, settings = OPT_IN.get(name, (name, BENCHMARKS.get(name, {})))
+        source = HERE / f"{script}.py"
         if not source.is_file():
             notes.append(f"{name}: {source.relative_to(ROOT)} does not exist yet - skipped")
             continue
-        cmd = [sys.executable, "-m", f"experiments.benchmarks.{name}", *BENCHMARKS.get(name, {}).get(profile, [])]
+        cmd = [sys.executable, "-m", f"experiments.benchmarks.{script}", *settings.get(profile, [])]
         if accelerator != "cpu":
             if accepts_accelerator(source):
                 cmd += ["--accelerator", accelerator]
@@ -66,7 +77,7 @@ def commands(names: list[str], profile: str, accelerator: str) -> tuple[list[tup
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=["full", "quick"], default="full")
-    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
+    parser.add_argument("--only", nargs="+", choices=[*BENCHMARKS, *OPT_IN])
     parser.add_argument("--skip", nargs="+", choices=list(BENCHMARKS), default=[])
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--dry-run", action="store_true")
