@@ -1,0 +1,58 @@
+"""What each registered method records as hyper-parameters when built in Python (``module.hparams``, written into
+every checkpoint and read back by ``load_from_checkpoint``): every constructor argument except the injected
+objects that a checkpoint cannot hold as data. ``MedAttnModule.__init__`` saves them once for the whole
+``__init__`` chain (Lightning collects each subclass's arguments from its frame), so the methods do not call
+``save_hyperparameters`` themselves; these tests pin the result per method.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from lightning_modules.base import default_optimizer
+from lightning_modules.registry import METHODS
+from reliability_utils import build, method_names
+
+# Arguments each method keeps out of its hyper-parameters (Python objects: the network, and for some methods the
+# optimiser/scheduler callables, which may be lambdas that do not pickle).
+NOT_SAVED = {
+    "cam_baseline": {"net", "optimizer", "scheduler"},
+    "magsd": {"net", "optimizer", "scheduler"},
+    "nonlocal_unet": {"net", "optimizer", "scheduler"},
+    "pcam": {"net"},
+    "retinanet": {"net"},
+    "oxnet": {"net"},
+    "dcmt": {"net"},
+    "dcmt_subject": {"net"},
+}
+
+
+def test_every_registered_method_is_pinned():
+    assert set(NOT_SAVED) == set(METHODS)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_hyperparameters_are_the_constructor_arguments_but_the_injected_objects(name, tmp_path):
+    module, _ = build(name, tmp_path / name)
+    accepted = set(inspect.signature(type(module)).parameters) - {"kwargs"}
+    assert set(module.hparams) == accepted - NOT_SAVED[name], name
+    if "optimizer" in module.hparams and name != "nonlocal_unet":
+        assert module.hparams["optimizer"] is default_optimizer  # the value itself, not a placeholder
+    if "channels_last" in accepted:
+        assert module.hparams["channels_last"] is False
+
+
+def test_a_subclass_of_a_method_records_its_own_and_the_method_arguments(tmp_path):
+    """The whole ``__init__`` chain is collected: a subclass adds its arguments to its method's."""
+    module, _ = build("pcam", tmp_path / "pcam")
+    pcam = type(module)
+
+    class Tuned(pcam):
+        def __init__(self, net, extra: int = 3, **kwargs) -> None:
+            super().__init__(net, **kwargs)
+
+    tuned = Tuned(module.net, extra=5, cam_threshold=0.25)
+    assert tuned.hparams["extra"] == 5 and tuned.hparams["cam_threshold"] == 0.25
+    assert set(tuned.hparams) == set(module.hparams) | {"extra"}
