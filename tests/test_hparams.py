@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from lightning_modules.base import default_optimizer
+from lightning_modules.base import MedAttnModule, default_optimizer
 from lightning_modules.registry import METHODS
 from reliability_utils import build, method_names
 
@@ -29,6 +29,15 @@ NOT_SAVED = {
 }
 
 
+def _constructor_arguments(cls: type) -> set[str]:
+    """The arguments ``cls`` takes: its own, and MedAttnModule's when it forwards ``**kwargs`` to it."""
+    parameters = inspect.signature(cls).parameters
+    names = {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        names |= set(inspect.signature(MedAttnModule).parameters)
+    return names
+
+
 def test_every_registered_method_is_pinned():
     assert set(NOT_SAVED) == set(METHODS)
 
@@ -36,7 +45,7 @@ def test_every_registered_method_is_pinned():
 @pytest.mark.parametrize("name", method_names())
 def test_hyperparameters_are_the_constructor_arguments_but_the_injected_objects(name, tmp_path):
     module, _ = build(name, tmp_path / name)
-    accepted = set(inspect.signature(type(module)).parameters) - {"kwargs"}
+    accepted = _constructor_arguments(type(module))
     assert set(module.hparams) == accepted - NOT_SAVED[name], name
     if "optimizer" in module.hparams and name != "nonlocal_unet":
         assert module.hparams["optimizer"] is default_optimizer  # the value itself, not a placeholder
