@@ -65,3 +65,26 @@ def test_a_subclass_of_a_method_records_its_own_and_the_method_arguments(tmp_pat
     tuned = Tuned(module.net, extra=5, cam_threshold=0.25)
     assert tuned.hparams["extra"] == 5 and tuned.hparams["cam_threshold"] == 0.25
     assert set(tuned.hparams) == set(module.hparams) | {"extra"}
+
+
+def test_a_python_built_oxnet_checkpoint_loads_its_distillation_settings_as_data(tmp_path):
+    """The ``Distillation`` object in a Python-built module's hyper-parameters is allow-listed for ``weights_only``
+    loading, so ``load_from_checkpoint`` restores it (with the network passed: Python objects are not saved)."""
+    import lightning
+    import torch
+
+    from callbacks.checkpoint_io import load_checkpoint_file
+    from lightning_modules.oxnet import OXnetModule
+    from networks.oxnet import Distillation, OXnet
+    from networks.retina import RetinaNet
+
+    def net():
+        return OXnet(RetinaNet(num_classes=2, backbone="test_resnet", fpn_levels=(3, 4, 5), fpn_channels=16,
+                               head_depth=1))
+
+    module = OXnetModule(net(), distillation=Distillation(unlabeled_score_thresh=0.7))
+    path = tmp_path / "python_built.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    assert load_checkpoint_file(path)["hyper_parameters"]["distillation"] == module.distillation
+    assert OXnetModule.load_from_checkpoint(path, net=net()).distillation.unlabeled_score_thresh == 0.7
