@@ -45,6 +45,10 @@ class MedAttnModule(pl.LightningModule):
     """
 
     class_names: list[str]
+    #: Constructor arguments left out of the hyper-parameters when the module is built in Python: the injected
+    #: network (the checkpoint holds its weights); some methods also leave out the optimiser and scheduler
+    #: callables (a lambda does not pickle). Under ``medattn`` every argument is kept (:meth:`save_hyperparameters`).
+    not_hyperparameters: tuple[str, ...] = ("net",)
 
     def __init__(
         self,
@@ -56,6 +60,14 @@ class MedAttnModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.channels_last = channels_last
+        # Saved here, once for every method: from this frame Lightning collects the arguments of the whole __init__
+        # chain (this class's and each subclass's), so a method's constructor does not call it. A base argument
+        # that a method fixes (takes neither by name nor through **kwargs) is not one of its hyper-parameters.
+        accepted = inspect.signature(type(self)).parameters
+        forwarded = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        own = ("optimizer", "scheduler", "channels_last")
+        fixed = [] if forwarded else [name for name in own if name not in accepted]
+        self.save_hyperparameters(ignore=[*self.not_hyperparameters, *fixed], frame=inspect.currentframe())
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:

@@ -43,12 +43,13 @@ class CAMClassifierModule(MedAttnModule):
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
     """
 
+    not_hyperparameters = ("net", "optimizer", "scheduler")
+
     def __init__(self, net: nn.Module, task: str = "multilabel", class_names: list[str] | None = None,
                  localization: bool = True, cam_threshold: float = 0.5,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  channels_last: bool = False) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         if task not in ("multilabel", "multiclass"):
             raise ValueError(f"task must be 'multilabel' or 'multiclass', got {task!r}")
         self.net = net

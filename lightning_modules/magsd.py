@@ -73,14 +73,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
                                          MulticlassRecall, MulticlassSpecificity, MulticlassStatScores)
 
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import MedAttnModule
 from lightning_modules.classification import log_metric_collection
 from lightning_modules.metrics import AttentionRegionAccuracy, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
@@ -145,8 +144,10 @@ class MAGSDModule(MedAttnModule):
             ``seed_everything`` seed when built by the CLI.
         localization: evaluate weak localisation at test time (see the module docstring).
         cam_threshold: heatmap threshold of the shared ChestX-ray14 box protocol (``test/loc/iou@T``).
-        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+        **kwargs: ``optimizer``, ``scheduler``, ``channels_last`` of :class:`lightning_modules.base.MedAttnModule`.
     """
+
+    not_hyperparameters = ("net", "optimizer", "scheduler")
 
     def __init__(
         self,
@@ -162,14 +163,11 @@ class MAGSDModule(MedAttnModule):
         augment_seed: int | None = None,
         localization: bool = True,
         cam_threshold: float = 0.5,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
+        super().__init__(**kwargs)
         if attention_mode not in ("mean", "class"):
             raise ValueError(f"attention_mode must be 'mean' or 'class', got {attention_mode!r}")
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         if augment_seed is None:
             augment_seed = torch.initial_seed() % 2**31
         self.augment_seed = self.hparams.augment_seed = int(augment_seed)

@@ -95,7 +95,6 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
                  optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, channels_last: bool = False) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net"])
         if ramp_unit not in ("epoch", "step"):
             raise ValueError(f"ramp_unit must be 'epoch' or 'step', got {ramp_unit!r}")
         consistency_weights(consistency_start, att_ramp=att_ramp)  # validates att_ramp

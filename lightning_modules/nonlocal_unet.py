@@ -144,6 +144,8 @@ class NonLocalUNetModule(MedAttnModule):
         optimizer, scheduler, channels_last: see ``MedAttnModule``.
     """
 
+    not_hyperparameters = ("net", "optimizer", "scheduler")
+
     def __init__(
         self,
         net: nn.Module,
@@ -161,7 +163,6 @@ class NonLocalUNetModule(MedAttnModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net
         k = int(net.num_classes)
         self.num_classes = k

@@ -20,7 +20,8 @@ The label filter is one rule for every stream: a pseudo-box of class c is droppe
 the image (``label_mask`` and label 0), so a fully labelled image keeps only its labelled classes and an unlabeled
 image (nothing known) keeps everything above the confidence threshold. The reference code had two streams only,
 fed its "unlabeled" stream with image labels, and left box images out of distillation; the issue asks for box images
-to take part in "everything else", which ``distill_box_stream=True`` does (``False`` restores the reference).
+to take part in "everything else", which ``distillation.distill_box_stream=True`` does (``False`` restores the
+reference).
 
 Normalisation (why the numbers decompose under DDP): focal/regression are per-image means over the box images, DAA
 is divided by the number of labelled images, distillation is a per-image mean over the distillation images, and the
@@ -34,24 +35,27 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from callbacks.ema_teacher import EMATeacher, eval_model_names
 from callbacks.method_callbacks import module_callbacks
 from callbacks.prototype_momentum import PrototypeMomentum
 from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import MedAttnModule
 from lightning_modules.registry import register_method
-from lightning_modules.retinanet import DetectionEvaluation, freeze_batchnorm_, load_stage1_weights
+from lightning_modules.retinanet import DetectionEvaluation, FrozenBatchNormHooks, load_stage1_weights
 from networks.ema import make_teacher
-from networks.oxnet import (OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses, pseudo_boxes)
-from networks.retina import RetinaNet, detection_losses
+from networks.oxnet import (Distillation, OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses,
+                            pseudo_boxes)
 from lightning_modules.data_check import check_data_classes
 
 __all__ = ["OXnetModule"]
 
 LOSS_NAMES = ("focal", "box", "daa", "intra", "inter", "sfl", "consistency")
+
+# A module built in Python keeps its Distillation settings in the hyper-parameters: allow-listed so that its
+# checkpoints load as data (weights_only), as lightning_modules.base does for the default optimiser.
+torch.serialization.add_safe_globals([Distillation])
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -74,23 +78,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class OXnetModule(MedAttnModule):
+class OXnetModule(FrozenBatchNormHooks, MedAttnModule):
     """OXnet stage 2.
 
     Args:
-        net: an :class:`networks.oxnet.OXnet` (the student); the teacher is a frozen copy of it.
+        net: an :class:`networks.oxnet.OXnet` (the student); the teacher is a frozen copy of it. Its RetinaNet's
+            ``detection`` settings (:class:`networks.retina.DetectionSettings`) are the supervised loss, anchor
+            matching (pseudo-boxes included) and inference settings.
         init_checkpoint: stage-1 checkpoint loaded into ``net.retina`` before the teacher is copied (the global
             head stays zero-initialised). ``None`` starts from the network's own initialisation.
         class_names: per-class key names (replaced by the DataModule's when trained through ``medattn``).
-        focal_weight, box_weight, daa_weight, intra_weight, inter_weight, sfl_weight, consistency_weight: loss
-            weights (all 1, as in the reference).
+        loss_weights: weight per loss term, by name (``focal``, ``box``, ``daa``, ``intra``, ``inter``, ``sfl``,
+            ``consistency``); a term left out weighs 1, as every term does in the reference.
         gpa_margin: δ of the inter-class hinge. gpa_global_batch: under DDP, form F̄_c over the global batch.
-        sfl_alpha0, sfl_alpha1, sfl_gamma: soft focal loss (0.05, 0.95, 2).
-        pseudo_score_thresh: teacher confidence for pseudo-boxes of labelled images (0.5); unlabeled_score_thresh:
-            the same for unlabeled images (0.5). pseudo_nms_thresh: their class-agnostic NMS IoU (0.5).
-        distill_box_stream: also distil on box-stream images (see the module docstring).
-        focal_alpha, focal_gamma, smooth_l1_beta, fg_iou, bg_iou, empty_image_loss: supervised loss settings.
-        score_thresh, nms_thresh, topk_per_level, max_detections: inference.
+        distillation: pseudo-boxes and soft focal loss (:class:`networks.oxnet.Distillation`: confidence
+            thresholds for labelled and unlabeled images, their NMS IoU, α₀ α₁ γ, ``distill_box_stream``).
         freeze_bn: keep the student's BatchNorm statistics at their stage-1 values (reference); also what makes
             DDP and single-process runs agree.
         eval_model: ``"student"``, ``"teacher"`` or ``"both"`` (teacher keys get a ``_teacher`` suffix).
@@ -99,6 +101,7 @@ class OXnetModule(MedAttnModule):
             (:meth:`configure_callbacks`), so OXnet trains as OXnet under any ``Trainer``; a copy listed in
             ``trainer.callbacks`` is dropped with a note if identical and is an error if not
             (:mod:`callbacks.method_callbacks`).
+        **kwargs: ``optimizer``, ``scheduler``, ``channels_last`` of :class:`~lightning_modules.base.MedAttnModule`.
     """
 
     def __init__(
@@ -106,42 +109,24 @@ class OXnetModule(MedAttnModule):
         net: OXnet,
         init_checkpoint: str | None = None,
         class_names: list[str] | None = None,
-        focal_weight: float = 1.0,
-        box_weight: float = 1.0,
-        daa_weight: float = 1.0,
-        intra_weight: float = 1.0,
-        inter_weight: float = 1.0,
-        sfl_weight: float = 1.0,
-        consistency_weight: float = 1.0,
+        loss_weights: dict[str, float] | None = None,
         gpa_margin: float = 1.0,
         gpa_global_batch: bool = True,
-        sfl_alpha0: float = 0.05,
-        sfl_alpha1: float = 0.95,
-        sfl_gamma: float = 2.0,
-        pseudo_score_thresh: float = 0.5,
-        unlabeled_score_thresh: float = 0.5,
-        pseudo_nms_thresh: float = 0.5,
-        distill_box_stream: bool = True,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        smooth_l1_beta: float = 1.0 / 9.0,
-        fg_iou: float = 0.5,
-        bg_iou: float = 0.4,
-        empty_image_loss: str = "negative",
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        topk_per_level: int = 1000,
-        max_detections: int = 100,
+        distillation: Distillation = Distillation(),
         freeze_bn: bool = True,
         eval_model: str = "student",
         ema_decay: float = 0.99,
         prototype_beta: float = 0.7,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net"])
+        super().__init__(**kwargs)
+        unknown = sorted(set(loss_weights or {}) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"loss_weights: unknown loss term(s) {unknown}; the terms are {list(LOSS_NAMES)}")
+        self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in LOSS_NAMES}
+        if not all(0.0 <= w < float("inf") for w in self.loss_weights.values()):
+            raise ValueError(f"loss_weights must be finite and >= 0, got {self.loss_weights}")
+        self.distillation = distillation
         if init_checkpoint:
             load_stage1_weights(net.retina, init_checkpoint)
         self.student = net
@@ -170,16 +155,9 @@ class OXnetModule(MedAttnModule):
                                        "prototype_beta": lambda: PrototypeMomentum(beta=hp.prototype_beta)})
 
     def train(self, mode: bool = True):
-        super().train(mode)
+        super().train(mode)  # with freeze_bn, the student's BatchNorm statistics stay fixed (FrozenBatchNormHooks)
         self.teacher.eval()  # the teacher is never in train mode (fixed BN, no dropout)
-        if mode and self.hparams.freeze_bn:
-            freeze_batchnorm_(self.student)
         return self
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning 2.6 keeps the modules' modes as it finds them (it never calls train() at fit start), so the
-        # frozen-BN / eval-teacher modes are (re)applied here; the evaluation loop restores them afterwards.
-        self.train(True)
 
     def forward(self, image: Tensor) -> Tensor:
         """Image-level probabilities (B, K) from the global head."""
@@ -196,9 +174,7 @@ class OXnetModule(MedAttnModule):
         return self.student.attention_maps(self.prepare_image(image))
 
     def postprocess(self, out: dict, image: Tensor) -> list[dict]:
-        hp = self.hparams
-        return self.student.retina.postprocess(out, image.shape[-2:], hp.score_thresh, hp.nms_thresh,
-                                               hp.topk_per_level, hp.max_detections)
+        return self.student.retina.postprocess(out, image.shape[-2:])
 
     @torch.no_grad()
     def detect(self, image: Tensor) -> list[dict]:
@@ -212,14 +188,12 @@ class OXnetModule(MedAttnModule):
         return tensor
 
     def supervised_terms(self, out: dict, anchors: Tensor, batch: dict, rows: list[int]) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
         if not rows:
             zero = out["cls_logits"].sum() * 0.0 + out["box_deltas"].sum() * 0.0
             return zero, zero
-        cls, reg = detection_losses(out["cls_logits"][rows], out["box_deltas"][rows], anchors,
-                                    [batch["boxes"][i] for i in rows], [batch["box_labels"][i] for i in rows],
-                                    self.student.retina.box_coder, hp.focal_alpha, hp.focal_gamma,
-                                    hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou, hp.empty_image_loss)
+        cls, reg = self.student.retina.detection_losses(out["cls_logits"][rows], out["box_deltas"][rows], anchors,
+                                                        [batch["boxes"][i] for i in rows],
+                                                        [batch["box_labels"][i] for i in rows])
         return cls.mean(), reg.mean()
 
     def gpa_terms(self, out: dict, positive: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,7 +213,7 @@ class OXnetModule(MedAttnModule):
 
     def distillation_terms(self, out: dict, anchors: Tensor, batch: dict, rows: list[int],
                            image_hw) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
+        d = self.distillation
         zero = out["cls_logits"].sum() * 0.0 + out["box_deltas"].sum() * 0.0
         if not rows:
             return zero, zero
@@ -251,13 +225,12 @@ class OXnetModule(MedAttnModule):
         sfl, reg = [], []
         for j, i in enumerate(rows):
             unlabeled = int(batch["stream"][i]) == STREAM_UNLABELED
-            thresh = hp.unlabeled_score_thresh if unlabeled else hp.pseudo_score_thresh
+            thresh = d.unlabeled_score_thresh if unlabeled else d.pseudo_score_thresh
             pseudo = pseudo_boxes(teacher_probs[j], teacher["box_deltas"][j], anchors,
-                                  lambda d, a: retina.decode(d, a, image_hw), thresh, hp.pseudo_nms_thresh,
+                                  lambda deltas, a: retina.decode(deltas, a, image_hw), thresh, d.pseudo_nms_thresh,
                                   allowed_classes=~known_negative[i])
             s, r = distillation_losses(out["cls_logits"][i], out["box_deltas"][i], teacher_probs[j], anchors,
-                                       pseudo["boxes"], retina.box_coder, hp.sfl_alpha0, hp.sfl_alpha1, hp.sfl_gamma,
-                                       hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou)
+                                       pseudo["boxes"], retina.box_coder, d, retina.detection)
             sfl.append(s)
             reg.append(r)
         return torch.stack(sfl).mean() + zero, torch.stack(reg).mean() + zero
@@ -265,13 +238,12 @@ class OXnetModule(MedAttnModule):
     def compute_losses(self, batch: dict) -> dict[str, Tensor]:
         """Every loss term and the weighted ``total`` for one three-stream batch (no logging, no guard); also
         stores ``prototype_stats`` for ``PrototypeMomentum``."""
-        hp = self.hparams
         image = self.prepare_image(batch["image"])
         out = self.student(image)
         anchors = self.student.retina.anchors(image.shape[-2:], out["cls_maps"])
         stream = batch["stream"].tolist()
         box_rows = [i for i, s in enumerate(stream) if s == STREAM_BOX]
-        distil_rows = [i for i, s in enumerate(stream) if s != STREAM_BOX or hp.distill_box_stream]
+        distil_rows = [i for i, s in enumerate(stream) if s != STREAM_BOX or self.distillation.distill_box_stream]
         positive = ((batch["labels"] > 0.5) & batch["label_mask"]).float()
 
         terms = {}
@@ -280,7 +252,7 @@ class OXnetModule(MedAttnModule):
         terms["intra"], terms["inter"] = self.gpa_terms(out, positive)
         terms["sfl"], terms["consistency"] = self.distillation_terms(out, anchors, batch, distil_rows,
                                                                      image.shape[-2:])
-        terms["total"] = sum(getattr(hp, f"{name}_weight") * terms[name] for name in LOSS_NAMES)
+        terms["total"] = sum(self.loss_weights[name] * terms[name] for name in LOSS_NAMES)
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

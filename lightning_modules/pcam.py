@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import MedAttnModule
 from lightning_modules.classification import record_test_predictions
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
@@ -87,7 +86,7 @@ class PCAMModule(MedAttnModule):
         cam_threshold: heatmap threshold for the ChestX-ray14 box protocol (probability space for PCAM).
         localization: evaluate weak localisation at test time (images with boxes / lesion masks).
         pointing_tolerance: pointing-game tolerance in input pixels.
-        optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
+        **kwargs: ``optimizer``, ``scheduler``, ``channels_last`` of :class:`lightning_modules.base.MedAttnModule`.
 
     Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes, the project
     policy of :mod:`lightning_modules.metrics.classification`), ``auroc_classes`` (how many) and
@@ -114,12 +113,9 @@ class PCAMModule(MedAttnModule):
         cam_threshold: float = 0.5,
         localization: bool = True,
         pointing_tolerance: float = 0.0,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net"])
+        super().__init__(**kwargs)
         pcam_bce(torch.zeros(1, 1), torch.zeros(1, 1), no_positive=no_positive, task_reduction=task_reduction)
         self.net = net
         k = int(net.num_classes)

@@ -23,20 +23,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.batch import STREAM_BOX
-from lightning_modules.base import MedAttnModule, default_optimizer
+from lightning_modules.base import MedAttnModule
 from lightning_modules.classification import IGNORE, metric_targets
 from lightning_modules.metrics.classification import MaskedMultilabelAUROC
 from lightning_modules.metrics.gather import all_gather_list
 from lightning_modules.registry import register_method
-from networks.retina import RetinaNet, detection_losses
+from networks.retina import RetinaNet
 from lightning_modules.data_check import check_data_classes
 
-__all__ = ["RetinaNetModule", "DetectionEvaluation", "box_complete", "freeze_batchnorm_", "load_stage1_weights"]
+__all__ = ["RetinaNetModule", "DetectionEvaluation", "FrozenBatchNormHooks", "box_complete", "freeze_batchnorm_",
+           "load_stage1_weights"]
 
 
 def box_complete(batch: dict) -> Tensor:
@@ -51,6 +51,22 @@ def freeze_batchnorm_(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+class FrozenBatchNormHooks:
+    """For a detection :class:`MedAttnModule` with hyper-parameter ``freeze_bn`` (list it before ``MedAttnModule`` in
+    the bases): in training every BatchNorm of the module keeps its running statistics (:func:`freeze_batchnorm_`).
+    Lightning 2.6 keeps the modules' modes as it finds them (it never calls ``train()`` at fit start), so the modes
+    are (re)applied at each epoch start; the evaluation loop restores them afterwards."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.freeze_bn:
+            freeze_batchnorm_(self)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train(True)
 
 
 def load_stage1_weights(retina: RetinaNet, checkpoint: str | Path) -> None:
@@ -146,44 +162,23 @@ class DetectionEvaluation(nn.Module):
                 metric.reset()
 
 
-class RetinaNetModule(MedAttnModule):
+class RetinaNetModule(FrozenBatchNormHooks, MedAttnModule):
     """RetinaNet trained on the box-annotated images of each batch (other streams are ignored).
 
     Args:
-        net: a :class:`networks.retina.RetinaNet` (injected from the config).
+        net: a :class:`networks.retina.RetinaNet` (injected from the config); its ``detection`` settings
+            (:class:`networks.retina.DetectionSettings`) hold the loss and inference settings.
         class_names: names for per-class keys; the DataModule's names replace them when trained through ``medattn``.
-        focal_alpha, focal_gamma, smooth_l1_beta, fg_iou, bg_iou: loss settings (dossier a.6 defaults).
-        empty_image_loss: ``"negative"`` (box-free complete images give a negative-only focal loss) or ``"zero"``.
-        score_thresh, nms_thresh, topk_per_level, max_detections: inference (dossier a.12; class-agnostic NMS).
         freeze_bn: keep backbone BatchNorm statistics fixed (reference; use with pretrained weights). Off by
             default here because the backbone starts from scratch on the synthetic data.
         init_checkpoint: weights to start from (a ``RetinaNetModule`` checkpoint or a RetinaNet ``state_dict``),
             with a fresh optimiser: the box-only continuation that OXnet stage 2 is compared with.
-        optimizer, scheduler, channels_last: see :class:`~lightning_modules.base.MedAttnModule`.
+        **kwargs: ``optimizer``, ``scheduler``, ``channels_last`` of :class:`~lightning_modules.base.MedAttnModule`.
     """
 
-    def __init__(
-        self,
-        net: RetinaNet,
-        class_names: list[str] | None = None,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        smooth_l1_beta: float = 1.0 / 9.0,
-        fg_iou: float = 0.5,
-        bg_iou: float = 0.4,
-        empty_image_loss: str = "negative",
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        topk_per_level: int = 1000,
-        max_detections: int = 100,
-        freeze_bn: bool = False,
-        init_checkpoint: str | None = None,
-        optimizer: OptimizerCallable = default_optimizer,
-        scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
-    ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["net"])
+    def __init__(self, net: RetinaNet, class_names: list[str] | None = None, freeze_bn: bool = False,
+                 init_checkpoint: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
         if init_checkpoint:
             load_stage1_weights(net, init_checkpoint)
         self.net = net
@@ -197,17 +192,6 @@ class RetinaNetModule(MedAttnModule):
         super().setup(stage)
         check_data_classes(self, self.net.num_classes)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.hparams.freeze_bn:
-            freeze_batchnorm_(self.net)
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning 2.6 keeps the modules' modes as it finds them (it never calls train() at fit start), so the
-        # frozen-BN / eval-teacher modes are (re)applied here; the evaluation loop restores them afterwards.
-        self.train(True)
-
     def forward(self, image: Tensor) -> Tensor:
         """Image-level class scores (B, K): the highest anchor probability per class."""
         return torch.sigmoid(self.net(self.prepare_image(image))["cls_logits"].float()).amax(dim=1)
@@ -216,9 +200,7 @@ class RetinaNetModule(MedAttnModule):
         return self.net.attention_maps(self.prepare_image(image))
 
     def postprocess(self, out: dict, image: Tensor) -> list[dict]:
-        hp = self.hparams
-        return self.net.postprocess(out, image.shape[-2:], hp.score_thresh, hp.nms_thresh, hp.topk_per_level,
-                                    hp.max_detections)
+        return self.net.postprocess(out, image.shape[-2:])
 
     @torch.no_grad()
     def detect(self, image: Tensor) -> list[dict]:
@@ -229,11 +211,8 @@ class RetinaNetModule(MedAttnModule):
     def supervised_losses(self, out: dict, image_hw, boxes: list[Tensor],
                           labels: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Mean focal and regression losses over the images of ``out`` (one per entry of ``boxes``)."""
-        hp = self.hparams
         anchors = self.net.anchors(image_hw, out["cls_maps"])
-        cls, reg = detection_losses(out["cls_logits"], out["box_deltas"], anchors, boxes, labels, self.net.box_coder,
-                                    hp.focal_alpha, hp.focal_gamma, hp.smooth_l1_beta, hp.fg_iou, hp.bg_iou,
-                                    hp.empty_image_loss)
+        cls, reg = self.net.detection_losses(out["cls_logits"], out["box_deltas"], anchors, boxes, labels)
         return cls.mean(), reg.mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -60,7 +60,6 @@ class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
                  optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters(ignore=["net"])
         subject_consistency_weight(consistency_start, ramp=ramp)  # validates ramp
         if ramp_unit not in ("epoch", "step"):
             raise ValueError(f"ramp_unit must be 'epoch' or 'step', got {ramp_unit!r}")

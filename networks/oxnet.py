@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,13 +47,35 @@ import torch.nn.functional as F
 from monai.data.box_utils import non_max_suppression
 from torch import Tensor, nn
 
-from networks.retina import (BETWEEN_THRESHOLDS, RetinaNet, encode_targets, local_attention_map, match_anchors,
-                             smooth_l1)
+from networks.retina import (BETWEEN_THRESHOLDS, DetectionSettings, RetinaNet, encode_targets, local_attention_map,
+                             match_anchors, smooth_l1)
 
 __all__ = [
-    "OXnet", "daa_loss", "class_feature_sums", "gpa_losses", "soft_focal_loss", "pseudo_boxes",
+    "OXnet", "Distillation", "daa_loss", "class_feature_sums", "gpa_losses", "soft_focal_loss", "pseudo_boxes",
     "distillation_losses",
 ]
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How the EMA teacher's pseudo-boxes are made and distilled (dossier a.10); the reference's values.
+
+    Attributes:
+        pseudo_score_thresh: teacher confidence for a pseudo-box on an image-labelled (or box) image;
+            unlabeled_score_thresh: the same on an unlabeled image. pseudo_nms_thresh: their class-agnostic NMS IoU.
+        sfl_alpha0, sfl_alpha1, sfl_gamma: the soft focal loss, α(q) = α₀ + (α₁ − α₀) q (:func:`soft_focal_loss`).
+        distill_box_stream: box-stream images are distilled too (``False``: the reference, label and unlabeled
+            streams only). Matching the pseudo-boxes to anchors uses the detector's own IoU thresholds and β
+            (:class:`~networks.retina.DetectionSettings`).
+    """
+
+    pseudo_score_thresh: float = 0.5
+    unlabeled_score_thresh: float = 0.5
+    pseudo_nms_thresh: float = 0.5
+    sfl_alpha0: float = 0.05
+    sfl_alpha1: float = 0.95
+    sfl_gamma: float = 2.0
+    distill_box_stream: bool = True
 
 
 class OXnet(nn.Module):
@@ -143,8 +166,9 @@ def gpa_losses(class_mean: Tensor, present: Tensor, prototypes: Tensor, initiali
     return intra, inter
 
 
-def soft_focal_loss(student_logits: Tensor, teacher_probs: Tensor, alpha0: float = 0.05, alpha1: float = 0.95,
-                    gamma: float = 2.0, clamp: float = 1e-4) -> Tensor:
+def soft_focal_loss(student_logits: Tensor, teacher_probs: Tensor, alpha0: float = Distillation.sfl_alpha0,
+                    alpha1: float = Distillation.sfl_alpha1, gamma: float = Distillation.sfl_gamma,
+                    clamp: float = 1e-4) -> Tensor:
     """Element-wise soft focal loss α(q) |q − p|^γ BCE(p, q), α(q) = α₀ + (α₁ − α₀) q, with the teacher's q clamped
     to [clamp, 1 − clamp]. α comes from the same element's q (the reference broadcast a whole-batch α)."""
     q = teacher_probs.detach().float().clamp(clamp, 1.0 - clamp)
@@ -156,8 +180,9 @@ def soft_focal_loss(student_logits: Tensor, teacher_probs: Tensor, alpha0: float
 
 @torch.no_grad()
 def pseudo_boxes(teacher_probs: Tensor, teacher_deltas: Tensor, anchors: Tensor,
-                 decode: Callable[[Tensor, Tensor], Tensor], score_thresh: float = 0.5, nms_thresh: float = 0.5,
-                 allowed_classes: Tensor | None = None, max_candidates: int = 1000) -> dict:
+                 decode: Callable[[Tensor, Tensor], Tensor], score_thresh: float = Distillation.pseudo_score_thresh,
+                 nms_thresh: float = Distillation.pseudo_nms_thresh, allowed_classes: Tensor | None = None,
+                 max_candidates: int = 1000) -> dict:
     """The teacher's pseudo-boxes for one image (dossier a.10): class-agnostic NMS, score > ``score_thresh``,
     class = argmax, optionally only classes in ``allowed_classes`` (K,) bool (the image's labels).
 
@@ -183,9 +208,10 @@ def pseudo_boxes(teacher_probs: Tensor, teacher_deltas: Tensor, anchors: Tensor,
 
 
 def distillation_losses(student_logits: Tensor, student_deltas: Tensor, teacher_probs: Tensor, anchors: Tensor,
-                        boxes: Tensor, box_coder, alpha0: float = 0.05, alpha1: float = 0.95, gamma: float = 2.0,
-                        beta: float = 1.0 / 9.0, fg_iou: float = 0.5, bg_iou: float = 0.4) -> tuple[Tensor, Tensor]:
-    """Soft focal loss and regression consistency for one image against its pseudo-boxes.
+                        boxes: Tensor, box_coder, distillation: Distillation = Distillation(),
+                        detection: DetectionSettings = DetectionSettings()) -> tuple[Tensor, Tensor]:
+    """Soft focal loss (``distillation``'s α₀, α₁, γ) and regression consistency for one image against its
+    pseudo-boxes, matched to the anchors with the detector's IoU thresholds and smooth-L1 β (``detection``).
 
     Anchors with IoU in [bg_iou, fg_iou) to the pseudo-boxes are ignored; every other anchor gets the soft target
     q (all classes). SFL is summed and divided by max(1, N_pos); the regression consistency is smooth-L1 between
@@ -195,12 +221,13 @@ def distillation_losses(student_logits: Tensor, student_deltas: Tensor, teacher_
     zero = student_logits.sum() * 0.0 + student_deltas.sum() * 0.0
     if boxes.numel() == 0:
         return zero, zero
-    matched = match_anchors(anchors, boxes, fg_iou, bg_iou)
+    matched = match_anchors(anchors, boxes, detection.fg_iou, detection.bg_iou)
     valid = (matched != BETWEEN_THRESHOLDS).unsqueeze(1)
     pos = (matched >= 0).nonzero().squeeze(1)
     norm = max(1, pos.numel())
-    sfl = (soft_focal_loss(student_logits, teacher_probs, alpha0, alpha1, gamma) * valid).sum() / norm
+    d = distillation
+    sfl = (soft_focal_loss(student_logits, teacher_probs, d.sfl_alpha0, d.sfl_alpha1, d.sfl_gamma) * valid).sum() / norm
     targets = encode_targets(box_coder, boxes[matched[pos]], anchors[pos])
-    reg = smooth_l1(student_deltas[pos], targets, beta).sum() / (4.0 * norm)
+    reg = smooth_l1(student_deltas[pos], targets, detection.smooth_l1_beta).sum() / (4.0 * norm)
     return sfl + zero, reg + zero
 

@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -56,7 +57,7 @@ from torch import Tensor, nn
 from networks.backbones import create_backbone
 
 __all__ = [
-    "RetinaNet", "ExactAnchorGenerator", "LastLevelP6", "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "clip_boxes", "match_anchors",
+    "RetinaNet", "DetectionSettings", "ExactAnchorGenerator", "LastLevelP6", "BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "clip_boxes", "match_anchors",
     "encode_targets", "focal_loss", "smooth_l1", "detection_losses", "local_attention_map",
 ]
 
@@ -65,10 +66,40 @@ BELOW_LOW_THRESHOLD = -1
 BETWEEN_THRESHOLDS = -2
 
 
-class ExactAnchorGenerator(AnchorGenerator):
-    """MONAI ``AnchorGenerator`` (2D) whose cell anchors are not rounded to whole pixels.
+@dataclass(frozen=True)
+class DetectionSettings:
+    """RetinaNet's loss and inference settings, held by the network (as torchvision's ``RetinaNet`` holds its
+    ``fg_iou_thresh``, ``score_thresh``, ...) so that the stage-1 module and OXnet (student, teacher, pseudo-box
+    matching) use the same values. Defaults: the OXnet reference (dossier a.6, a.12). Config: ``net.init_args.
+    detection.<name>``. ``focal_alpha``/``focal_gamma``: focal loss (α weighs positives); ``smooth_l1_beta``: box
+    regression; IoU ≥ ``fg_iou`` positive, < ``bg_iou`` negative, in between ignored; ``empty_image_loss``:
+    ``"negative"`` or ``"zero"`` (module docstring); ``score_thresh``, ``nms_thresh`` (class-agnostic),
+    ``topk_per_level``, ``max_detections`` (COCO maxDets): inference."""
 
-    For base size S·k and ratio r = h/w the cell anchor is w = S·k/√r, h = S·k·√r, ordered ratio-major,
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    smooth_l1_beta: float = 1.0 / 9.0
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    empty_image_loss: str = "negative"
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    topk_per_level: int = 1000
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        if self.empty_image_loss not in ("negative", "zero"):
+            raise ValueError(f"empty_image_loss must be 'negative' or 'zero', got {self.empty_image_loss!r}")
+        if not 0.0 <= self.bg_iou <= self.fg_iou <= 1.0:
+            raise ValueError(f"need 0 <= bg_iou <= fg_iou <= 1, got bg_iou={self.bg_iou}, fg_iou={self.fg_iou}")
+        if min(self.topk_per_level, self.max_detections) < 1:
+            raise ValueError(f"topk_per_level and max_detections must be >= 1, got {self.topk_per_level}, "
+                             f"{self.max_detections}")
+
+
+
+class ExactAnchorGenerator(AnchorGenerator):
+    """MONAI ``AnchorGenerator`` (2D) whose cell anchors are not rounded to whole pixels. For base size S·k and ratio r = h/w the cell anchor is w = S·k/√r, h = S·k·√r, ordered ratio-major,
     scale-minor (dossier a.4). MONAI's version rounds the half-sizes, which changes small P2 anchors by up to 6 %.
     """
 
@@ -95,7 +126,8 @@ def _min_size(boxes: Tensor, min_size: float = 1.0) -> Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
-def match_anchors(anchors: Tensor, boxes: Tensor, fg_iou: float = 0.5, bg_iou: float = 0.4) -> Tensor:
+def match_anchors(anchors: Tensor, boxes: Tensor, fg_iou: float = DetectionSettings.fg_iou,
+                  bg_iou: float = DetectionSettings.bg_iou) -> Tensor:
     """Index of the matched box per anchor: IoU_max >= ``fg_iou`` -> argmax box; < ``bg_iou`` ->
     :data:`BELOW_LOW_THRESHOLD`; in between -> :data:`BETWEEN_THRESHOLDS`. No forced low-quality matches."""
     if boxes.numel() == 0:
@@ -110,12 +142,13 @@ def encode_targets(box_coder: BoxCoder, boxes: Tensor, anchors: Tensor) -> Tenso
     return box_coder.encode_single(_min_size(boxes.float()), anchors.float())
 
 
-def focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def focal_loss(logits: Tensor, targets: Tensor, alpha: float = DetectionSettings.focal_alpha,
+               gamma: float = DetectionSettings.focal_gamma) -> Tensor:
     """Element-wise sigmoid focal loss −α_t (1 − p_t)^γ log p_t (targets in {0, 1}; α weighs positives)."""
     return sigmoid_focal_loss(logits.float(), targets.float(), gamma=gamma, alpha=alpha)
 
 
-def smooth_l1(pred: Tensor, target: Tensor, beta: float = 1.0 / 9.0) -> Tensor:
+def smooth_l1(pred: Tensor, target: Tensor, beta: float = DetectionSettings.smooth_l1_beta) -> Tensor:
     """Element-wise smooth-L1: 0.5 x²/β if |x| < β else |x| − β/2 (β = 1/9 in the reference)."""
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none")
 
@@ -127,44 +160,37 @@ def detection_losses(
     boxes: Sequence[Tensor],
     labels: Sequence[Tensor],
     box_coder: BoxCoder,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    beta: float = 1.0 / 9.0,
-    fg_iou: float = 0.5,
-    bg_iou: float = 0.4,
-    empty_image_loss: str = "negative",
+    settings: DetectionSettings = DetectionSettings(),
 ) -> tuple[Tensor, Tensor]:
     """Supervised RetinaNet losses, one value per image (so callers choose the images and the mean).
 
     Args:
         cls_logits: (B, N, K) anchor logits. box_deltas: (B, N, 4). anchors: (N, 4) ``xyxy``.
         boxes, labels: per image (M_i, 4) ``xyxy`` boxes and (M_i,) class indices (complete annotation).
-        empty_image_loss: ``"negative"`` (every anchor of a box-free image is a negative, normaliser 1) or
-            ``"zero"`` (such images contribute 0, as in the reference).
+        settings: focal α/γ, smooth-L1 β, the matching IoUs and ``empty_image_loss`` (:class:`DetectionSettings`).
     Returns:
         (classification, regression), each (B,): focal loss summed over non-ignored anchors and classes / max(1,
         N_pos); smooth-L1 summed over positive anchors' 4 deltas / (4 · max(1, N_pos)).
     """
-    if empty_image_loss not in ("negative", "zero"):
-        raise ValueError(f"empty_image_loss must be 'negative' or 'zero', got {empty_image_loss!r}")
     b, n, k = cls_logits.shape
     targets = torch.zeros(b, n, k, device=cls_logits.device)
     valid = torch.ones(b, n, dtype=torch.bool, device=cls_logits.device)
     num_pos, box_terms = [], []
     for i in range(b):
         gt, gt_labels = boxes[i].to(anchors.device), labels[i].to(anchors.device)
-        matched = match_anchors(anchors, gt, fg_iou, bg_iou)
+        matched = match_anchors(anchors, gt, settings.fg_iou, settings.bg_iou)
         pos = matched >= 0
         anchor_idx = pos.nonzero().squeeze(1)
         targets[i, anchor_idx, gt_labels[matched[anchor_idx]]] = 1.0
         valid[i] = matched != BETWEEN_THRESHOLDS
-        if gt.numel() == 0 and empty_image_loss == "zero":
+        if gt.numel() == 0 and settings.empty_image_loss == "zero":
             valid[i] = False
         num_pos.append(anchor_idx.numel())
         target_deltas = encode_targets(box_coder, gt[matched[anchor_idx]], anchors[anchor_idx])
-        box_terms.append(smooth_l1(box_deltas[i, anchor_idx], target_deltas).sum())
+        box_terms.append(smooth_l1(box_deltas[i, anchor_idx], target_deltas, settings.smooth_l1_beta).sum())
     norm = torch.tensor(num_pos, device=cls_logits.device, dtype=torch.float32).clamp(min=1.0)
-    cls = (focal_loss(cls_logits, targets, alpha, gamma) * valid.unsqueeze(-1)).sum(dim=(1, 2)) / norm
+    cls = focal_loss(cls_logits, targets, settings.focal_alpha, settings.focal_gamma)
+    cls = (cls * valid.unsqueeze(-1)).sum(dim=(1, 2)) / norm
     reg = torch.stack(box_terms) / (4.0 * norm)
     return cls, reg
 
@@ -232,6 +258,7 @@ class RetinaNet(nn.Module):
         anchor_ratios: height/width ratios. anchor_scales: multipliers of the base size.
         box_weights: BoxCoder weights, 1/std = (10, 10, 5, 5).
         prior_probability: initial foreground probability of every anchor.
+        detection: the :class:`DetectionSettings` of :meth:`detection_losses` and :meth:`postprocess`.
 
     ``forward(x)`` returns a dict: ``features`` (backbone maps C_min..C5), ``cls_maps`` / ``box_maps`` (per level,
     MONAI layout (B, A·K, H_l, W_l) / (B, A·4, H_l, W_l)), and the flattened ``cls_logits`` (B, N, K) and
@@ -253,6 +280,7 @@ class RetinaNet(nn.Module):
         anchor_scales: Sequence[float] = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
         box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         prior_probability: float = 0.01,
+        detection: DetectionSettings = DetectionSettings(),
     ) -> None:
         super().__init__()
         levels = [int(level) for level in fpn_levels]
@@ -261,6 +289,7 @@ class RetinaNet(nn.Module):
         if not 1 <= head_depth <= 4:
             raise ValueError(f"head_depth must be in 1..4, got {head_depth}")
         self.num_classes = num_classes
+        self.detection = detection
         self.levels = tuple(levels)
         self.strides = tuple(2**level for level in levels)
         backbone_levels = list(range(levels[0], 6))
@@ -333,20 +362,18 @@ class RetinaNet(nn.Module):
         ref = anchors.expand(*shape[:-2], *anchors.shape).reshape(-1, 4)
         return clip_boxes(self.box_coder.decode_single(flat, ref), image_hw).reshape(shape)
 
-    # ------------------------------------------------------------------------------------- postprocess
+    # ----------------------------------------------------------------------------------- loss, postprocess
+    def detection_losses(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor, boxes: Sequence[Tensor],
+                         labels: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """:func:`detection_losses` (per image) with this network's box coder and :attr:`detection` settings."""
+        return detection_losses(cls_logits, box_deltas, anchors, boxes, labels, self.box_coder, self.detection)
+
     @torch.no_grad()
-    def postprocess(
-        self,
-        out: dict,
-        image_hw: Sequence[int],
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        topk_per_level: int = 1000,
-        max_detections: int = 100,
-    ) -> list[dict]:
-        """Detections per image (dossier a.12): score = max over classes > ``score_thresh``, the top
-        ``topk_per_level`` per level, decode + clip, class-agnostic MONAI NMS at ``nms_thresh``, at most
-        ``max_detections`` (COCO maxDets). Returns dicts with ``boxes`` (M, 4), ``scores`` (M,), ``labels`` (M,)."""
+    def postprocess(self, out: dict, image_hw: Sequence[int]) -> list[dict]:
+        """Detections per image (dossier a.12; :attr:`detection` settings): score = max over classes > ``score_thresh``,
+        the top ``topk_per_level`` per level, decode + clip, class-agnostic MONAI NMS at ``nms_thresh``, at most
+        ``max_detections``. Returns dicts with ``boxes`` (M, 4), ``scores`` (M,), ``labels`` (M,)."""
+        settings = self.detection
         anchors = self.anchors(image_hw, out["cls_maps"])
         sizes = [m.shape[-2] * m.shape[-1] * self.num_anchors for m in out["cls_maps"]]
         results = []
@@ -355,12 +382,13 @@ class RetinaNet(nn.Module):
             keep = []
             for idx in torch.arange(scores.numel(), device=scores.device).split(sizes):
                 level_scores = scores[idx]
-                top = level_scores.topk(min(topk_per_level, idx.numel())).indices
-                top = top[level_scores[top] > score_thresh]
+                top = level_scores.topk(min(settings.topk_per_level, idx.numel())).indices
+                top = top[level_scores[top] > settings.score_thresh]
                 keep.append(idx[top])
             keep = torch.cat(keep)
             boxes = self.decode(deltas[keep], anchors[keep], image_hw)
-            picked = non_max_suppression(boxes, scores[keep], nms_thresh, max_proposals=max_detections)
+            picked = non_max_suppression(boxes, scores[keep], settings.nms_thresh,
+                                         max_proposals=settings.max_detections)
             picked = torch.as_tensor(picked, dtype=torch.long, device=boxes.device)
             results.append({"boxes": boxes[picked], "scores": scores[keep][picked], "labels": labels[keep][picked]})
         return results

@@ -192,6 +192,18 @@ def test_module_step_losses_and_prototype_stats(tmp_path):
     assert module.student.retina.box_head.bbox_reg.weight.grad is not None
 
 
+def test_loss_weights_by_term_name_default_to_one():
+    from lightning_modules.oxnet import LOSS_NAMES, OXnetModule
+
+    module = OXnetModule(tiny_oxnet(), freeze_bn=False, loss_weights={"daa": 2.0, "consistency": 0.0}).eval()
+    terms = module.compute_losses(_batch())
+    weights = {name: 1.0 for name in LOSS_NAMES} | {"daa": 2.0, "consistency": 0.0}
+    want = sum(weights[name] * float(terms[name].detach()) for name in LOSS_NAMES)
+    assert float(terms["daa"].detach()) > 0 and float(terms["total"].detach()) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=r"loss_weights: unknown loss term\(s\) \['sfl_weight'\]"):
+        OXnetModule(tiny_oxnet(), loss_weights={"sfl_weight": 1.0})
+
+
 def test_stage1_checkpoint_initialises_student_and_teacher(tmp_path):
     from lightning_modules.oxnet import OXnetModule
     from lightning_modules.retinanet import RetinaNetModule

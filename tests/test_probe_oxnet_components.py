@@ -21,8 +21,8 @@ from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from lightning_modules.oxnet import OXnetModule
 from lightning_modules.retinanet import RetinaNetModule
 from networks.ema import ema_update_
-from networks.oxnet import OXnet
-from networks.retina import RetinaNet, detection_losses, encode_targets, local_attention_map
+from networks.oxnet import Distillation, OXnet
+from networks.retina import DetectionSettings, RetinaNet, detection_losses, encode_targets, local_attention_map
 
 K = 3
 
@@ -59,7 +59,8 @@ def _supervised_by_hand(retina: RetinaNet, out: dict, batch: dict, rows: list[in
     anchors = retina.anchors(batch["image"].shape[-2:], out["cls_maps"])
     cls, reg = detection_losses(out["cls_logits"][rows], out["box_deltas"][rows], anchors,
                                 [batch["boxes"][i] for i in rows], [batch["box_labels"][i] for i in rows],
-                                retina.box_coder, alpha=alpha, gamma=gamma, beta=1 / 9, fg_iou=0.5, bg_iou=0.4)
+                                retina.box_coder, DetectionSettings(focal_alpha=alpha, focal_gamma=gamma,
+                                                                    smooth_l1_beta=1 / 9, fg_iou=0.5, bg_iou=0.4))
     return cls.mean(), reg.mean()
 
 
@@ -149,7 +150,8 @@ def test_teacher_runs_on_the_teacher_view_of_the_distillation_images():
 def test_unlabeled_images_use_their_own_confidence_threshold(unlabeled_thresh, unlabeled_counts):
     """Teacher class-0 confidence 0.9 everywhere: with ``unlabeled_score_thresh`` 0.95 the unlabeled image gets no
     pseudo-box (distillation 0 for it), with 0.5 it does; the labelled images keep theirs (threshold 0.5)."""
-    module = _confident_module(unlabeled_score_thresh=unlabeled_thresh, distill_box_stream=False)
+    module = _confident_module(distillation=Distillation(unlabeled_score_thresh=unlabeled_thresh,
+                                                         distill_box_stream=False))
     batch = _batch()
     with torch.no_grad():
         out = module.student(batch["image"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from datamodules.batch import STREAM_BOX, STREAM_LABEL, STREAM_UNLABELED
 from lightning_modules.oxnet import OXnetModule
 from networks.ema import ema_update_
-from networks.oxnet import OXnet, pseudo_boxes
+from networks.oxnet import Distillation, OXnet, pseudo_boxes
 from networks.retina import RetinaNet, encode_targets, match_anchors
 
 Q0 = 0.9  # teacher confidence for class 0 on every anchor; classes 1, 2 at σ(−10)
@@ -118,7 +118,7 @@ def test_confident_teacher_distils_through_the_module():
 
 
 def test_without_box_stream_distillation_only_label_and_unlabeled_images_count():
-    module = _module(distill_box_stream=False)
+    module = _module(distillation=Distillation(distill_box_stream=False))
     batch = _batch()
     terms = module.compute_losses(batch)
     want_sfl, want_reg = _oracle(module, batch, rows_with_boxes=[2], n_rows=2)  # rows 1 (filtered) and 2

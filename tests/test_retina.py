@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from networks.retina import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, RetinaNet, clip_boxes, detection_losses,
-                             encode_targets, focal_loss, local_attention_map, match_anchors, smooth_l1)
+from networks.retina import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, DetectionSettings, RetinaNet, clip_boxes,
+                             detection_losses, encode_targets, focal_loss, local_attention_map, match_anchors, smooth_l1)
 
 
 def tiny(**kwargs) -> RetinaNet:
@@ -125,8 +125,30 @@ def test_detection_losses_per_image():
     # image 1: every anchor is a negative for every class, normaliser 1
     assert float(cls[1]) == pytest.approx(float(focal_loss(logits[1], torch.zeros(n, 3)).sum()), rel=1e-5)
     assert float(reg[1]) == 0.0
-    cls_zero, _ = detection_losses(logits, deltas, anchors, boxes, labels, net.box_coder, empty_image_loss="zero")
+    cls_zero, _ = detection_losses(logits, deltas, anchors, boxes, labels, net.box_coder,
+                                   DetectionSettings(empty_image_loss="zero"))
     assert float(cls_zero[1]) == 0.0 and float(cls_zero[0]) == pytest.approx(float(cls[0]))
+
+
+@pytest.mark.parametrize("beta,per_delta", [(1 / 9, 0.5 * 0.05**2 * 9), (0.01, 0.05 - 0.01 / 2)])
+def test_detection_losses_use_the_smooth_l1_beta_of_the_settings(beta, per_delta):
+    """One positive anchor whose box is the anchor itself (target deltas 0) and predicted deltas 0.05: smooth-L1 is
+    quadratic below β (0.5 x²/β) and linear above (|x| − β/2); regression = Σ over 4 deltas / (4 · 1 positive).
+    (``smooth_l1_beta`` was once accepted and ignored: the regression always used β = 1/9.)"""
+    net = tiny(fpn_levels=(3, 4, 5))
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    _, reg = detection_losses(torch.zeros(1, 1, 3), torch.full((1, 1, 4), 0.05), anchors, [anchors.clone()],
+                              [torch.tensor([0])], net.box_coder, DetectionSettings(smooth_l1_beta=beta))
+    assert float(reg[0]) == pytest.approx(per_delta, rel=1e-5)
+
+
+def test_detection_settings_are_the_networks_and_are_checked():
+    settings = DetectionSettings(score_thresh=0.3, max_detections=7)
+    assert tiny(detection=settings).detection is settings
+    with pytest.raises(ValueError, match="empty_image_loss must be 'negative' or 'zero', got 'none'"):
+        DetectionSettings(empty_image_loss="none")
+    with pytest.raises(ValueError, match="bg_iou <= fg_iou"):
+        DetectionSettings(fg_iou=0.4, bg_iou=0.5)
 
 
 def test_encode_decode_roundtrip():
@@ -203,4 +225,4 @@ def test_tiny_module_trains_evaluates_and_logs_boxes(tmp_path):
     assert len(list((tmp_path / "boxes" / "epoch_000").glob("*.png"))) == 2
     detections = module.detect(torch.zeros(2, 1, 64, 64))
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
-    assert len(detections[0]["boxes"]) <= module.hparams.max_detections
+    assert len(detections[0]["boxes"]) <= module.net.detection.max_detections
