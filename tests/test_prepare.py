@@ -1,0 +1,210 @@
+"""``medattn prepare`` and ``CXRDataModule(prepared=...)``: the prepared path gives the unprepared path's batches
+(augmentation off), and a prepared folder of other settings, another reader or another manifest is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.cxr import CXRDataModule
+from datamodules.manifest import DataError, Manifest
+from datamodules.prepared import META_NAME, PreparedCXRDataset, prepare, read_meta, stored_settings
+from datamodules.synthetic import SyntheticCXR
+from experiments.cli import main
+
+PCAM = Path(__file__).resolve().parents[1] / "experiments" / "pcam" / "synthetic.yaml"
+SIZE = 40  # the prepared side; the synthetic images are 64 px
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(cache) -> list[str]:
+    """pcam/synthetic.yaml shrunk to 120 images of 64 px, prepared at 40 px (min_per_class 0: counts not the point)."""
+    return ["--data.init_args.reader.init_args.n_images", "120", "--data.init_args.reader.init_args.image_size", "64",
+            "--data.init_args.reader.init_args.cache_dir", str(cache), "--data.init_args.image_size", str(SIZE),
+            "--data.init_args.min_per_class", "0", "--data.init_args.labeled_batch_size", "8",
+            "--data.init_args.eval_batch_size", "16", "--data.init_args.num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny) -> Path:
+    """``medattn prepare`` on the synthetic data, through the CLI, with two decoding processes."""
+    out = tmp_path_factory.mktemp("prepared") / "pcam"
+    main(["prepare", "-c", str(PCAM), *tiny, "--out", str(out), "--num_workers", "2"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reader(cache) -> SyntheticCXR:
+    return SyntheticCXR(cache_dir=cache, n_images=120, image_size=64, seed=0)
+
+
+def _module(reader, **kwargs) -> CXRDataModule:
+    """Every stream in use, two views, masks: the richest batch the DataModule makes."""
+    args = dict(image_size=SIZE, min_per_class=0, box_fraction=0.1, unlabeled_fraction=0.3, box_batch_size=2,
+                labeled_batch_size=4, unlabeled_batch_size=3, two_views=True, augment=False, eval_batch_size=16, seed=3)
+    return CXRDataModule(reader, **{**args, **kwargs})
+
+
+def _assert_same_batches(first, second) -> int:
+    count = 0
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], list):
+                assert len(a[key]) == len(b[key])
+                for x, y in zip(a[key], b[key]):
+                    assert x == y if isinstance(x, str) else torch.equal(x, y), key
+            else:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        count += 1
+    return count
+
+
+def test_prepare_writes_every_image_and_records_what_it_was_made_from(prepared, reader):
+    meta = read_meta(prepared)
+    assert meta["status"] == "complete" and meta["manifest"]["count"] == 120
+    assert meta["settings"] == {"image_size": SIZE, "clahe_clip_limit": None, "clahe_tile_grid": None}
+    assert meta["reader"]["class_path"] == "datamodules.synthetic.SyntheticCXR"
+    assert meta["reader"]["init_args"]["n_images"] == 120 and meta["num_workers"] == 2
+    index = json.loads((prepared / "index.json").read_text())
+    assert sum(c["chunk_size"] for c in index["chunks"]) == 120 and len(index["chunks"]) == 2  # one per worker
+    # in manifest order, ids and frames as the manifest says
+    from litdata import StreamingDataset
+
+    data, manifest = StreamingDataset(str(prepared), batch_decode=False), reader.load()
+    for row in (0, 59, 60, 119):
+        sample = data[row]
+        assert sample["row"] == row and sample["image_id"] == manifest.records["image_id"].iloc[row]
+        assert sample["image"].dtype == np.uint8 and sample["image"].shape == (1, SIZE, SIZE)
+        assert sample["frame"].tolist() == [64, 64, SIZE / 64]
+
+
+def test_first_epoch_equals_the_unprepared_path(prepared, reader):
+    """The acceptance check: augmentation off, every training batch of epoch 0 (ids, streams, labels, label masks,
+    boxes, masks, frames, both views) and every evaluation batch is identical, pixels included (the stored uint8
+    letterbox is the one the per-sample path computes)."""
+    plain, fast = _module(reader), _module(reader, prepared=str(prepared))
+    for dm in (plain, fast):
+        dm.setup("fit")
+    assert all(np.array_equal(plain.splits[k], fast.splits[k]) for k in ("train", "val", "test"))
+    assert np.array_equal(plain.train_streams, fast.train_streams)
+    assert isinstance(fast.train_dataloader().dataset, PreparedCXRDataset)
+    batches = _assert_same_batches(plain.train_dataloader(), fast.train_dataloader())
+    assert batches == plain.train_dataloader().sampler.num_batches > 0
+    first = next(iter(fast.train_dataloader()))
+    assert first["stream"].tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]  # the exact per-stream counts
+    assert first["has_boxes"][:2].all() and sum(len(b) for b in first["boxes"][:2]) > 0
+    assert not first["label_mask"][-3:].any()  # the unlabeled stream hides its labels
+    assert first["has_attention_mask"].all() and first["attention_mask"].sum() > 0
+    for split in ("val", "test"):
+        loader = getattr(plain, f"{split}_dataloader")
+        assert _assert_same_batches(loader(), getattr(fast, f"{split}_dataloader")()) > 0
+
+
+def test_train_masks_false_and_unnormalised_samples_for_the_batch_augmentation(prepared, reader):
+    plain, fast = _module(reader, train_masks=False), _module(reader, train_masks=False, prepared=str(prepared))
+    _assert_same_batches(plain.train_dataloader(), fast.train_dataloader())
+    batch = next(iter(fast.train_dataloader()))
+    assert not batch["has_mask"].any() and batch["mask"].abs().sum() == 0
+    fast.setup("fit")
+    raw = PreparedCXRDataset(prepared, fast.splits["train"], fast.manifest.records["image_id"].iloc[fast.splits["train"]],
+                             1, fast._transform(train=False), raw=True)[0]
+    normalised = fast.train_dataloader().dataset[0]
+    assert "image_teacher" not in raw and 0 <= raw["image"].min() and raw["image"].max() <= 1
+    assert torch.allclose((raw["image"] - 0.5) / 0.25, normalised["image"])  # CXRTransform's default mean, std
+
+
+def test_training_augmentation_needs_the_batch_path(prepared, reader):
+    dm = _module(reader, augment=True, prepared=str(prepared))
+    with pytest.raises(DataError, match="augmented on the batch; set --data.init_args.augment_on batch"):
+        dm.train_dataloader()
+
+
+def test_ddp_evaluation_sees_every_image_exactly_once(prepared, reader):
+    dm = _module(reader, prepared=str(prepared))
+    dm.setup("fit")
+    seen = []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, is_global_zero=rank == 0)
+        seen += [i for batch in dm.val_dataloader() for i in batch["image_id"]]
+    dm.trainer = None
+    assert sorted(seen) == sorted(dm.manifest.records["image_id"].iloc[dm.splits["val"]])  # once each, none padded
+
+
+class _Edited:
+    """The synthetic reader with its manifest edited by ``edit`` (a changed or removed image)."""
+
+    def __init__(self, reader, edit) -> None:
+        self.reader, self.edit = reader, edit
+
+    def load(self) -> Manifest:
+        return self.edit(self.reader.load())
+
+
+def _flip_label(manifest: Manifest) -> Manifest:
+    manifest.labels[5, 0] = 1 - manifest.labels[5, 0]
+    return manifest
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image_size=48), r"image_size: prepared 40, the config has 48 \(--data.init_args.image_size\)"),
+    (dict(augment_kwargs={"clahe_clip_limit": 2.0}), "clahe_clip_limit: prepared None, the config has 2.0"),
+])
+def test_a_settings_change_is_refused_naming_it(prepared, reader, change, message):
+    with pytest.raises(DataError, match=message):
+        _module(reader, prepared=str(prepared), **change).setup("fit")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_flip_label, r"120 images prepared vs 120 .* differing: classes, task or labels"),
+    (lambda m: m.subset(np.arange(1, 120)), r"120 images prepared vs 119 .* differing: image ids"),
+])
+def test_a_manifest_change_is_refused_naming_the_part(prepared, reader, edit, message):
+    with pytest.raises(DataError, match="manifest hash mismatch: " + message):
+        _module(_Edited(reader, edit), prepared=str(prepared)).setup("fit")
+    with pytest.raises(DataError, match="reader: prepared with datamodules.synthetic.SyntheticCXR, the config uses"):
+        _module(_Edited(reader, lambda m: m), prepared=str(prepared)).setup("fit")
+
+
+def test_prepare_refuses_a_foreign_or_different_folder_and_verifies_a_finished_one(prepared, reader, tiny, tmp_path,
+                                                                                   capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["prepare", "-c", str(PCAM), *tiny, "--out", str(tmp_path)])
+    assert "holds files but no medattn_prepared.json" in capsys.readouterr().err
+    main(["prepare", "-c", str(PCAM), *tiny, "--out", str(prepared)])
+    assert "already prepared (120 images); nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["prepare", "-c", str(PCAM), *tiny, "--out", str(prepared), "--data.init_args.image_size", "32"])
+    assert "image_size: prepared 40, the config has 32" in capsys.readouterr().err
+    # an unfinished folder is refused by the DataModule
+    meta = read_meta(prepared)
+    (prepared / META_NAME).write_text(json.dumps({**meta, "status": "writing"}))
+    try:
+        with pytest.raises(DataError, match="the preparation did not finish"):
+            _module(reader, prepared=str(prepared)).setup("fit")
+    finally:
+        (prepared / META_NAME).write_text(json.dumps(meta))
+
+
+def test_an_unreadable_image_stops_prepare_naming_it_and_the_next_run_starts_afresh(reader, tmp_path):
+    manifest = reader.load()
+    broken = manifest.records["image_path"].iloc[7]
+    manifest.records.loc[7, "image_path"] = str(tmp_path / "missing.png")
+    settings = stored_settings(SIZE, None)
+    with pytest.raises(DataError, match=r"1 image\(s\) could not be prepared, first manifest row 7 .*missing.png"):
+        prepare(manifest, tmp_path / "out", settings, reader, num_workers=2)
+    assert read_meta(tmp_path / "out")["status"] == "failed"
+    manifest.records.loc[7, "image_path"] = broken
+    assert prepare(manifest, tmp_path / "out", settings, reader, num_workers=2)["status"] == "complete"
+    assert not (tmp_path / "out" / ".errors").exists()
