@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +23,8 @@ from datamodules.prepared import META_NAME, PreparedCXRDataset, prepare, read_me
 from datamodules.synthetic import SyntheticCXR
 from experiments.cli import main
 
-PCAM = Path(__file__).resolve().parents[1] / "experiments" / "pcam" / "synthetic.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+PCAM = ROOT / "experiments" / "pcam" / "synthetic.yaml"
 SIZE = 40  # the prepared side; the synthetic images are 64 px
 
 
@@ -208,3 +215,73 @@ def test_an_unreadable_image_stops_prepare_naming_it_and_the_next_run_starts_afr
     manifest.records.loc[7, "image_path"] = broken
     assert prepare(manifest, tmp_path / "out", settings, reader, num_workers=2)["status"] == "complete"
     assert not (tmp_path / "out" / ".errors").exists()
+
+
+def test_medattn_fit_trains_on_the_prepared_folder(prepared, tiny, tmp_path, monkeypatch):
+    """The issue's acceptance command: ``medattn prepare -c experiments/pcam/synthetic.yaml --out <dir>`` (the
+    ``prepared`` fixture) then ``medattn fit -c experiments/pcam/synthetic.yaml --data.init_args.prepared <dir>``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEDATTN_RUN_DIR", raising=False)
+    main(["fit", "-c", str(PCAM), *tiny, "--data.init_args.prepared", str(prepared), "--data.init_args.augment", "false",
+          "--model.init_args.net.init_args.backbone", "test_resnet", "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"])
+    (run,) = (tmp_path / "runs").glob("*/*")
+    metrics = (run / "metrics.csv").read_text()
+    assert "train/loss_epoch" in metrics.splitlines()[0] and len(metrics.splitlines()) > 1
+    assert f"prepared: {prepared}" in (run / "config.yaml").read_text()
+
+
+_SLOW_PREPARE = """
+import sys, time
+from datamodules import prepared
+from datamodules.synthetic import SyntheticCXR
+
+decode = prepared._Decoder._decode
+prepared._Decoder._decode = lambda self, row: (time.sleep(0.1), decode(self, row))[1]  # 10 images/s per worker
+reader = SyntheticCXR(cache_dir=sys.argv[1], n_images=120, image_size=64, seed=0)
+prepared.prepare(reader.load(), sys.argv[2], prepared.stored_settings(int(sys.argv[3]), None), reader, num_workers=2,
+                 chunk_bytes="20KB")
+"""
+
+
+@pytest.mark.slow
+def test_an_interrupted_prepare_resumes_where_it_stopped(prepared, reader, cache, tmp_path, monkeypatch):
+    """``medattn prepare`` killed (SIGKILL to its process group, as a scheduler does) after a few chunks; the next
+    run keeps the checkpointed chunks, decodes only the rest, and the result equals an uninterrupted preparation."""
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(cache), str(out), str(SIZE)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list((out / ".checkpoints").glob("checkpoint-*.json"))) < 2 or len(list(out.glob("chunk-*"))) < 6:
+            assert job.poll() is None and time.monotonic() < deadline, "the preparation ended before it was killed"
+            time.sleep(0.1)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert read_meta(out)["status"] == "writing" and not (out / "index.json").exists()
+    chunks = [c for f in (out / ".checkpoints").glob("checkpoint-*.json") for c in json.loads(f.read_text())["chunks"]]
+    kept, kept_images = {c["filename"] for c in chunks}, sum(c["chunk_size"] for c in chunks)
+    stamps = {name: (out / name).stat().st_mtime_ns for name in kept}
+    assert kept
+
+    decoded = tmp_path / "decoded"
+    decoded.mkdir()
+    from datamodules import prepared as module
+
+    decode = module._Decoder._decode
+    monkeypatch.setattr(module._Decoder, "_decode", lambda self, row: ((decoded / str(row)).touch(), decode(self, row))[1])
+    meta = prepare(reader.load(), out, stored_settings(SIZE, None), reader, num_workers=1)  # resumes with 2 workers
+    assert meta["status"] == "complete" and meta["num_workers"] == 2
+    again = {int(p.name) for p in decoded.iterdir()}
+    assert len(again) == 120 - kept_images > 0, "the checkpointed images were decoded again"
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == stamps  # the kept chunks were not rewritten
+    from litdata import StreamingDataset
+
+    resumed, reference = (StreamingDataset(str(p), batch_decode=False) for p in (out, prepared))
+    for row in range(120):
+        a, b = resumed[row], reference[row]
+        assert a["image_id"] == b["image_id"] and np.array_equal(a["image"], b["image"])
+        assert np.array_equal(a["attention_mask"], b["attention_mask"]) and np.array_equal(a["boxes"], b["boxes"])
