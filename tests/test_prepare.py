@@ -285,3 +285,15 @@ def test_an_interrupted_prepare_resumes_where_it_stopped(prepared, reader, cache
         a, b = resumed[row], reference[row]
         assert a["image_id"] == b["image_id"] and np.array_equal(a["image"], b["image"])
         assert np.array_equal(a["attention_mask"], b["attention_mask"]) and np.array_equal(a["boxes"], b["boxes"])
+
+
+def test_the_benchmark_table_shows_the_prepared_loader_and_prepare_throughput():
+    from experiments.benchmarks import report
+
+    rates = {"medattn/png/w2": {"median": 47.0}, "plain/png/w2": {"median": 120.0},
+             "prepared/png/w2": {"median": 480.0}, "prepared/png/w10": {"median": 500.0},
+             "prepare/covid-cxr-mini/w2": {"median": 60.5}}
+    table = report.dataloader_table({"images_per_second": rates})
+    assert "| 2 | 480.0 | 47.0 | 10.2× |" in table and table.index("| 2 | 480.0") < table.index("| 10 | 500.0 | – | – |")
+    assert "| covid-cxr-mini | 2 | 60.5 |" in table
+    assert "prepared" not in report.dataloader_table({"images_per_second": {"medattn/png/w0": {"median": 1.0}}})

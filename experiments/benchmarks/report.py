@@ -67,7 +67,26 @@ def dataloader_table(data: dict) -> str:
         nomasks = f" {cell(rates.get(f'medattn_nomasks/{fmt}/{workers}', {}).get('median'))} |" if has_nomasks else ""
         ratio = f"{mine / plain:.2f}" if plain else "–"
         rows.append(f"| {fmt} | {workers[1:]} | {cell(mine)} |{nomasks} {cell(plain)} | {ratio} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + _prepared_table(rates)
+
+
+def _prepared_table(rates: dict) -> str:
+    """The prepared loader (``medattn prepare``, masks and batch augmentation on) against the PNG loader, and the
+    throughput of ``medattn prepare`` itself; empty when not measured."""
+    prepared = sorted((k for k in rates if k.startswith("prepared/")), key=lambda k: int(k.rsplit("/w", 1)[1]))
+    made = sorted(k for k in rates if k.startswith("prepare/"))
+    if not prepared and not made:
+        return ""
+    rows = ["", "| workers | prepared img/s (masks + batch augmentation) | medattn png img/s | speed-up |",
+            "|---|---|---|---|"]
+    for key in prepared:
+        workers = key.rsplit("/w", 1)[1]
+        mine, png = rates[key]["median"], rates.get(f"medattn/png/w{workers}", {}).get("median")
+        rows.append(f"| {workers} | {mine:.1f} | {f'{png:.1f}' if png else '–'} | "
+                    f"{f'{mine / png:.1f}×' if png else '–'} |")
+    rows += ["", "| `medattn prepare` on | workers | img/s |", "|---|---|---|"]
+    rows += [f"| {k.split('/')[1]} | {k.rsplit('/w', 1)[1]} | {rates[k]['median']:.1f} |" for k in made]
+    return "\n".join(rows if made else rows[:-2]) + "\n"
 
 
 def precision_table(data: dict) -> str:
