@@ -48,12 +48,10 @@ def build_parser() -> ArgumentParser:
 
 
 def _reader_args(config: Namespace) -> dict | None:
-    reader = config.data.init_args.get("reader")
-    if not isinstance(reader, Namespace):
-        return None
-    args = reader.get("init_args")
-    return {"class_path": reader.get("class_path"),
-            "init_args": args.as_dict() if isinstance(args, Namespace) else args}
+    """The reader's init arguments as the config resolved them (defaults filled in), for the prepared record."""
+    args = config.data.init_args.get("reader", {}).get("init_args") if isinstance(
+        config.data.init_args.get("reader"), Namespace) else None
+    return args.as_dict() if isinstance(args, Namespace) else args
 
 
 def run(argv: list[str]) -> dict:
@@ -70,9 +68,8 @@ def run(argv: list[str]) -> dict:
     hp = datamodule.hparams
     datamodule.prepare_data()
     manifest = datamodule._ensure_manifest()  # the reader's manifest as training reads it (skip_corrupt applied)
-    reader = _reader_args(config)
     meta = prepare(manifest, config.out, stored_settings(hp.image_size, hp.augment_kwargs), datamodule.reader,
-                   reader_args=reader and reader["init_args"], num_workers=config.num_workers,
+                   reader_args=_reader_args(config), num_workers=config.num_workers,
                    overwrite=config.overwrite, chunk_bytes=config.chunk_bytes)
     print(f"[medattn] train with --data.init_args.prepared {config.out}")
     return meta

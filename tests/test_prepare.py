@@ -291,9 +291,13 @@ def test_the_benchmark_table_shows_the_prepared_loader_and_prepare_throughput():
     from experiments.benchmarks import report
 
     rates = {"medattn/png/w2": {"median": 47.0}, "plain/png/w2": {"median": 120.0},
-             "prepared/png/w2": {"median": 480.0}, "prepared/png/w10": {"median": 500.0},
+             "prepared_loader/png/w2": {"median": 480.0}, "prepared/png/w2": {"median": 94.0},
+             "prepared_loader/png/w10": {"median": 500.0}, "batch_augment/cpu": {"median": 100.0},
              "prepare/covid-cxr-mini/w2": {"median": 60.5}}
     table = report.dataloader_table({"images_per_second": rates})
-    assert "| 2 | 480.0 | 47.0 | 10.2× |" in table and table.index("| 2 | 480.0") < table.index("| 10 | 500.0 | – | – |")
-    assert "| covid-cxr-mini | 2 | 60.5 |" in table
+    assert "| 2 | 480.0 | 94.0 | 47.0 | 10.2×, 2.0× |" in table
+    assert table.index("| 2 | 480.0") < table.index("| 10 | 500.0 | – | – | –, – |")  # sorted by workers, not text
+    assert "BatchAugment alone: cpu 100.0 img/s." in table and "| covid-cxr-mini | 2 | 60.5 |" in table
     assert "prepared" not in report.dataloader_table({"images_per_second": {"medattn/png/w0": {"median": 1.0}}})
+    only_prepare = report.dataloader_table({"images_per_second": {"prepare/synthetic-png/w1": {"median": 9.0}}})
+    assert "| synthetic-png | 1 | 9.0 |" in only_prepare and "prepared loader" not in only_prepare

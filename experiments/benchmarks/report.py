@@ -71,22 +71,30 @@ def dataloader_table(data: dict) -> str:
 
 
 def _prepared_table(rates: dict) -> str:
-    """The prepared loader (``medattn prepare``, masks and batch augmentation on) against the PNG loader, and the
-    throughput of ``medattn prepare`` itself; empty when not measured."""
-    prepared = sorted((k for k in rates if k.startswith("prepared/")), key=lambda k: int(k.rsplit("/w", 1)[1]))
+    """The prepared loader (``medattn prepare``; alone, and with ``BatchAugment`` on the CPU) against the PNG
+    loader, the augmentation alone per device, and ``medattn prepare``'s own throughput; empty when not measured."""
+    def median(key: str) -> float | None:
+        return rates.get(key, {}).get("median")
+
+    def cell(value: float | None, unit: str = "") -> str:
+        return f"{value:.1f}{unit}" if value else "–"
+
+    workers = sorted({int(k.rsplit("/w", 1)[1]) for k in rates if k.startswith(("prepared/", "prepared_loader/"))})
     made = sorted(k for k in rates if k.startswith("prepare/"))
-    if not prepared and not made:
+    if not workers and not made:
         return ""
-    rows = ["", "| workers | prepared img/s (masks + batch augmentation) | medattn png img/s | speed-up |",
-            "|---|---|---|---|"]
-    for key in prepared:
-        workers = key.rsplit("/w", 1)[1]
-        mine, png = rates[key]["median"], rates.get(f"medattn/png/w{workers}", {}).get("median")
-        rows.append(f"| {workers} | {mine:.1f} | {f'{png:.1f}' if png else '–'} | "
-                    f"{f'{mine / png:.1f}×' if png else '–'} |")
-    rows += ["", "| `medattn prepare` on | workers | img/s |", "|---|---|---|"]
-    rows += [f"| {k.split('/')[1]} | {k.rsplit('/w', 1)[1]} | {rates[k]['median']:.1f} |" for k in made]
-    return "\n".join(rows if made else rows[:-2]) + "\n"
+    rows = ["", "| workers | prepared loader img/s (augmentation on the device) | with BatchAugment on this CPU | "
+                "medattn png img/s | speed-up: loader, with CPU augmentation |", "|---|---|---|---|---|"] if workers else []
+    for w in workers:
+        loader, cpu, png = median(f"prepared_loader/png/w{w}"), median(f"prepared/png/w{w}"), median(f"medattn/png/w{w}")
+        ratios = ", ".join(cell(v / png, "×") if v and png else "–" for v in (loader, cpu))
+        rows.append(f"| {w} | {cell(loader)} | {cell(cpu)} | {cell(png)} | {ratios} |")
+    alone = [f"{k.split('/')[1]} {median(k):.1f} img/s" for k in sorted(rates) if k.startswith("batch_augment/")]
+    rows += ["", f"BatchAugment alone: {', '.join(alone)}."] if alone else []
+    if made:
+        rows += ["", "| `medattn prepare` on | workers | img/s |", "|---|---|---|"]
+        rows += [f"| {k.split('/')[1]} | {k.rsplit('/w', 1)[1]} | {median(k):.1f} |" for k in made]
+    return "\n".join(rows) + "\n"
 
 
 def precision_table(data: dict) -> str:
