@@ -13,13 +13,14 @@ config's, naming the setting (prepared value vs config value) or the part of the
 
 Format: LitData (``litdata.optimize`` / ``StreamingDataset``), Lightning's own, rather than WebDataset or MosaicML
 Streaming, because (1) it reads a local folder or object storage (S3, GCS, Azure) with the same code, (2) it shards
-across ranks and nodes, (3) ``StreamingDataset`` gives **random access by index** (``dataset[i]``, memory-mapped,
-about 2,700 samples/s of image + two masks at 512² on one core of this machine, ``batch_decode=False``), so medattn keeps its map-style dataset and its
-samplers (patient split, exact per-stream batch counts, unpadded evaluation sharding) unchanged — WebDataset is
-sequential tar streaming and cannot do that; and (4) ``optimize`` writes in parallel and resumes an interrupted run
-from its checkpoints (``use_checkpoint=True``). WebDataset and Streaming would need a hand-written index and
-hand-written resume for the same. The arrays are stored raw (no PNG): reading is a memory copy, so the loader is
-bounded by the batch augmentation, not by decoding (``experiments/benchmarks/dataloader.py``).
+across ranks and nodes, (3) ``StreamingDataset`` gives **random access by index** (``dataset[i]``, memory-mapped;
+about 2,700 samples/s of image + two masks at 512² on one core here, with ``batch_decode=False``), so medattn keeps
+its map-style dataset and samplers (patient split, exact per-stream batch counts, unpadded evaluation sharding)
+unchanged, where WebDataset is sequential tar streaming and cannot; and (4) ``optimize`` writes in parallel and
+resumes an interrupted run from its checkpoints (``use_checkpoint=True``). MosaicML Streaming also reads by index,
+but leaves parallel writing and resuming to the user (shards written separately, then ``merge_index``) and sits
+outside the Lightning stack medattn builds on. The arrays are stored raw (no PNG): reading is a memory copy, so the
+loader is bounded by the batch augmentation, not by decoding (``experiments/benchmarks/dataloader.py``).
 
 :class:`PreparedCXRDataset` yields exactly what ``CXRDataset`` yields for an un-augmented sample (bit-identical
 image, masks, boxes, labels, frame), or, for the batch-augmentation path (``raw=True``), the un-normalised [0, 1]
