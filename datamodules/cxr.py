@@ -18,6 +18,7 @@ from datamodules.dataset import (CXRDataset, MixedStreamSampler, UnpaddedDistrib
                                  world_and_rank)
 from datamodules.io import read_gray_uint8, read_mask
 from datamodules.manifest import DataError, Manifest, Reader
+from datamodules.prepared import PreparedCXRDataset, check_prepared, stored_settings
 from datamodules.progress import progress
 from datamodules.splits import all_images_split, assign_streams, build_splits, split_summary
 from datamodules.transforms import CXRTransform
@@ -101,6 +102,12 @@ class CXRDataModule(pl.LightningDataModule):
             normalisation as today); ``augmentation="reference"`` (``augment_kwargs``) has no batch path.
         skip_corrupt: decode every image (and mask) once at setup, drop the unreadable ones and count them in
             ``self.report`` (without it, an unreadable image raises a ``DataError`` naming its path when loaded).
+        prepared: a folder written by ``medattn prepare`` (``datamodules/prepared.py``): the pixels come from there
+            (decoded and letterboxed once) instead of the image files; the manifest, split, streams and samplers
+            still come from the reader, so batches are the same. Refused, naming the difference, when it was
+            prepared with another ``image_size`` or CLAHE setting, another reader or another manifest. Training
+            augmentation then runs on the batch (``augment_on="batch"``; with ``augment=False`` batches equal the
+            unprepared path's).
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class CXRDataModule(pl.LightningDataModule):
         train_masks: bool = True,
         skip_corrupt: bool = False,
         augment_on: Literal["sample", "batch"] = "sample",
+        prepared: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -152,6 +160,7 @@ class CXRDataModule(pl.LightningDataModule):
         self.train_streams = np.zeros(0, np.int64)
         self.summary = None
         self.report: dict[str, list[str]] = {"skipped_corrupt": []}
+        self.prepared_meta: dict | None = None  # the prepared folder's record, once checked against the manifest
 
     # ------------------------------------------------------------------------------------ properties
     def _ensure_manifest(self) -> Manifest:
@@ -216,6 +225,9 @@ class CXRDataModule(pl.LightningDataModule):
                             "train and validate with split='patients' (the default)")
         if not self.splits:
             self._build_splits()
+        if self.hparams.prepared and self.prepared_meta is None:
+            self.prepared_meta = check_prepared(self.hparams.prepared, self._ensure_manifest(), stored_settings(
+                self.hparams.image_size, self.hparams.augment_kwargs), self.reader)
         # An evaluation stage on an empty split would log nothing (or a metric of nothing) without failing.
         for split in {"test": ["test"], "predict": ["test"], "validate": ["val"]}.get(str(stage), []):
             if len(self.splits[split]) == 0:
@@ -295,6 +307,19 @@ class CXRDataModule(pl.LightningDataModule):
         generator = torch.Generator(device=batch["image"].device).manual_seed(seed)
         return self._batch_augment(batch, generator)
 
+    def _prepared_dataset(self, split: str, streams: np.ndarray, train: bool) -> PreparedCXRDataset:
+        """The split's samples from the prepared folder, un-augmented; training samples with ``augment_on="batch"``
+        un-normalised, because :meth:`on_after_batch_transfer` normalises them (and augments them when ``augment``)."""
+        hp = self.hparams
+        on_batch = train and hp.augment_on == "batch"
+        if train and hp.augment and not on_batch:
+            raise DataError(f"prepared={hp.prepared}: prepared samples are augmented on the batch; set "
+                            "--data.init_args.augment_on batch (or --data.init_args.augment false)")
+        ids = self.manifest.records["image_id"].to_numpy()[self.splits[split]]
+        transform = CXRTransform(hp.image_size, two_views=hp.two_views and train, **dict(hp.augment_kwargs or {}))
+        return PreparedCXRDataset(hp.prepared, self.splits[split], ids, streams, transform,
+                                  load_masks=hp.train_masks or not train, raw=on_batch)
+
     def batch_sizes(self) -> dict[int, int]:
         hp = self.hparams
         return {STREAM_BOX: hp.box_batch_size, STREAM_LABEL: hp.labeled_batch_size,
@@ -315,9 +340,11 @@ class CXRDataModule(pl.LightningDataModule):
             epoch_stream = STREAM_LABEL if sizes[STREAM_LABEL] > 0 else STREAM_BOX
         world, rank = world_and_rank(self.trainer)
         sampler = MixedStreamSampler(self.train_streams, sizes, epoch_stream, world, rank, hp.seed, keyed=True)
-        # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
-        dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams,
-                             load_masks=self.hparams.train_masks, seed_base=(hp.seed, run_seed(), rank))
+        if hp.prepared:
+            dataset = self._prepared_dataset("train", self.train_streams, train=True)
+        else:  # augmentation = f(data seed, run seed, rank, epoch, position, index): exact resume with any workers
+            dataset = CXRDataset(manifest, self._transform(train=True), self.train_streams,
+                                 load_masks=self.hparams.train_masks, seed_base=(hp.seed, run_seed(), rank))
         return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=collate_cxr, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0, pin_memory=False)
@@ -329,7 +356,8 @@ class CXRDataModule(pl.LightningDataModule):
         # Evaluation images keep their labels and, where annotated, their boxes; they are never augmented.
         boxed = manifest.records["image_id"].astype(str).isin(set(manifest.boxes["image_id"].astype(str)))
         streams = np.where(boxed.to_numpy(), STREAM_BOX, STREAM_LABEL)
-        dataset = CXRDataset(manifest, self._transform(train=False), streams)
+        dataset = (self._prepared_dataset(split, streams, train=False) if hp.prepared
+                   else CXRDataset(manifest, self._transform(train=False), streams))
         world, rank = world_and_rank(self.trainer)
         sampler = UnpaddedDistributedSampler(len(dataset), world, rank, f"the {split} split")
         return DataLoader(dataset, batch_size=hp.eval_batch_size, sampler=sampler, collate_fn=collate_cxr,

@@ -306,12 +306,14 @@ class MedAttnCLI(LightningCLI):
 
     def _add_subcommands(self, parser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        # `compare` is dispatched by main() before the CLI parses anything; registered here so --help lists it
+        # `compare` and `prepare` are dispatched by main() before the CLI parses anything; registered here so --help
+        # lists them
         from jsonargparse import ArgumentParser
 
-        description = "tabulate finished runs (CSV/Markdown/PNG); `medattn compare --help` for its options"
-        parser._subcommands_action.add_subcommand("compare", ArgumentParser(description=description),
-                                                  help=description)
+        for name, description in (
+                ("compare", "tabulate finished runs (CSV/Markdown/PNG); `medattn compare --help` for its options"),
+                ("prepare", "decode and letterbox a dataset once for fast loading; `medattn prepare --help`")):
+            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=description), help=description)
 
     def __init__(self, args=None, run: bool = True) -> None:
         super().__init__(
@@ -349,6 +351,11 @@ def main(args=None) -> None:
         from experiments.compare import main as compare
 
         compare(argv[1:])
+        return
+    if argv[:1] == ["prepare"]:  # `medattn prepare -c <config> --out <dir>` (experiments/prepare.py)
+        from experiments.prepare import main as prepare
+
+        prepare(argv[1:])
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -67,6 +67,33 @@ def dataloader_table(data: dict) -> str:
         nomasks = f" {cell(rates.get(f'medattn_nomasks/{fmt}/{workers}', {}).get('median'))} |" if has_nomasks else ""
         ratio = f"{mine / plain:.2f}" if plain else "–"
         rows.append(f"| {fmt} | {workers[1:]} | {cell(mine)} |{nomasks} {cell(plain)} | {ratio} |")
+    return "\n".join(rows) + "\n" + _prepared_table(rates)
+
+
+def _prepared_table(rates: dict) -> str:
+    """The prepared loader (``medattn prepare``; alone, and with ``BatchAugment`` on the CPU) against the PNG
+    loader, the augmentation alone per device, and ``medattn prepare``'s own throughput; empty when not measured."""
+    def median(key: str) -> float | None:
+        return rates.get(key, {}).get("median")
+
+    def cell(value: float | None, unit: str = "") -> str:
+        return f"{value:.1f}{unit}" if value else "–"
+
+    workers = sorted({int(k.rsplit("/w", 1)[1]) for k in rates if k.startswith(("prepared/", "prepared_loader/"))})
+    made = sorted(k for k in rates if k.startswith("prepare/"))
+    if not workers and not made:
+        return ""
+    rows = ["", "| workers | prepared loader img/s (augmentation on the device) | with BatchAugment on this CPU | "
+                "medattn png img/s | speed-up: loader, with CPU augmentation |", "|---|---|---|---|---|"] if workers else []
+    for w in workers:
+        loader, cpu, png = median(f"prepared_loader/png/w{w}"), median(f"prepared/png/w{w}"), median(f"medattn/png/w{w}")
+        ratios = ", ".join(cell(v / png, "×") if v and png else "–" for v in (loader, cpu))
+        rows.append(f"| {w} | {cell(loader)} | {cell(cpu)} | {cell(png)} | {ratios} |")
+    alone = [f"{k.split('/')[1]} {median(k):.1f} img/s" for k in sorted(rates) if k.startswith("batch_augment/")]
+    rows += ["", f"BatchAugment alone: {', '.join(alone)}."] if alone else []
+    if made:
+        rows += ["", "| `medattn prepare` on | workers | img/s |", "|---|---|---|"]
+        rows += [f"| {k.split('/')[1]} | {k.rsplit('/w', 1)[1]} | {median(k):.1f} |" for k in made]
     return "\n".join(rows) + "\n"
 
 
