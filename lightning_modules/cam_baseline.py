@@ -12,21 +12,21 @@ from torchmetrics import MetricCollection
 
 from datamodules.batch import STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import (log_metric_collection, masked_bce, masked_ce, metric_scores,
-                                              metric_targets, prediction_targets, record_test_predictions,
-                                              stage_metrics)
+from lightning_modules.classification_metrics import (log_metric_collection, metric_scores, metric_targets,
+                                                      prediction_targets, record_test_predictions, stage_metrics)
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
+from networks.masked_loss import masked_bce, masked_ce
 
 
 class CAMClassifierModule(MedAttnModule):
     """Image classifier with class activation maps.
 
     AUROC: macro over the classes with positives and negatives (``<stage>/auroc_classes`` of them, the project
-    policy of :mod:`lightning_modules.metrics.classification`). Test: per-image scores in ``test_predictions.csv``
+    policy of :mod:`lightning_modules.metrics.auroc`). Test: per-image scores in ``test_predictions.csv``
     of the run directory and the patient-level bootstrap 95 % interval ``test/auroc_ci_low``/``_high``.
 
     Args:

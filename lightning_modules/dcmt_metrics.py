@@ -13,15 +13,15 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassStatScores
 
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC
 
 TIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TIOR_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
-__all__ = ["MaskLocalisationRate", "SliceMetrics", "SubjectMetrics", "TIOU_THRESHOLDS", "TIOR_THRESHOLDS"]
+__all__ = ["MaskLocalizationRate", "SliceMetrics", "SubjectMetrics", "TIOU_THRESHOLDS", "TIOR_THRESHOLDS"]
 
 
-class MaskLocalisationRate(Metric):
+class MaskLocalizationRate(Metric):
     """TIoU@t and TIoR@t **per slice**: the fraction of slices of class k whose binarised attention map P
     has IoU = |P∩C|/|P∪C| ≥ t (resp. IoR = |P∩C|/|P| ≥ t) with the target mask C.
 
@@ -89,7 +89,7 @@ def balanced_accuracy(stats: torch.Tensor) -> torch.Tensor:
 
 class SliceMetrics(nn.Module):
     """Slice-level metrics of one network in one stage: macro and per-class AUROC (the project policy: mean over
-    classes with positives and negatives, ``auroc_classes`` of them; :mod:`lightning_modules.metrics.classification`),
+    classes with positives and negatives, ``auroc_classes`` of them; :mod:`lightning_modules.metrics.auroc`),
     balanced accuracy (:func:`balanced_accuracy`: classes absent from the targets are left out, as the reference),
     macro F1, and TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean)."""
 
@@ -101,7 +101,7 @@ class SliceMetrics(nn.Module):
             "stats": MulticlassStatScores(num_classes, average=None),
             "f1": MulticlassF1Score(num_classes, average="macro"),
         })
-        self.localisation = MaskLocalisationRate(num_classes, tiou_thresholds, tior_thresholds)
+        self.localization = MaskLocalizationRate(num_classes, tiou_thresholds, tior_thresholds)
         self.tiou_thresholds, self.tior_thresholds = list(tiou_thresholds), list(tior_thresholds)
 
     def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
@@ -113,7 +113,7 @@ class SliceMetrics(nn.Module):
             out[f"auroc/{name}"] = auroc[f"auroc/{k}"]
         out["balanced_accuracy"] = balanced_accuracy(self.classification["stats"].compute())
         out["f1"] = self.classification["f1"].compute()
-        loc = self.localisation.compute()
+        loc = self.localization.compute()
         for key, thresholds in (("tiou", self.tiou_thresholds), ("tior", self.tior_thresholds)):
             rates = loc[key]
             for j, t in enumerate(thresholds):
@@ -122,7 +122,7 @@ class SliceMetrics(nn.Module):
             for name, row in zip(class_names, rates):
                 out[f"m{key}/{name}"] = _nanmean(row)
         self.classification.reset()
-        self.localisation.reset()
+        self.localization.reset()
         return _keys(out, prefix, suffix)
 
 

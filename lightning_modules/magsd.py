@@ -37,7 +37,7 @@ Choices where paper and code are silent:
       repeats the max-normalised mean attention map (the map the paper uses for localisation) for every
       class; ``"class"`` weights the M maps by their positive contribution to each class logit
       (``MAGSDNet.part_logits``).
-    * Macro AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the mean over
+    * Macro AUROC follows the project policy (:mod:`lightning_modules.metrics.auroc`): the mean over
       classes that have both positives and negatives in the evaluated set (``<stage>/auroc_classes`` of them);
       an undefined class is logged as NaN instead of torchmetrics' 0.
     * ``<stage>/recall``, ``<stage>/specificity``, ``<stage>/precision`` and ``<stage>/f1`` are **macro** means over
@@ -81,10 +81,10 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, 
                                          MulticlassRecall, MulticlassSpecificity, MulticlassStatScores)
 
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import log_metric_collection
+from lightning_modules.classification_metrics import log_metric_collection
 from lightning_modules.metrics import AttentionRegionAccuracy, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC
 from lightning_modules.registry import register_method
 from lightning_modules.weak_localization import (attention_targets, has_localization_targets, set_class_names,
                                                  update_localization, valid_region)

@@ -43,7 +43,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import record_test_predictions
+from lightning_modules.classification_metrics import record_test_predictions
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
@@ -90,7 +90,7 @@ class PCAMModule(MedAttnModule):
         optimizer, scheduler, channels_last: see :class:`lightning_modules.base.MedAttnModule`.
 
     Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes, the project
-    policy of :mod:`lightning_modules.metrics.classification`), ``auroc_classes`` (how many) and
+    policy of :mod:`lightning_modules.metrics.auroc`), ``auroc_classes`` (how many) and
     ``auroc/<class>``; at test ``test/auroc_ci_low``/``_high`` (patient-level bootstrap 95 % interval, from the
     per-image probabilities written to ``test_predictions.csv`` in the run directory), ``test/loc/iou@T``,
     ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``, ``test/loc/maxboxacc@δ``, ``test/loc/threshold@δ``,

@@ -12,7 +12,7 @@ Evaluation (validation and test), shared with :mod:`lightning_modules.oxnet`:
       images known to be normal (every label known and 0), which have no lesion to box. An image with a finding
       but no boxes is left out (its missing boxes would count as false positives).
     * ``<stage>/auroc_local``: image-level AUROC of the highest anchor probability per class, macro over the classes
-      with positive and negative images (the project policy, :mod:`lightning_modules.metrics.classification`;
+      with positive and negative images (the project policy, :mod:`lightning_modules.metrics.auroc`;
       ``<stage>/auroc_local_classes`` of them; OXnet's global head likewise as ``auroc``/``auroc_classes``).
     * No bootstrap interval here: detection is reported with mAP, whose patient-level bootstrap would rerun the
       COCO evaluation per resample (the classification methods log ``test/auroc_ci_low``/``_high``).
@@ -29,8 +29,8 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.batch import STREAM_BOX
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import IGNORE, metric_targets
-from lightning_modules.metrics.classification import MaskedMultilabelAUROC
+from lightning_modules.classification_metrics import IGNORE, metric_targets
+from lightning_modules.metrics.auroc import MaskedMultilabelAUROC
 from lightning_modules.metrics.gather import all_gather_list
 from lightning_modules.registry import register_method
 from networks.retina import RetinaNet, detection_losses

@@ -52,7 +52,7 @@ def test_dcmt_slice_and_subject_auroc_follow_the_policy():
 
 
 def test_shared_auroc_metrics_follow_the_policy():
-    from lightning_modules.classification import classification_metrics
+    from lightning_modules.classification_metrics import classification_metrics
     from lightning_modules.metrics import MaskedMultilabelAUROC
 
     multiclass = classification_metrics("multiclass", 3, ["a", "b", "c"])  # CAM baseline, multiclass
@@ -120,7 +120,7 @@ def test_detection_image_level_auroc_follows_the_policy():
 
 @pytest.mark.parametrize("cls", ["MaskedMultilabelAUROC", "DefinedMulticlassAUROC"])
 def test_no_defined_class_gives_nan_and_zero_count(cls):
-    from lightning_modules.metrics import classification as mc
+    from lightning_modules.metrics import auroc as mc
 
     metric = getattr(mc, cls)(2)
     target = torch.tensor([[1, 0], [1, 0]]) if cls == "MaskedMultilabelAUROC" else torch.tensor([0, 0])

@@ -101,7 +101,7 @@ def test_heatmaps_at_input_zero_the_letterbox_padding():
     assert out[1].eq(1).all()
 
 
-def test_test_step_feeds_localisation_metrics():
+def test_test_step_feeds_localization_metrics():
     module = PCAMModule(BrightRegionNet(20.0, -20.0), class_names=["a", "b"])  # a perfect localiser
     batch = two_box_batch()
     image = batch["image"]
@@ -226,7 +226,7 @@ def _toy_batch(n: int, generator: torch.Generator) -> dict:
             "box_labels": box_labels, "has_boxes": labels.any(1)}
 
 
-def test_pcam_learns_to_classify_and_localise_a_toy_task():
+def test_pcam_learns_to_classify_and_localize_a_toy_task():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     # pointing tolerance = one feature cell (4 px): an 8×8 map cannot point more finely than that

@@ -1,38 +1,21 @@
-"""Shared image-classification logic: masked losses and per-stage AUROC metrics.
+"""Per-stage classification metrics of the image classifiers: the metric collection, its targets (unknown
+labels become ``IGNORE``), the scores it is fed, and the rows of ``test_predictions.csv``.
 
-AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the macro mean over classes
+AUROC follows the project policy (:mod:`lightning_modules.metrics.auroc`): the macro mean over classes
 with both positives and negatives in the evaluated set; ``<stage>/auroc_classes`` says how many entered it.
 
-Multilabel: binary cross-entropy over the known entries only (``label_mask``), so CheXpert U-Ignore entries
-and unlabeled images contribute nothing. Multiclass: cross-entropy over images whose label is known.
+The masked losses that go with these targets are maths: :mod:`networks.masked_loss`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC, MaskedMultilabelAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC, MaskedMultilabelAUROC
 
 IGNORE = -1
-
-
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean BCE over known entries; exactly 0 (with a gradient path) when nothing is known."""
-    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight, reduction="none")
-    mask = label_mask.float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over images with a known one-hot label; 0 when none is known."""
-    known = label_mask.any(dim=1)
-    if not bool(known.any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits[known].float(), labels[known].argmax(dim=1))
 
 
 def classification_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> MetricCollection:

@@ -12,9 +12,9 @@ from callbacks.feature_export import SliceFeatureWriter
 from datamodules.manifest import DataError
 from datamodules.subject_features import SubjectFeatureDataModule, read_slice_features
 from lightning_modules.dcmt_metrics import SubjectMetrics
-from lightning_modules.subject_aggregation import SubjectAggregationModule
+from lightning_modules.dcmt_subject import SubjectAggregationModule
 from lightning_modules.tiny import write_tiny_features
-from networks.aggregation import BiGRUAggregator, center_crop_or_pad
+from networks.dcmt_subject import BiGRUAggregator, center_crop_or_pad
 from networks.dcmt import subject_consistency_weight
 
 

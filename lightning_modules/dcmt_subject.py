@@ -28,13 +28,14 @@ from torch import nn
 
 from callbacks.ema_teacher import eval_model_names
 from lightning_modules.base import EMATeacherHooks, EvaluationHooks, MedAttnModule, default_optimizer
-from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
+from lightning_modules.classification_metrics import prediction_targets, record_test_predictions
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
 from lightning_modules.registry import register_method
 from lightning_modules.data_check import check_data_classes
 from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
 from networks.ema import make_teacher
+from networks.masked_loss import masked_ce
 
 __all__ = ["SubjectAggregationModule"]
 
@@ -43,11 +44,11 @@ class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     """Mean-teacher subject classifier on :class:`datamodules.subject_features.SubjectFeatureDataModule` batches.
 
     Args:
-        net: the student aggregator, e.g. :class:`networks.aggregation.BiGRUAggregator`.
+        net: the student aggregator, e.g. :class:`networks.dcmt_subject.BiGRUAggregator`.
         class_names: per-class log keys (replaced by the DataModule's).
         consistency, consistency_start, consistency_rampup, ramp: ω(t) (1, 20, 100, ``"reference"``).
         ramp_unit: ``"epoch"`` (1-based, the reference) or ``"step"``.
-        ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.mean_teacher.MeanTeacherModule`.
+        ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.dcmt.MeanTeacherModule`.
         meanpool_prior: add the log mean slice probability to the logits (see above); needs a ``classifier``
             layer on ``net`` (zero-initialised here) and ``mean_probabilities`` in the batches.
         optimizer, scheduler: see :class:`lightning_modules.base.MedAttnModule`.
