@@ -57,30 +57,3 @@ def record_test_predictions(recorder, batch: dict, scores: torch.Tensor, targets
 
 def metric_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
-
-
-def stage_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> dict[str, MetricCollection]:
-    """``{"train": ..., "val": ..., "test": ...}`` collections whose keys read ``val/auroc``; assign them to
-    ``self.train_metrics`` / ``self.val_metrics`` / ``self.test_metrics`` (lightning-hydra-template style)."""
-    base = classification_metrics(task, num_classes, class_names)
-    return {stage: base.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
-
-
-def log_metric_collection(module, collection, class_names: list[str], stage: str) -> None:
-    """Compute, log and reset a metric (collection).
-
-    Keys are prefixed ``stage/`` unless they already are; vector values are logged per class as
-    ``<key>/<class>``; NaN scalars (e.g. a metric with nothing to evaluate) are dropped. torchmetrics has already
-    synchronised the states across ranks in ``compute()``, so no further ``sync_dist`` is needed.
-    """
-    flat = {}
-    for key, value in collection.compute().items():
-        key = key if key.startswith(f"{stage}/") else f"{stage}/{key}"
-        if value.numel() == 1:
-            if not torch.isnan(value):
-                flat[key] = value
-        else:
-            for name, item in zip(class_names, value):
-                flat[f"{key}/{name}"] = item
-    module.log_dict(flat, sync_dist=False)
-    collection.reset()

@@ -269,13 +269,13 @@ def test_localization_rate_is_per_slice():
 
 
 def test_slice_metrics_keys_and_values():
-    metrics = SliceMetrics(3)
+    metrics = SliceMetrics(3, class_names=["a", "b", "c"], suffix="_teacher")
     probs = torch.eye(3)[torch.tensor([0, 1, 2, 0])] * 0.8 + 0.2 / 3
     target = torch.tensor([0, 1, 2, 0])
     metrics.classification.update(probs, target)
     masks = torch.ones(4, 8, 8, dtype=torch.bool)
     metrics.localization.update(masks, masks, target)
-    out = metrics.compute("val/", ["a", "b", "c"], "_teacher")
-    assert out["val/auroc_teacher"] == 1.0 and out["val/balanced_accuracy_teacher"] == 1.0
-    assert out["val/f1_teacher"] == 1.0 and out["val/tiou@0.7_teacher"] == 1.0 and out["val/mtior_teacher/b"] == 1.0
-    assert len([k for k in out if k.startswith("val/tiou@")]) == 7 and len([k for k in out if k.startswith("val/tior@")]) == 5
+    out = metrics.compute()
+    assert out["auroc_teacher"] == 1.0 and out["balanced_accuracy_teacher"] == 1.0
+    assert out["f1_teacher"] == 1.0 and out["tiou@0.7_teacher"] == 1.0 and out["mtior_teacher/b"] == 1.0
+    assert len([k for k in out if k.startswith("tiou@")]) == 7 and len([k for k in out if k.startswith("tior@")]) == 5

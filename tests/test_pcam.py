@@ -244,8 +244,8 @@ def test_pcam_learns_to_classify_and_localize_a_toy_task():
     test = _toy_batch(64, g)
     with torch.no_grad():
         logits, maps = module.forward_with_maps(test["image"])
-    module.test_auroc.update(logits, test["labels"])
-    assert module.test_auroc.compute()["auroc"] > 0.95
+    module.test_metrics.update(logits, test["labels"])
+    assert module.test_metrics.compute()["auroc"] > 0.95
     heat = module.net.maps_to_heatmaps(maps)
     module.update_localization(test, heat)
     assert module.test_localization.compute()["test/loc/pointing"] > 0.85
