@@ -1,6 +1,6 @@
 """Write per-slice features and probabilities from ``predict`` to one ``.npz`` file (DC-MT stage 1 → 2).
 
-Used with ``medattn predict`` on a trained :class:`lightning_modules.mean_teacher.MeanTeacherModule`, whose
+Used with ``medattn predict`` on a trained :class:`lightning_modules.dcmt.MeanTeacherModule`, whose
 ``predict_step`` returns ``features`` (B, D), ``probabilities`` (B, K) and the batch's names. The file holds
 (N = slices of every subject, sorted by subject then slice):
 

@@ -255,7 +255,7 @@ def all_images_split(
 
     The class counts of a fixed external set cannot be changed with fractions or seeds, so a class with fewer than
     ``min_per_class`` examples is not an error here: it is named in the returned note (and warned about by the
-    caller); the AUROC policy (``lightning_modules/metrics/classification.py``) leaves a class without positives or
+    caller); the AUROC policy (``lightning_modules/metrics/auroc.py``) leaves a class without positives or
     negatives out of the macro mean and reports it as NaN. ``ignored`` are the splitting arguments that split="all"
     overrides (``{name: value}``); they are named in the note, so a summary never suggests a fraction was applied.
     Returns ``(splits, notes)`` as :func:`build_splits`.

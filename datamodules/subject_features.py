@@ -3,7 +3,7 @@
 Input: the ``.npz`` written by ``callbacks.feature_export.SliceFeatureWriter`` during ``medattn predict``
 with the stage-1 model (features, probabilities and names of every slice of every subject). Each subject's
 slices are ordered by ``slice_index`` and centre-cropped or zero-padded to ``seq_len``
-(:func:`networks.aggregation.center_crop_or_pad`, dossier a.10).
+(:func:`networks.dcmt_subject.center_crop_or_pad`, dossier a.10).
 
 ``inputs`` chooses what each slice contributes: ``"features"`` (the reference: the stage-1 feature only; the
 probabilities are loaded but unused), ``"probabilities"`` (the K stage-1 slice probabilities only) or
@@ -57,7 +57,7 @@ from datamodules.dataset import MixedStreamSampler, UnpaddedDistributedSampler, 
 from datamodules.manifest import DataError
 from datamodules.split_all import check_split_choice, describe_evaluated, refuse_split_all_stage, split_all_note
 from datamodules.subject_splits import check_subject_counts, split_from_roles
-from networks.aggregation import center_crop_or_pad
+from networks.dcmt_subject import center_crop_or_pad
 
 __all__ = ["read_slice_features", "SubjectFeatureDataset", "SubjectFeatureDataModule"]
 

@@ -7,7 +7,7 @@ import lightning_modules.cam_baseline  # noqa: F401,E402
 import lightning_modules.nonlocal_unet  # noqa: F401,E402
 import lightning_modules.magsd  # noqa: F401,E402
 import lightning_modules.pcam  # noqa: F401,E402
-import lightning_modules.mean_teacher  # noqa: F401,E402
-import lightning_modules.subject_aggregation  # noqa: F401,E402
+import lightning_modules.dcmt  # noqa: F401,E402
+import lightning_modules.dcmt_subject  # noqa: F401,E402
 import lightning_modules.retinanet  # noqa: F401,E402
 import lightning_modules.oxnet  # noqa: F401,E402

@@ -8,25 +8,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MetricCollection
 
 from datamodules.batch import STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule, default_optimizer
-from lightning_modules.classification import (log_metric_collection, masked_bce, masked_ce, metric_scores,
-                                              metric_targets, prediction_targets, record_test_predictions,
-                                              stage_metrics)
+from lightning_modules.classification_metrics import (classification_metrics, metric_scores, metric_targets,
+                                                      prediction_targets, record_test_predictions)
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
+from networks.masked_loss import masked_bce, masked_ce
 
 
 class CAMClassifierModule(MedAttnModule):
     """Image classifier with class activation maps.
 
     AUROC: macro over the classes with positives and negatives (``<stage>/auroc_classes`` of them, the project
-    policy of :mod:`lightning_modules.metrics.classification`). Test: per-image scores in ``test_predictions.csv``
+    policy of :mod:`lightning_modules.metrics.auroc`). Test: per-image scores in ``test_predictions.csv``
     of the run directory and the patient-level bootstrap 95 % interval ``test/auroc_ci_low``/``_high``.
 
     Args:
@@ -57,11 +57,12 @@ class CAMClassifierModule(MedAttnModule):
         num_classes = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
         if task == "multilabel":  # masked AUROC that leaves classes without both outcomes out of the macro mean
-            self.train_metrics, self.val_metrics, self.test_metrics = (
-                MaskedMultilabelAUROC(num_classes, self.class_names) for _ in range(3))
+            def metrics(stage):
+                return MaskedMultilabelAUROC(num_classes, self.class_names)
         else:
-            metrics = stage_metrics(task, num_classes, self.class_names)
-            self.train_metrics, self.val_metrics, self.test_metrics = metrics["train"], metrics["val"], metrics["test"]
+            def metrics(stage):
+                return classification_metrics(task, num_classes, self.class_names).clone(prefix=f"{stage}/")
+        self.train_metrics, self.val_metrics, self.test_metrics = for_stages(metrics, "train", "val", "test")
         self.test_predictions = TestPredictions()
         self.localization = localization
         self.test_localization = localization_metrics(num_classes, self.class_names, cam_threshold=cam_threshold,
@@ -71,11 +72,8 @@ class CAMClassifierModule(MedAttnModule):
         super().setup(stage)
         datamodule = check_data_classes(self, self.net.num_classes)
         if datamodule is not None:
-            members = [m for c in (self.train_metrics, self.val_metrics, self.test_metrics)
-                       for m in (c.values() if isinstance(c, MetricCollection) else [c])]
-            for metric in (*members, *self.test_localization.values()):
-                if hasattr(metric, "class_names"):
-                    metric.class_names = list(self.class_names)
+            set_class_names([self.train_metrics, self.val_metrics, self.test_metrics, self.test_localization],
+                            self.class_names)
             if datamodule.task != self.task:
                 raise ValueError(f"model task {self.task!r} differs from the data task {datamodule.task!r}")
 
@@ -126,17 +124,18 @@ class CAMClassifierModule(MedAttnModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"image_id": batch["image_id"], "scores": metric_scores(self.task, self(batch["image"]))}
 
+    # NaN values (a metric with nothing to evaluate) are left out of the log
     def on_train_epoch_end(self) -> None:
-        log_metric_collection(self, self.train_metrics, self.class_names, "train")
+        log_stage_metrics(self, "train", self.train_metrics, drop_nan=True)
 
     def on_validation_epoch_end(self) -> None:
-        log_metric_collection(self, self.val_metrics, self.class_names, "val")
+        log_stage_metrics(self, "val", self.val_metrics, drop_nan=True)
 
     def on_test_epoch_end(self) -> None:
-        log_metric_collection(self, self.test_metrics, self.class_names, "test")
+        log_stage_metrics(self, "test", self.test_metrics, drop_nan=True)
         self.test_predictions.finish(self, self.class_names)
         if self.localization:
-            log_metric_collection(self, self.test_localization, self.class_names, "test")
+            log_stage_metrics(self, "test", self.test_localization, drop_nan=True)
 
 
 register_method("cam_baseline", CAMClassifierModule,

@@ -13,15 +13,15 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassStatScores
 
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC
 
 TIOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 TIOR_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
-__all__ = ["MaskLocalisationRate", "SliceMetrics", "SubjectMetrics", "TIOU_THRESHOLDS", "TIOR_THRESHOLDS"]
+__all__ = ["MaskLocalizationRate", "SliceMetrics", "SubjectMetrics", "TIOU_THRESHOLDS", "TIOR_THRESHOLDS"]
 
 
-class MaskLocalisationRate(Metric):
+class MaskLocalizationRate(Metric):
     """TIoU@t and TIoR@t **per slice**: the fraction of slices of class k whose binarised attention map P
     has IoU = |P∩C|/|P∪C| ≥ t (resp. IoR = |P∩C|/|P| ≥ t) with the target mask C.
 
@@ -71,6 +71,13 @@ def _keys(values: dict[str, torch.Tensor], prefix: str, suffix: str) -> dict[str
     return out
 
 
+def _names(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
+    names = list(class_names) if class_names is not None else [f"class_{k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    return names
+
+
 def _nanmean(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return torch.nanmean(x) if dim is None else torch.nanmean(x, dim=dim)
 
@@ -89,31 +96,36 @@ def balanced_accuracy(stats: torch.Tensor) -> torch.Tensor:
 
 class SliceMetrics(nn.Module):
     """Slice-level metrics of one network in one stage: macro and per-class AUROC (the project policy: mean over
-    classes with positives and negatives, ``auroc_classes`` of them; :mod:`lightning_modules.metrics.classification`),
+    classes with positives and negatives, ``auroc_classes`` of them; :mod:`lightning_modules.metrics.auroc`),
     balanced accuracy (:func:`balanced_accuracy`: classes absent from the targets are left out, as the reference),
-    macro F1, and TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean)."""
+    macro F1, and TIoU/TIoR at the dossier's thresholds (per class, class-mean per threshold, and the overall mean).
+    ``suffix`` names the network when several are evaluated (``auroc_teacher/<class>``)."""
 
     def __init__(self, num_classes: int, tiou_thresholds: Sequence[float] = TIOU_THRESHOLDS,
-                 tior_thresholds: Sequence[float] = TIOR_THRESHOLDS) -> None:
+                 tior_thresholds: Sequence[float] = TIOR_THRESHOLDS, *, class_names: Sequence[str] | None = None,
+                 suffix: str = "") -> None:
         super().__init__()
+        self.class_names = _names(num_classes, class_names)
+        self.suffix = suffix
         self.classification = MetricCollection({
-            "auroc": DefinedMulticlassAUROC(num_classes),
+            "auroc": DefinedMulticlassAUROC(num_classes, self.class_names),
             "stats": MulticlassStatScores(num_classes, average=None),
             "f1": MulticlassF1Score(num_classes, average="macro"),
         })
-        self.localisation = MaskLocalisationRate(num_classes, tiou_thresholds, tior_thresholds)
+        self.localization = MaskLocalizationRate(num_classes, tiou_thresholds, tior_thresholds)
         self.tiou_thresholds, self.tior_thresholds = list(tiou_thresholds), list(tior_thresholds)
 
-    def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
-        """Flat ``{f"{prefix}{name}{suffix}": scalar}`` and reset."""
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Flat ``{f"{name}{suffix}[/<class>]": scalar}``."""
+        class_names = self.class_names
         out: dict[str, torch.Tensor] = {}
         auroc = self.classification["auroc"].compute()
         out["auroc"], out["auroc_classes"] = auroc["auroc"], auroc["auroc_classes"]
-        for k, name in enumerate(class_names):
-            out[f"auroc/{name}"] = auroc[f"auroc/{k}"]
+        for name in class_names:
+            out[f"auroc/{name}"] = auroc[f"auroc/{name}"]
         out["balanced_accuracy"] = balanced_accuracy(self.classification["stats"].compute())
         out["f1"] = self.classification["f1"].compute()
-        loc = self.localisation.compute()
+        loc = self.localization.compute()
         for key, thresholds in (("tiou", self.tiou_thresholds), ("tior", self.tior_thresholds)):
             rates = loc[key]
             for j, t in enumerate(thresholds):
@@ -121,9 +133,11 @@ class SliceMetrics(nn.Module):
             out[f"m{key}"] = _nanmean(rates)
             for name, row in zip(class_names, rates):
                 out[f"m{key}/{name}"] = _nanmean(row)
+        return _keys(out, "", self.suffix)
+
+    def reset(self) -> None:
         self.classification.reset()
-        self.localisation.reset()
-        return _keys(out, prefix, suffix)
+        self.localization.reset()
 
 
 class SubjectMetrics(nn.Module):
@@ -132,18 +146,23 @@ class SubjectMetrics(nn.Module):
 
     A rate with an empty denominator is undefined (NaN), not 0, and left out of its macro mean: sensitivity of a
     class without positive subjects, specificity of a class without negatives, F1 of a class neither present nor
-    predicted. AUROC follows the project policy (``auroc_classes`` = classes with positives and negatives)."""
+    predicted. AUROC follows the project policy (``auroc_classes`` = classes with positives and negatives).
+    Keys read ``f"{prefix}{name}{suffix}[/<class>]"`` (``meanpool_auroc``, ``auroc_teacher/<class>``)."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, *, class_names: Sequence[str] | None = None, prefix: str = "",
+                 suffix: str = "") -> None:
         super().__init__()
-        self.auroc = DefinedMulticlassAUROC(num_classes)
+        self.class_names = _names(num_classes, class_names)
+        self.prefix, self.suffix = prefix, suffix
+        self.auroc = DefinedMulticlassAUROC(num_classes, self.class_names)
         self.stats = MulticlassStatScores(num_classes, average=None)
 
     def update(self, probabilities: torch.Tensor, target: torch.Tensor) -> None:
         self.auroc.update(probabilities, target)
         self.stats.update(probabilities, target)
 
-    def compute(self, prefix: str, class_names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
+    def compute(self) -> dict[str, torch.Tensor]:
+        class_names = self.class_names
         auroc = self.auroc.compute()
         tp, fp, tn, fn, _ = self.stats.compute().float().unbind(-1)
 
@@ -151,7 +170,7 @@ class SubjectMetrics(nn.Module):
             return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, float("nan")))
 
         per_class = {
-            "auroc": torch.stack([auroc[f"auroc/{k}"] for k in range(len(tp))]),
+            "auroc": torch.stack([auroc[f"auroc/{name}"] for name in class_names]),
             "accuracy": rate(tp + tn, tp + fp + tn + fn),
             "sensitivity": rate(tp, tp + fn),
             "specificity": rate(tn, tn + fp),
@@ -162,6 +181,8 @@ class SubjectMetrics(nn.Module):
             out[key] = auroc["auroc"] if key == "auroc" else _nanmean(values)
             for name, v in zip(class_names, values):
                 out[f"{key}/{name}"] = v
+        return _keys(out, self.prefix, self.suffix)
+
+    def reset(self) -> None:
         self.auroc.reset()
         self.stats.reset()
-        return _keys(out, prefix, suffix)

@@ -37,7 +37,7 @@ Choices where paper and code are silent:
       repeats the max-normalised mean attention map (the map the paper uses for localisation) for every
       class; ``"class"`` weights the M maps by their positive contribution to each class logit
       (``MAGSDNet.part_logits``).
-    * Macro AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the mean over
+    * Macro AUROC follows the project policy (:mod:`lightning_modules.metrics.auroc`): the mean over
       classes that have both positives and negatives in the evaluated set (``<stage>/auroc_classes`` of them);
       an undefined class is logged as NaN instead of torchmetrics' 0.
     * ``<stage>/recall``, ``<stage>/specificity``, ``<stage>/precision`` and ``<stage>/f1`` are **macro** means over
@@ -77,23 +77,24 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision,
-                                         MulticlassRecall, MulticlassSpecificity, MulticlassStatScores)
+                                         MulticlassRecall, MulticlassSpecificity)
 
 from lightning_modules.base import MedAttnModule
-from lightning_modules.classification import log_metric_collection
 from lightning_modules.metrics import AttentionRegionAccuracy, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC
+from lightning_modules.metrics.one_vs_rest import OneVsRestRates
 from lightning_modules.registry import register_method
-from lightning_modules.weak_localization import (attention_targets, has_localization_targets, set_class_names,
-                                                 update_localization, valid_region)
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
+from lightning_modules.weak_localization import (attention_targets, has_localization_targets, update_localization,
+                                                 valid_region)
 from lightning_modules.data_check import check_data_classes
 from networks.attention_augment import magsd_augment
 from networks.magsd import soft_distance, soft_distance_target
 
 VIEW_NAMES = ("mixup", "dim", "patch")
 
-__all__ = ["MAGSDModule", "frozen_bn_stats", "classification_metrics"]
+__all__ = ["MAGSDModule", "frozen_bn_stats", "magsd_metrics"]
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -110,9 +111,9 @@ def frozen_bn_stats(module: nn.Module):
             m.track_running_stats = True
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, macro precision / recall (sensitivity) / specificity / F1, AUROC (project policy), per-class
-    stat scores (one-vs-rest sensitivity and specificity per class)."""
+def magsd_metrics(num_classes: int, class_names: list[str] | None = None) -> MetricCollection:
+    """Accuracy, macro precision / recall (sensitivity) / specificity / F1, AUROC (project policy, per class as
+    ``auroc_per_class/<class>``), one-vs-rest ``sensitivity/<class>`` and ``specificity/<class>``."""
     k = num_classes
     return MetricCollection({
         "accuracy": MulticlassAccuracy(k, average="micro"),
@@ -120,8 +121,8 @@ def classification_metrics(num_classes: int) -> MetricCollection:
         "recall": MulticlassRecall(k, average="macro"),
         "specificity": MulticlassSpecificity(k, average="macro"),
         "f1": MulticlassF1Score(k, average="macro"),
-        "auroc": DefinedMulticlassAUROC(k, per_class_key="auroc_per_class"),
-        "stats": MulticlassStatScores(k, average=None),
+        "auroc": DefinedMulticlassAUROC(k, class_names, per_class_key="auroc_per_class"),
+        "stats": OneVsRestRates(k, class_names),
     })  # fmt: skip
 
 
@@ -176,8 +177,8 @@ class MAGSDModule(MedAttnModule):
         self.class_names = list(class_names) if class_names else [str(k) for k in range(self.num_classes)]
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for a network with {self.num_classes} classes")
-        self.val_metrics = classification_metrics(self.num_classes)
-        self.test_metrics = classification_metrics(self.num_classes)
+        self.val_metrics, self.test_metrics = for_stages(lambda stage: magsd_metrics(self.num_classes, self.class_names),
+                                                         "val", "test")
         self.test_predictions = TestPredictions()
         self.test_localization = localization_metrics(self.num_classes, self.class_names, cam_threshold=cam_threshold,
                                                       prefix="test/loc/")
@@ -194,7 +195,7 @@ class MAGSDModule(MedAttnModule):
             raise ValueError(f"MAG-SD is a single-label (multiclass) method; the data is {task!r}. "
                              "Use a multiclass reader (e.g. SyntheticCXR(single_label=True), COVIDChestXray).")
         check_data_classes(self, self.num_classes, set_names=not self.hparams.class_names)
-        set_class_names(self.test_localization, self.class_names)
+        set_class_names([self.val_metrics, self.test_metrics, self.test_localization], self.class_names)
 
     def configure_optimizers(self):
         """One optimiser, two parameter groups: everything else, then the BAP classifier (``head_lr_scale``)."""
@@ -295,29 +296,6 @@ class MAGSDModule(MedAttnModule):
             self.test_predictions.update([ids[i] for i in rows], [patients[i] for i in rows], probabilities,
                                          F.one_hot(target, self.num_classes))
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        metrics = getattr(self, f"{stage}_metrics")
-        out = {}
-        for name, metric in metrics.items():
-            value = metric.compute()
-            if name == "auroc":  # {"auroc", "auroc_classes", "auroc_per_class/<k>"}
-                for key, v in value.items():
-                    head, _, k = key.partition("/")
-                    out[f"{stage}/{head}/{self.class_names[int(k)]}" if k else f"{stage}/{key}"] = v.float()
-            elif name == "stats":  # (tp, fp, tn, fn, support) per class: one-vs-rest rates
-                tp, fp, tn, fn, _ = value.float().unbind(-1)
-                nan = torch.full_like(tp, float("nan"))
-                sensitivity = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), nan)
-                specificity = torch.where(tn + fp > 0, tn / (tn + fp).clamp_min(1), nan)
-                for k, cls in enumerate(self.class_names):
-                    out[f"{stage}/sensitivity/{cls}"], out[f"{stage}/specificity/{cls}"] = sensitivity[k], specificity[k]
-            else:
-                out[f"{stage}/{name}"] = value.float()
-        metrics.reset()
-        self.log_dict(out)
-        if stage == "test":
-            self.test_predictions.finish(self, self.class_names)
-
     @torch.no_grad()
     def update_localization(self, batch: dict) -> None:
         """Shared localisation metrics from ``attention_maps`` and MAG-SD's own protocol from the mean map, on
@@ -345,16 +323,14 @@ class MAGSDModule(MedAttnModule):
             self.update_localization(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        log_stage_metrics(self, "val", self.val_metrics)  # undefined rates are logged as NaN
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        log_stage_metrics(self, "test", self.test_metrics)
+        self.test_predictions.finish(self, self.class_names)
         if self.hparams.localization:  # NaN (no boxes, no lesion masks) is left out of the log
-            log_metric_collection(self, self.test_localization, self.class_names, "test")
-            for key, value in self.test_attention_region.compute().items():
-                if not torch.isnan(value):
-                    self.log(f"test/loc/{key}", value, sync_dist=False)  # states already synchronised
-            self.test_attention_region.reset()
+            log_stage_metrics(self, "test", self.test_localization, drop_nan=True)
+            log_stage_metrics(self, "test", self.test_attention_region, prefix="test/loc/", drop_nan=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self.net(self.prepare_image(batch["image"])).float()

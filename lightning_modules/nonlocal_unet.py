@@ -53,8 +53,9 @@ from torchmetrics.segmentation import DiceScore
 from datamodules.segmentation import zscore
 from lightning_modules.base import MedAttnModule
 from lightning_modules.registry import register_method
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics
 
-__all__ = ["NonLocalUNetModule", "surface_distances", "PerClassMean"]
+__all__ = ["NonLocalUNetModule", "surface_distances", "PerClassMean", "SegmentationMetrics"]
 
 PAPER = "Wang, Zou, Shen, Ji. Non-local U-Nets for Biomedical Image Segmentation. AAAI 2020 (arXiv:1812.04103)"
 
@@ -126,6 +127,44 @@ class PerClassMean(Metric):
         return (self.total / self.count).float()  # nan for a class never seen
 
 
+class SegmentationMetrics(nn.Module):
+    """One stage's segmentation metrics over the foreground classes: Dice and, with ``distance_metrics``, HD95 and
+    MHD (:func:`surface_distances`). ``compute()`` gives the mean over the classes (``dice``, ``hd95``, ``mhd``,
+    NaN-skipping) and each class (``dice_<class>``...); ``class_names`` lists every class, background first."""
+
+    def __init__(self, class_names: Sequence[str], distance_metrics: bool = True) -> None:
+        super().__init__()
+        k = len(class_names)
+        self.class_names, self.distance_metrics = list(class_names), distance_metrics
+        self.dice = DiceScore(k, include_background=False, average="none", input_format="index")
+        self.hd95, self.mhd = PerClassMean(k - 1), PerClassMean(k - 1)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, spacing: torch.Tensor | None = None) -> None:
+        """``pred``, ``target``: int class maps (B, *S); ``spacing``: (B, dims) voxel spacing, or None."""
+        self.dice.update(pred, target)
+        if self.distance_metrics:
+            hd, mhd = surface_distances(pred.cpu(), target.cpu(), len(self.class_names),
+                                        spacing.tolist() if spacing is not None else None)
+            self.hd95.update(hd)
+            self.mhd.update(mhd)
+
+    def _members(self) -> dict[str, Metric]:
+        return {"dice": self.dice, **({"hd95": self.hd95, "mhd": self.mhd} if self.distance_metrics else {})}
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, metric in self._members().items():
+            values = metric.compute().float().reshape(-1)
+            out[key] = values.nanmean()
+            for name, value in zip(self.class_names[1:], values):
+                out[f"{key}_{name}"] = value
+        return out
+
+    def reset(self) -> None:
+        for metric in self._members().values():
+            metric.reset()
+
+
 class NonLocalUNetModule(MedAttnModule):
     """Supervised segmentation with sliding-window evaluation (Non-local U-Net recipe).
 
@@ -180,10 +219,8 @@ class NonLocalUNetModule(MedAttnModule):
             for stage, ov in (("test", overlap), ("val", overlap if val_overlap is None else val_overlap)):
                 self.inferers[stage] = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size,
                                                             overlap=ov, mode="constant", progress=_show_progress())
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_dice", DiceScore(k, include_background=False, average="none", input_format="index"))
-            setattr(self, f"{stage}_hd95", PerClassMean(k - 1))
-            setattr(self, f"{stage}_mhd", PerClassMean(k - 1))
+        self.val_metrics, self.test_metrics = for_stages(
+            lambda stage: SegmentationMetrics(self.class_names, distance_metrics), "val", "test")
 
     # ------------------------------------------------------------------------------------------ model
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -238,38 +275,19 @@ class NonLocalUNetModule(MedAttnModule):
         probs = self.predict_probs(image, stage)
         nll = F.nll_loss(torch.log(probs.clamp_min(1e-8)), target)
         self.log(f"{stage}/loss", nll, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
-        pred = probs.argmax(dim=1)
-        getattr(self, f"{stage}_dice").update(pred, target)
-        if self.distance_metrics:
-            spacing = batch.get("spacing")
-            hd, mhd = surface_distances(pred.cpu(), target.cpu(), self.num_classes,
-                                        spacing.tolist() if spacing is not None else None)
-            getattr(self, f"{stage}_hd95").update(hd)
-            getattr(self, f"{stage}_mhd").update(mhd)
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        names = self.class_names[1:]
-        metrics = {"dice": getattr(self, f"{stage}_dice")}
-        if self.distance_metrics:
-            metrics.update(hd95=getattr(self, f"{stage}_hd95"), mhd=getattr(self, f"{stage}_mhd"))
-        for key, metric in metrics.items():
-            values = metric.compute().float().reshape(-1)
-            self.log(f"{stage}/{key}", values.nanmean(), prog_bar=key == "dice")
-            for name, value in zip(names, values):
-                self.log(f"{stage}/{key}_{name}", value)
-            metric.reset()
+        getattr(self, f"{stage}_metrics").update(probs.argmax(dim=1), target, batch.get("spacing"))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        log_stage_metrics(self, "val", self.val_metrics, prog_bar=("dice",))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("test", batch)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        log_stage_metrics(self, "test", self.test_metrics, prog_bar=("dice",))
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Sliding-window segmentation of each item: ``segmentation`` (B, *S) uint8 class indices, ``probs``

@@ -44,6 +44,7 @@ from datamodules.batch import STREAM_BOX, STREAM_UNLABELED
 from lightning_modules.base import MedAttnModule
 from lightning_modules.registry import register_method
 from lightning_modules.retinanet import DetectionEvaluation, FrozenBatchNormHooks, load_stage1_weights
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
 from networks.ema import make_teacher
 from networks.oxnet import (Distillation, OXnet, class_feature_sums, daa_loss, distillation_losses, gpa_losses,
                             pseudo_boxes)
@@ -138,15 +139,16 @@ class OXnetModule(FrozenBatchNormHooks, MedAttnModule):
         self.register_buffer("prototype_updates", torch.zeros(k))
         self.prototype_stats: tuple[Tensor, Tensor] | None = None
         self.eval_names = eval_model_names(eval_model)
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_detection", nn.ModuleDict({
-                name: DetectionEvaluation(k, global_scores=True, suffix="" if i == 0 else f"_{name}")
-                for i, name in enumerate(self.eval_names)}))
+        self.val_metrics, self.test_metrics = for_stages(lambda stage: nn.ModuleDict({  # one per evaluated network
+            name: DetectionEvaluation(k, global_scores=True, suffix="" if i == 0 else f"_{name}",
+                                      class_names=self.class_names)
+            for i, name in enumerate(self.eval_names)}), "val", "test")
 
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_data_classes(self, self.student.num_classes)
+        set_class_names([self.val_metrics, self.test_metrics], self.class_names)
 
     def configure_callbacks(self):
         # The EMA teacher and the prototype momentum are part of the method, not options of a config.
@@ -264,7 +266,7 @@ class OXnetModule(FrozenBatchNormHooks, MedAttnModule):
     # ---------------------------------------------------------------------------------------- evaluation
     def eval_step(self, batch: dict, stage: str) -> None:
         image = self.prepare_image(batch["image"])
-        for name, evaluation in getattr(self, f"{stage}_detection").items():
+        for name, evaluation in getattr(self, f"{stage}_metrics").items():
             out = getattr(self, name)(image)
             local = torch.sigmoid(out["cls_logits"].float()).amax(dim=1)
             evaluation.update(self.postprocess(out, image), batch, local, torch.sigmoid(out["global_logits"]))
@@ -280,12 +282,12 @@ class OXnetModule(FrozenBatchNormHooks, MedAttnModule):
                 "scores": self(batch["image"])}
 
     def on_validation_epoch_end(self) -> None:
-        for evaluation in self.val_detection.values():
-            evaluation.log(self, "val", self.class_names)
+        for evaluation in self.val_metrics.values():
+            log_stage_metrics(self, "val", evaluation)
 
     def on_test_epoch_end(self) -> None:
-        for evaluation in self.test_detection.values():
-            evaluation.log(self, "test", self.class_names)
+        for evaluation in self.test_metrics.values():
+            log_stage_metrics(self, "test", evaluation)
 
 
 register_method("oxnet", OXnetModule,

@@ -42,10 +42,11 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_modules.base import MedAttnModule
-from lightning_modules.classification import record_test_predictions
+from lightning_modules.classification_metrics import record_test_predictions
 from lightning_modules.metrics import MaskedMultilabelAUROC, localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.registry import register_method
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
 from lightning_modules.weak_localization import update_localization
 from lightning_modules.data_check import check_data_classes
 from networks.pcam_loss import pcam_bce
@@ -89,7 +90,7 @@ class PCAMModule(MedAttnModule):
         **kwargs: ``optimizer``, ``scheduler``, ``channels_last`` of :class:`lightning_modules.base.MedAttnModule`.
 
     Logged: ``train/loss``, ``val/loss``, ``{val,test}/auroc`` (macro over classes with both outcomes, the project
-    policy of :mod:`lightning_modules.metrics.classification`), ``auroc_classes`` (how many) and
+    policy of :mod:`lightning_modules.metrics.auroc`), ``auroc_classes`` (how many) and
     ``auroc/<class>``; at test ``test/auroc_ci_low``/``_high`` (patient-level bootstrap 95 % interval, from the
     per-image probabilities written to ``test_predictions.csv`` in the run directory), ``test/loc/iou@T``,
     ``test/loc/iobb@T``, ``test/loc/maxboxacc_v2``, ``test/loc/maxboxacc@δ``, ``test/loc/threshold@δ``,
@@ -124,9 +125,8 @@ class PCAMModule(MedAttnModule):
             raise ValueError(f"{len(self.class_names)} class names for a network with {k} outputs")
         self.loss_kwargs = dict(batch_weight=batch_weight, pos_weight=pos_weight, no_positive=no_positive,
                                 task_reduction=task_reduction)
-        self.train_auroc = MaskedMultilabelAUROC(k, self.class_names)
-        self.val_auroc = MaskedMultilabelAUROC(k, self.class_names)
-        self.test_auroc = MaskedMultilabelAUROC(k, self.class_names)
+        self.train_metrics, self.val_metrics, self.test_metrics = for_stages(
+            lambda stage: MaskedMultilabelAUROC(k, self.class_names), "train", "val", "test")
         self.val_loss = MaskedBCEMean(k)
         self.test_loss = MaskedBCEMean(k)
         self.test_predictions = TestPredictions()
@@ -142,9 +142,8 @@ class PCAMModule(MedAttnModule):
             return
         if getattr(datamodule, "task", "multilabel") != "multilabel":
             raise ValueError(f"PCAMModule is multi-label (one binary head per task); the data task is {datamodule.task!r}")
-        for metric in (self.train_auroc, self.val_auroc, self.test_auroc, *self.test_localization.values()):
-            if hasattr(metric, "class_names"):
-                metric.class_names = list(self.class_names)
+        set_class_names([self.train_metrics, self.val_metrics, self.test_metrics, self.test_localization],
+                        self.class_names)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -164,7 +163,7 @@ class PCAMModule(MedAttnModule):
         loss, _ = pcam_bce(logits, batch["labels"], batch["label_mask"], **self.loss_kwargs)
         self.check_finite({"total": loss})
         self.log_losses("train", {"total": loss}, batch_size=len(logits))
-        self.train_auroc.update(logits, batch["labels"], batch["label_mask"])
+        self.train_metrics.update(logits, batch["labels"], batch["label_mask"])
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +171,7 @@ class PCAMModule(MedAttnModule):
         epoch_loss = getattr(self, f"{stage}_loss")  # the epoch value, not a mean of per-batch values
         epoch_loss.update(logits, batch["labels"], batch["label_mask"])
         self.log(f"{stage}/loss", epoch_loss, on_step=False, on_epoch=True, prog_bar=True)
-        getattr(self, f"{stage}_auroc").update(logits, batch["labels"], batch["label_mask"])
+        getattr(self, f"{stage}_metrics").update(logits, batch["labels"], batch["label_mask"])
         return logits, logit_maps
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -194,27 +193,18 @@ class PCAMModule(MedAttnModule):
         return {"image_id": batch["image_id"], "probabilities": torch.sigmoid(self(batch["image"]).float())}
 
     # ---------------------------------------------------------------------------------- epoch ends
-    def _log_metric(self, values: dict[str, torch.Tensor], stage: str, keep_nan: tuple[str, ...] = ()) -> None:
-        flat = {f"{stage}/{k}" if not k.startswith(f"{stage}/") else k: v for k, v in values.items()}
-        flat = {k: v for k, v in flat.items() if k in keep_nan or not torch.isnan(v)}
-        # torchmetrics already synchronised the states across ranks in compute()
-        self.log_dict(flat, sync_dist=False)
-
+    # NaN values are left out of the log, except the macro AUROC (a monitored key is always there)
     def on_train_epoch_end(self) -> None:
-        self._log_metric(self.train_auroc.compute(), "train", keep_nan=("train/auroc",))
-        self.train_auroc.reset()
+        log_stage_metrics(self, "train", self.train_metrics, drop_nan=True, keep_nan=("auroc",))
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metric(self.val_auroc.compute(), "val", keep_nan=("val/auroc",))
-        self.val_auroc.reset()
+        log_stage_metrics(self, "val", self.val_metrics, drop_nan=True, keep_nan=("auroc",))
 
     def on_test_epoch_end(self) -> None:
-        self._log_metric(self.test_auroc.compute(), "test", keep_nan=("test/auroc",))
-        self.test_auroc.reset()
+        log_stage_metrics(self, "test", self.test_metrics, drop_nan=True, keep_nan=("auroc",))
         self.test_predictions.finish(self, self.class_names)
         if self.localization:
-            self._log_metric(self.test_localization.compute(), "test")
-            self.test_localization.reset()
+            log_stage_metrics(self, "test", self.test_localization, drop_nan=True)
 
 
 register_method("pcam", PCAMModule,

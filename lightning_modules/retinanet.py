@@ -12,7 +12,7 @@ Evaluation (validation and test), shared with :mod:`lightning_modules.oxnet`:
       images known to be normal (every label known and 0), which have no lesion to box. An image with a finding
       but no boxes is left out (its missing boxes would count as false positives).
     * ``<stage>/auroc_local``: image-level AUROC of the highest anchor probability per class, macro over the classes
-      with positive and negative images (the project policy, :mod:`lightning_modules.metrics.classification`;
+      with positive and negative images (the project policy, :mod:`lightning_modules.metrics.auroc`;
       ``<stage>/auroc_local_classes`` of them; OXnet's global head likewise as ``auroc``/``auroc_classes``).
     * No bootstrap interval here: detection is reported with mAP, whose patient-level bootstrap would rerun the
       COCO evaluation per resample (the classification methods log ``test/auroc_ci_low``/``_high``).
@@ -28,10 +28,11 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from datamodules.batch import STREAM_BOX
 from lightning_modules.base import MedAttnModule
-from lightning_modules.classification import IGNORE, metric_targets
-from lightning_modules.metrics.classification import MaskedMultilabelAUROC
+from lightning_modules.classification_metrics import IGNORE, metric_targets
+from lightning_modules.metrics.auroc import MaskedMultilabelAUROC
 from lightning_modules.metrics.gather import all_gather_list
 from lightning_modules.registry import register_method
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
 from networks.retina import RetinaNet
 from lightning_modules.data_check import check_data_classes
 
@@ -95,7 +96,8 @@ class DetectionEvaluation(nn.Module):
     """One stage's detection metrics: mAP (IoU [.5:.95] and IoU 0.4, torchmetrics), the local image-level AUROC
     and, with ``global_scores=True``, the AUROC of an image-level head (OXnet's global logits).
 
-    ``suffix`` is appended to the metric names (``val/map_teacher``) when several networks are evaluated.
+    ``class_names`` name the per-class APs; ``suffix`` is appended to the metric names (``val/map_teacher``) when
+    several networks are evaluated. Logged with :func:`lightning_modules.stage_metrics.log_stage_metrics`.
 
     mAP under DDP: the per-image (prediction, target) pairs are kept on the CPU and gathered to every rank with
     ``all_gather_object`` before ``MeanAveragePrecision`` is computed on their union, sorted by image id. Letting
@@ -105,9 +107,11 @@ class DetectionEvaluation(nn.Module):
     the 1-process value over the same images.
     """
 
-    def __init__(self, num_classes: int, global_scores: bool = False, suffix: str = "") -> None:
+    def __init__(self, num_classes: int, global_scores: bool = False, suffix: str = "",
+                 class_names: list[str] | None = None) -> None:
         super().__init__()
         self.suffix = suffix
+        self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
         self._pairs: list[tuple[str, dict, dict]] = []  # (image id, prediction, target), on the CPU
         self.auroc_local = MaskedMultilabelAUROC(num_classes, ignore_index=IGNORE)
         self.auroc = MaskedMultilabelAUROC(num_classes, ignore_index=IGNORE) if global_scores else None
@@ -137,25 +141,28 @@ class DetectionEvaluation(nn.Module):
             metric.update([p for _, p, _ in pairs], [t for _, _, t in pairs])
         return metric.compute()
 
-    def log(self, module: MedAttnModule, stage: str, class_names: list[str]) -> None:
-        """Compute (collectives under DDP: every rank calls this), log and reset."""
+    def compute(self) -> dict[str, Tensor]:
+        """Every value global (collectives under DDP: every rank calls this): mAP from the gathered pairs, AUROC
+        synchronised by torchmetrics."""
+        class_names = self.class_names
         pairs = self._gathered_pairs()
         full, at40 = self._mean_ap(pairs), self._mean_ap(pairs, iou_thresholds=[0.4])
-        values = {f"{stage}/{k}": full[k] for k in ("map", "map_50", "map_75")}
-        values[f"{stage}/map_40"] = at40["map"]
+        values = {k: full[k] for k in ("map", "map_50", "map_75")}
+        values["map_40"] = at40["map"]
         for key, result in (("ap", full), ("ap40", at40)):
             classes = result["classes"].reshape(-1).tolist()
             per_class = result.get("map_per_class", torch.zeros(0)).reshape(-1).tolist()
             for c, ap in zip(classes, per_class):
                 if ap >= 0 and 0 <= c < len(class_names):  # -1 = class absent from the ground truth
-                    values[f"{stage}/{key}/{class_names[c]}"] = torch.tensor(ap)
+                    values[f"{key}/{class_names[c]}"] = torch.tensor(ap)
         local = self.auroc_local.compute()
-        values[f"{stage}/auroc_local"], values[f"{stage}/auroc_local_classes"] = local["auroc"], local["auroc_classes"]
+        values["auroc_local"], values["auroc_local_classes"] = local["auroc"], local["auroc_classes"]
         if self.auroc is not None:
             image_level = self.auroc.compute()
-            values[f"{stage}/auroc"], values[f"{stage}/auroc_classes"] = image_level["auroc"], image_level["auroc_classes"]
-        # every value is already global: mAP from the gathered pairs, AUROC synchronised by torchmetrics
-        module.log_dict({k + self.suffix: v.float() for k, v in values.items()}, sync_dist=False)
+            values["auroc"], values["auroc_classes"] = image_level["auroc"], image_level["auroc_classes"]
+        return {k + self.suffix: v.float() for k, v in values.items()}
+
+    def reset(self) -> None:
         self._pairs = []
         for metric in (self.auroc_local, self.auroc):
             if metric is not None:
@@ -184,13 +191,14 @@ class RetinaNetModule(FrozenBatchNormHooks, MedAttnModule):
         self.net = net
         num_classes = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{k}" for k in range(num_classes)]
-        self.val_detection = DetectionEvaluation(num_classes)
-        self.test_detection = DetectionEvaluation(num_classes)
+        self.val_metrics, self.test_metrics = for_stages(
+            lambda stage: DetectionEvaluation(num_classes, class_names=self.class_names), "val", "test")
 
     # ----------------------------------------------------------------------------------------- plumbing
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_data_classes(self, self.net.num_classes)
+        set_class_names([self.val_metrics, self.test_metrics], self.class_names)
 
     def forward(self, image: Tensor) -> Tensor:
         """Image-level class scores (B, K): the highest anchor probability per class."""
@@ -234,7 +242,7 @@ class RetinaNetModule(FrozenBatchNormHooks, MedAttnModule):
         image = self.prepare_image(batch["image"])
         out = self.net(image)
         scores = torch.sigmoid(out["cls_logits"].float()).amax(dim=1)
-        getattr(self, f"{stage}_detection").update(self.postprocess(out, image), batch, scores)
+        getattr(self, f"{stage}_metrics").update(self.postprocess(out, image), batch, scores)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.eval_step(batch, "val")
@@ -246,10 +254,10 @@ class RetinaNetModule(FrozenBatchNormHooks, MedAttnModule):
         return {"image_id": batch["image_id"], "detections": self.detect(batch["image"])}
 
     def on_validation_epoch_end(self) -> None:
-        self.val_detection.log(self, "val", self.class_names)
+        log_stage_metrics(self, "val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self.test_detection.log(self, "test", self.class_names)
+        log_stage_metrics(self, "test", self.test_metrics)
 
 
 register_method("retinanet", RetinaNetModule,

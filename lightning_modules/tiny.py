@@ -111,7 +111,7 @@ def dcmt(tmp_dir: Path):
     first epoch (``consistency_start=0``) so every loss term runs."""
     from datamodules.slices import SliceStackDataModule
     from datamodules.synthetic_slices import SyntheticSlices
-    from lightning_modules.mean_teacher import MeanTeacherModule
+    from lightning_modules.dcmt import MeanTeacherModule
     from networks.dcmt import DCMTNet
 
     data = SliceStackDataModule(SyntheticSlices(cache_dir=Path(tmp_dir) / "synthetic", n_subjects=10, image_size=32,
@@ -125,8 +125,8 @@ def dcmt(tmp_dir: Path):
 def dcmt_subject(tmp_dir: Path):
     """DC-MT stage 2 (bi-GRU) on a 12-subject slice-feature file from :func:`write_tiny_features`."""
     from datamodules.subject_features import SubjectFeatureDataModule
-    from lightning_modules.subject_aggregation import SubjectAggregationModule
-    from networks.aggregation import BiGRUAggregator
+    from lightning_modules.dcmt_subject import SubjectAggregationModule
+    from networks.dcmt_subject import BiGRUAggregator
 
     # 2 validation subjects, so that a 2-process DDP run gives each rank one
     path = write_tiny_features(Path(tmp_dir) / "tiny_slice_features.npz", split={"val_fraction": 0.25})

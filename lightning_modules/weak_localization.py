@@ -15,10 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 __all__ = ["heatmaps_at_input", "valid_region", "update_localization", "has_localization_targets",
-           "attention_targets", "set_class_names"]
+           "attention_targets"]
 
 
 def valid_region(frame: torch.Tensor | None, image_size: Sequence[int]) -> torch.Tensor | None:
@@ -106,10 +106,3 @@ def attention_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                 targets[i, r0:r1, c0:c1] = True
             present[i] = bool(targets[i].any())
     return targets.to(image.device), present.to(image.device)
-
-
-def set_class_names(metrics: Metric | MetricCollection, names: Sequence[str]) -> None:
-    """Give every member of a localisation collection the data's class names (its per-class keys)."""
-    for metric in (metrics.values() if isinstance(metrics, MetricCollection) else [metrics]):
-        if hasattr(metric, "class_names"):
-            metric.class_names = list(names)

@@ -24,7 +24,7 @@ Losses and consistency ramps (pure functions; dossier §a.6–a.8, §a.10, oracl
           + ω_att(e)·nMSE(A_S, A_T)_U                                         (stage 1, slices)
     L_2 = CE_L + ω(e)·MSE(softmax S, softmax T)_B                             (stage 2, subjects)
 
-* :func:`normalised_mse` nMSE(a, b) = Σ (a − b)² / Σ (a + b); :func:`bound_loss` the attention mass outside the
+* :func:`normalized_mse` nMSE(a, b) = Σ (a − b)² / Σ (a + b); :func:`bound_loss` the attention mass outside the
   target; :func:`softmax_mse` the mean squared difference of class probabilities.
 * :func:`sigmoid_rampup` exp(−5 (1 − t/T)²), :func:`offset_sigmoid_rampup` (the reference's "att" ramp, which
   caps below 1), :func:`consistency_weights` (ω_cls, ω_att) of stage 1 and :func:`subject_consistency_weight`
@@ -41,7 +41,7 @@ Choices where the paper is silent or timm differs:
 Example:
     >>> import torch
     >>> c = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    >>> float(normalised_mse(c, c)), float(bound_loss(c, 1 - c, batch_size=1))  # identical maps; disjoint maps
+    >>> float(normalized_mse(c, c)), float(bound_loss(c, 1 - c, batch_size=1))  # identical maps; disjoint maps
     (0.0, 1.0)
     >>> consistency_weights(19), [round(w, 6) for w in consistency_weights(20)]  # the epoch-20 switch
     ((0.0, 0.0), [1.432524, 0.006738])
@@ -65,7 +65,7 @@ from networks.cam_heads import minmax_normalize
 from networks.pooling import LSEPool
 
 __all__ = ["FABlock", "FAModule", "DCMTNet", "DCMTOutput", "class_activation_maps", "refine_cams",
-           "normalise_cams", "select_class", "normalised_mse", "bound_loss", "softmax_mse", "sigmoid_rampup",
+           "normalize_cams", "select_class", "normalized_mse", "bound_loss", "softmax_mse", "sigmoid_rampup",
            "offset_sigmoid_rampup", "consistency_weights", "subject_consistency_weight"]
 
 
@@ -123,7 +123,7 @@ def class_activation_maps(feature_map: torch.Tensor, weight: torch.Tensor) -> to
     return F.relu(F.conv2d(feature_map, weight.detach().to(feature_map.dtype)[:, :, None, None]))
 
 
-def normalise_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def normalize_cams(cams: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-sample, per-map min–max to [0, 1] in float32; a zero range is replaced by ``eps`` (so a constant
     map → 0), as the reference (:func:`networks.cam_heads.minmax_normalize` with ``zero_range_only=True``)."""
     return minmax_normalize(cams, eps, zero_range_only=True)
@@ -139,7 +139,7 @@ def refine_cams(cams: torch.Tensor, size: Sequence[int] | None = None, omega: fl
     cams = cams.float()
     if size is not None and tuple(cams.shape[-2:]) != tuple(size):
         cams = F.interpolate(cams, size=tuple(size), mode="bilinear", align_corners=True)
-    return torch.sigmoid(omega * (normalise_cams(cams) - sigma))
+    return torch.sigmoid(omega * (normalize_cams(cams) - sigma))
 
 
 def select_class(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ class DCMTNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ losses
-def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def normalized_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Σ (a − b)² / max(Σ (a + b), eps) over everything given (dossier a.6/a.7); 0 for empty inputs."""
     a, b = a.float(), b.float()
     return ((a - b) ** 2).sum() / (a + b).sum().clamp_min(eps)

@@ -140,28 +140,28 @@ def class_feature_sums(features: Tensor, weights: Tensor) -> tuple[Tensor, Tenso
     return torch.einsum("bk,bkd->kd", weights, features), weights.sum(dim=0)
 
 
-def gpa_losses(class_mean: Tensor, present: Tensor, prototypes: Tensor, initialised: Tensor,
+def gpa_losses(class_mean: Tensor, present: Tensor, prototypes: Tensor, initialized: Tensor,
                margin: float = 1.0) -> tuple[Tensor, Tensor]:
     """Global prototype alignment (dossier a.9), with d(u, v) = mean over dims of (u − v)².
 
     Args:
         class_mean: (K, D) batch-mean category features F̄_c. present: (K,) classes carried by some image.
-        prototypes: (K, D), used detached. initialised: (K,) prototypes that have been set.
+        prototypes: (K, D), used detached. initialized: (K,) prototypes that have been set.
     Returns:
-        intra = mean over S = {present ∧ initialised} of d(F̄_c, P_c);
-        inter = mean over T = {(c, c′): c present, c′ ≠ c initialised} of ((δ − D)/δ)² · max(δ − D, 0)²,
+        intra = mean over S = {present ∧ initialized} of d(F̄_c, P_c);
+        inter = mean over T = {(c, c′): c present, c′ ≠ c initialized} of ((δ − D)/δ)² · max(δ − D, 0)²,
         D = √d(F̄_c, P_c′). Empty sets give 0.
     """
     prototypes = prototypes.detach().to(class_mean.dtype)
     own = (class_mean - prototypes).pow(2).mean(dim=-1)
-    s = (present & initialised).to(class_mean.dtype)
+    s = (present & initialized).to(class_mean.dtype)
     intra = (own * s).sum() / s.sum().clamp(min=1)
     dist = (class_mean[:, None, :] - prototypes[None, :, :]).pow(2).mean(dim=-1)
     d = (dist + 1e-12).sqrt()  # the epsilon keeps the gradient finite at D = 0 (where the hinge is flat anyway)
     gap = margin - d
     hinge = (gap / margin).pow(2) * gap.clamp(min=0).pow(2)
     k = class_mean.shape[0]
-    t = (present[:, None] & initialised[None, :] & ~torch.eye(k, dtype=torch.bool, device=d.device)).to(d.dtype)
+    t = (present[:, None] & initialized[None, :] & ~torch.eye(k, dtype=torch.bool, device=d.device)).to(d.dtype)
     inter = (hinge * t).sum() / t.sum().clamp(min=1)
     return intra, inter
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from callbacks.ema_teacher import EMATeacher
-from lightning_modules.dcmt_metrics import MaskLocalisationRate, SliceMetrics
-from lightning_modules.mean_teacher import MeanTeacherModule
-from networks.dcmt import (DCMTNet, FABlock, bound_loss, class_activation_maps, consistency_weights, normalise_cams,
-                           normalised_mse, offset_sigmoid_rampup, refine_cams, select_class, sigmoid_rampup,
+from lightning_modules.dcmt_metrics import MaskLocalizationRate, SliceMetrics
+from lightning_modules.dcmt import MeanTeacherModule
+from networks.dcmt import (DCMTNet, FABlock, bound_loss, class_activation_maps, consistency_weights, normalize_cams,
+                           normalized_mse, offset_sigmoid_rampup, refine_cams, select_class, sigmoid_rampup,
                            softmax_mse)
 from networks.pooling import LSEPool
 
@@ -61,7 +61,7 @@ def test_refinement_threshold_invariance_and_constant_map():
     torch.testing.assert_close(refine_cams(cams), refine_cams(3.0 * cams + 7.0), atol=1e-5, rtol=0)
     constant = refine_cams(torch.full((1, 1, 4, 4), 2.5))
     torch.testing.assert_close(constant, torch.full_like(constant, 1 / (1 + math.exp(40))), rtol=1e-3, atol=0)
-    assert normalise_cams(torch.full((1, 1, 2, 2), 3.0)).abs().max() == 0
+    assert normalize_cams(torch.full((1, 1, 2, 2), 3.0)).abs().max() == 0
     # upsampling to the requested size with align_corners=True keeps the corners
     up = refine_cams(cams, (9, 9))
     assert up.shape == (2, 3, 9, 9)
@@ -89,10 +89,10 @@ def test_loss_oracles():
     n = 64
     c = torch.zeros(1, 1, 8, 8)
     c.view(-1)[: n // 4] = 1.0
-    assert normalised_mse(c, c).item() == 0.0
-    assert normalised_mse(torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)).item() == pytest.approx(1.0)
-    assert normalised_mse(c, torch.full_like(c, 0.5)).item() == pytest.approx(1 / 3, abs=1e-6)
-    assert normalised_mse(c, torch.full_like(c, 0.5)).item() == pytest.approx(0.25 * n / (n / 4 + 0.5 * n))
+    assert normalized_mse(c, c).item() == 0.0
+    assert normalized_mse(torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)).item() == pytest.approx(1.0)
+    assert normalized_mse(c, torch.full_like(c, 0.5)).item() == pytest.approx(1 / 3, abs=1e-6)
+    assert normalized_mse(c, torch.full_like(c, 0.5)).item() == pytest.approx(0.25 * n / (n / 4 + 0.5 * n))
     a_inside = c * 0.7
     assert bound_loss(c, a_inside, 1).item() == pytest.approx(0.0, abs=1e-6)
     assert bound_loss(c, 1 - c, 1).item() == pytest.approx(1.0)
@@ -199,7 +199,7 @@ def test_unlabeled_ground_truth_never_used(monkeypatch):
         pred = t.logits[2:].argmax(1)
         a_s = refine_cams(select_class(module.student.cams(s.feature_map[2:]), pred), (64, 64))
         a_t = refine_cams(select_class(module.teacher.cams(t.feature_map[2:]), pred), (64, 64))
-    torch.testing.assert_close(base["cons_att"], normalised_mse(a_s, a_t))
+    torch.testing.assert_close(base["cons_att"], normalized_mse(a_s, a_t))
 
 
 def test_attention_losses_ablation_and_gradients():
@@ -252,8 +252,8 @@ def test_fit_validate_with_trainer(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ metrics
-def test_localisation_rate_is_per_slice():
-    metric = MaskLocalisationRate(2, tiou_thresholds=(0.5,), tior_thresholds=(0.5,))
+def test_localization_rate_is_per_slice():
+    metric = MaskLocalizationRate(2, tiou_thresholds=(0.5,), tior_thresholds=(0.5,))
     target = torch.zeros(3, 4, 4, dtype=torch.bool)
     target[:, :2, :] = True  # 8 pixels
     perfect = target[0].clone()
@@ -269,13 +269,13 @@ def test_localisation_rate_is_per_slice():
 
 
 def test_slice_metrics_keys_and_values():
-    metrics = SliceMetrics(3)
+    metrics = SliceMetrics(3, class_names=["a", "b", "c"], suffix="_teacher")
     probs = torch.eye(3)[torch.tensor([0, 1, 2, 0])] * 0.8 + 0.2 / 3
     target = torch.tensor([0, 1, 2, 0])
     metrics.classification.update(probs, target)
     masks = torch.ones(4, 8, 8, dtype=torch.bool)
-    metrics.localisation.update(masks, masks, target)
-    out = metrics.compute("val/", ["a", "b", "c"], "_teacher")
-    assert out["val/auroc_teacher"] == 1.0 and out["val/balanced_accuracy_teacher"] == 1.0
-    assert out["val/f1_teacher"] == 1.0 and out["val/tiou@0.7_teacher"] == 1.0 and out["val/mtior_teacher/b"] == 1.0
-    assert len([k for k in out if k.startswith("val/tiou@")]) == 7 and len([k for k in out if k.startswith("val/tior@")]) == 5
+    metrics.localization.update(masks, masks, target)
+    out = metrics.compute()
+    assert out["auroc_teacher"] == 1.0 and out["balanced_accuracy_teacher"] == 1.0
+    assert out["f1_teacher"] == 1.0 and out["tiou@0.7_teacher"] == 1.0 and out["mtior_teacher/b"] == 1.0
+    assert len([k for k in out if k.startswith("tiou@")]) == 7 and len([k for k in out if k.startswith("tior@")]) == 5

@@ -109,7 +109,7 @@ def test_update_rejects_mismatched_modules():
         ema_update_(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.5)
 
 
-def test_frozen_teacher_gets_no_grads_and_is_not_optimised(tmp_path):
+def test_frozen_teacher_gets_no_grads_and_is_not_optimized(tmp_path):
     module = _MT()
     assert all(not p.requires_grad for p in module.teacher.parameters())
     x, y = next(iter(_loader()))

@@ -153,7 +153,7 @@ def _export(tmp_path: Path, data: SliceStackDataModule, name: str) -> Path:
     import lightning.pytorch as pl
 
     from callbacks.feature_export import SliceFeatureWriter
-    from lightning_modules.mean_teacher import MeanTeacherModule
+    from lightning_modules.dcmt import MeanTeacherModule
     from networks.dcmt import DCMTNet
 
     module = MeanTeacherModule(DCMTNet("test_resnet", num_classes=3, fa_channels=8, head_channels=8))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_modules.magsd import MAGSDModule
-from lightning_modules.mean_teacher import MeanTeacherModule
+from lightning_modules.dcmt import MeanTeacherModule
 from networks.dcmt import DCMTOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's small-data / worker warnings
@@ -45,7 +45,7 @@ def test_attention_region_accuracy_hand_case():
     assert AttentionRegionAccuracy().compute()["magsd_miou"].isnan()  # no image: NaN, never logged
 
 
-def test_attention_targets_prefer_the_lesion_mask_and_rasterise_boxes_by_pixel_centre():
+def test_attention_targets_prefer_the_lesion_mask_and_rasterize_boxes_by_pixel_centre():
     from lightning_modules.weak_localization import attention_targets
 
     mask = torch.zeros(3, 1, 8, 8)
@@ -131,7 +131,7 @@ def test_magsd_class_mode_uses_the_per_class_maps(tmp_path):
     assert out["test/loc/magsd_acc@0.3"] == 1.0  # the protocol always reads the mean map
 
 
-def test_magsd_without_boxes_or_masks_logs_no_localisation(tmp_path):
+def test_magsd_without_boxes_or_masks_logs_no_localization(tmp_path):
     module = MAGSDModule(_MAGSDStub(), class_names=["a", "b"])
     trainer = _trainer(tmp_path)
     trainer.test(module, dataloaders=_loader(_cxr_batch(False)), verbose=False)
@@ -185,7 +185,7 @@ def test_dcmt_logs_pxap_for_student_and_teacher_and_no_box_metrics(tmp_path):
     assert not [k for k in trainer.callback_metrics if "loc" in k]
 
 
-def test_magsd_real_network_feeds_every_localisation_key(tmp_path):
+def test_magsd_real_network_feeds_every_localization_key(tmp_path):
     """The real MAGSDNet (both ``attention_maps`` calls, class mode): every key present and in [0, 1]."""
     from networks.magsd import MAGSDNet
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from datamodules.manifest import DataError
 from datamodules.readers.v7labs import V7LabsLabels
-from lightning_modules.magsd import MAGSDModule, classification_metrics, frozen_bn_stats
+from lightning_modules.magsd import MAGSDModule, frozen_bn_stats, magsd_metrics
 from networks.attention_augment import sample_attention_maps
 from networks.magsd import (MAGSDNet, MultiScaleAttention, bilinear_attention_pool, soft_distance,
                             soft_distance_target)
@@ -187,7 +187,7 @@ def test_specificity_is_tn_over_tn_plus_fp():
     # Specificity TN/(TN+FP) = (1 + 0.75 + 0.8)/3 = 0.85; the reference's swapped TN/(TN+FN) = (0.75 + 0.75 + 1)/3.
     target = torch.tensor([0, 0, 0, 1, 1, 2])
     pred = torch.tensor([0, 0, 1, 1, 2, 2])
-    metrics = classification_metrics(3)
+    metrics = magsd_metrics(3)
     metrics.update(F.one_hot(pred, 3).float(), target)
     values = metrics.compute()
     assert abs(float(values["specificity"]) - 0.85) < 1e-6
@@ -267,7 +267,7 @@ def test_macro_auroc_ignores_classes_without_positives():
     module.log_dict = lambda d, **k: logged.update(d)
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1]])
     module.val_metrics.update(probs, torch.tensor([0, 1, 0, 1]))
-    module._eval_epoch_end("val")
+    module.on_validation_epoch_end()
     assert float(logged["val/auroc_per_class/a"]) == 1.0 and float(logged["val/auroc_per_class/b"]) == 1.0
     assert math.isnan(float(logged["val/auroc_per_class/c"])) and math.isnan(float(logged["val/auroc_per_class/d"]))
     assert float(logged["val/auroc"]) == 1.0

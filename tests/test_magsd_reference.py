@@ -46,7 +46,7 @@ def test_clahe_is_opencvs_with_the_given_clip_and_tiles():
         clahe(image.float())
 
 
-def test_eval_transform_equalises_the_image_area_only_then_z_scores_columns():
+def test_eval_transform_equalizes_the_image_area_only_then_z_scores_columns():
     image = fixed_image(60, 80)  # landscape: letterboxed to 224 x 224 with 56 rows of padding at the bottom
     plain = CXRTransform(224, mean=0.0, std=1.0 / 255, clahe_clip_limit=4.0)(image)["image"]  # x·255
     resized, scale = letterbox(image, 224)

@@ -24,35 +24,35 @@ def _close(value, expected):
 def test_dcmt_balanced_accuracy_leaves_out_classes_absent_from_targets():
     from lightning_modules.dcmt_metrics import SliceMetrics
 
-    metrics = SliceMetrics(3)
+    metrics = SliceMetrics(3, class_names=["a", "b", "c"])
     # targets [0, 0, 1, 1], predictions [0, 2, 1, 1]: recall 1/2 (class 0), 2/2 (class 1); class 2 only predicted
     metrics.classification.update(F.one_hot(torch.tensor([0, 2, 1, 1]), 3).float(), TARGET)
-    values = metrics.compute("test/", ["a", "b", "c"])
-    _close(values["test/balanced_accuracy"], 0.75)  # 00a25c0: 0.5 (class 2 counted as recall 0)
+    values = metrics.compute()
+    _close(values["balanced_accuracy"], 0.75)  # 00a25c0: 0.5 (class 2 counted as recall 0)
 
 
 def test_dcmt_slice_and_subject_auroc_follow_the_policy():
     from lightning_modules.dcmt_metrics import SliceMetrics, SubjectMetrics
 
-    sl = SliceMetrics(3)
+    sl = SliceMetrics(3, class_names=["a", "b", "c"], suffix="_teacher")
     sl.classification.update(PROBS, TARGET)
-    values = sl.compute("test/", ["a", "b", "c"], "_teacher")
-    _close(values["test/auroc_teacher"], MACRO)  # 00a25c0: 0.583 (class 2 counted as 0)
-    _close(values["test/auroc_classes_teacher"], N_DEFINED)
-    assert math.isnan(float(values["test/auroc_teacher/c"]))
-    sub = SubjectMetrics(3)
+    values = sl.compute()
+    _close(values["auroc_teacher"], MACRO)  # 00a25c0: 0.583 (class 2 counted as 0)
+    _close(values["auroc_classes_teacher"], N_DEFINED)
+    assert math.isnan(float(values["auroc_teacher/c"]))
+    sub = SubjectMetrics(3, class_names=["a", "b", "c"])
     sub.update(PROBS, TARGET)
-    values = sub.compute("test/", ["a", "b", "c"])
-    _close(values["test/auroc"], MACRO)
-    _close(values["test/auroc_classes"], N_DEFINED)
+    values = sub.compute()
+    _close(values["auroc"], MACRO)
+    _close(values["auroc_classes"], N_DEFINED)
     # sensitivity of class 2 (no positive subject) is undefined, not 0 (00a25c0: macro (1 + 1 + 0) / 3);
     # argmax predictions are [0, 0, 1, 1] (row 2's tie goes to the first class)
-    assert math.isnan(float(values["test/sensitivity/c"]))
-    _close(values["test/sensitivity"], 1.0)
+    assert math.isnan(float(values["sensitivity/c"]))
+    _close(values["sensitivity"], 1.0)
 
 
 def test_shared_auroc_metrics_follow_the_policy():
-    from lightning_modules.classification import classification_metrics
+    from lightning_modules.classification_metrics import classification_metrics
     from lightning_modules.metrics import MaskedMultilabelAUROC
 
     multiclass = classification_metrics("multiclass", 3, ["a", "b", "c"])  # CAM baseline, multiclass
@@ -76,7 +76,7 @@ def test_magsd_auroc_policy_and_positive_class_rates():
     logged = {}
     module.log_dict = lambda d, **k: logged.update(d)
     module.val_metrics.update(PROBS, TARGET)
-    module._eval_epoch_end("val")
+    module.on_validation_epoch_end()
     _close(logged["val/auroc"], MACRO)
     _close(logged["val/auroc_classes"], N_DEFINED)
 
@@ -87,7 +87,7 @@ def test_magsd_auroc_policy_and_positive_class_rates():
     binary.log_dict = lambda d, **k: logged.update(d)
     predicted = torch.tensor([0, 0, 1, 0, 1])
     binary.val_metrics.update(F.one_hot(predicted, 2).float() * 0.8 + 0.1, torch.tensor([0, 0, 0, 1, 1]))
-    binary._eval_epoch_end("val")
+    binary.on_validation_epoch_end()
     _close(logged["val/sensitivity/COVID-19"], 2 / 3)  # 00a25c0: not logged
     _close(logged["val/specificity/COVID-19"], 1 / 2)
     _close(logged["val/recall"], (2 / 3 + 1 / 2) / 2)
@@ -96,8 +96,9 @@ def test_magsd_auroc_policy_and_positive_class_rates():
 
 def test_detection_image_level_auroc_follows_the_policy():
     from lightning_modules.retinanet import DetectionEvaluation
+    from lightning_modules.stage_metrics import log_stage_metrics
 
-    evaluation = DetectionEvaluation(3, global_scores=True)
+    evaluation = DetectionEvaluation(3, global_scores=True, class_names=["a", "b", "c"])
     labels = F.one_hot(TARGET, 3).float()
     batch = {"labels": labels, "label_mask": torch.ones(4, 3, dtype=torch.bool),
              "has_boxes": torch.zeros(4, dtype=torch.bool), "boxes": [torch.zeros(0, 4)] * 4,
@@ -112,7 +113,7 @@ def test_detection_image_level_auroc_follows_the_policy():
             self.logged.update(values)
 
     module = _Module()
-    evaluation.log(module, "test", ["a", "b", "c"])
+    log_stage_metrics(module, "test", evaluation)
     _close(module.logged["test/auroc_local"], MACRO)  # 00a25c0: torchmetrics' macro with class 2 as 0
     _close(module.logged["test/auroc_local_classes"], N_DEFINED)
     _close(module.logged["test/auroc"], MACRO)
@@ -120,7 +121,7 @@ def test_detection_image_level_auroc_follows_the_policy():
 
 @pytest.mark.parametrize("cls", ["MaskedMultilabelAUROC", "DefinedMulticlassAUROC"])
 def test_no_defined_class_gives_nan_and_zero_count(cls):
-    from lightning_modules.metrics import classification as mc
+    from lightning_modules.metrics import auroc as mc
 
     metric = getattr(mc, cls)(2)
     target = torch.tensor([[1, 0], [1, 0]]) if cls == "MaskedMultilabelAUROC" else torch.tensor([0, 0])

@@ -12,7 +12,7 @@ from torch import nn
 from networks.nonlocal_unet import NonLocalUNet, ResidualBlock
 
 
-def _randomise_norms(net: nn.Module, seed: int = 0) -> nn.Module:
+def _randomize_norms(net: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial eval-mode BN (random running stats and affine), so BN+ReLU6 is far from the identity and a
     tensor taken before the pre-activation differs from one taken after it."""
     g = torch.Generator().manual_seed(seed)
@@ -30,7 +30,7 @@ def _randomise_norms(net: nn.Module, seed: int = 0) -> nn.Module:
 def net(request):
     torch.manual_seed(0)
     dims = request.param
-    return _randomise_norms(NonLocalUNet(dims, in_channels=2, num_classes=3, filters=4, attn_drop=0.5, drop=0.5)).eval()
+    return _randomize_norms(NonLocalUNet(dims, in_channels=2, num_classes=3, filters=4, attn_drop=0.5, drop=0.5)).eval()
 
 
 def _x(net, batch=2, size=8):

@@ -130,13 +130,13 @@ def test_dice_oracles_exclude_background():
     t = torch.zeros(1, 8, 8, dtype=torch.long)
     t[0, :4] = 1
     t[0, 4:6] = 2
-    module.val_dice.update(t, t)
-    torch.testing.assert_close(module.val_dice.compute(), torch.tensor([1.0, 1.0]))
-    module.val_dice.reset()
+    module.val_metrics.dice.update(t, t)
+    torch.testing.assert_close(module.val_metrics.dice.compute(), torch.tensor([1.0, 1.0]))
+    module.val_metrics.dice.reset()
     disjoint = torch.zeros_like(t)
     disjoint[0, 6:] = 1  # class 1 where truth is background, class 2 missing
-    module.val_dice.update(disjoint, t)
-    torch.testing.assert_close(module.val_dice.compute(), torch.tensor([0.0, 0.0]))
+    module.val_metrics.dice.update(disjoint, t)
+    torch.testing.assert_close(module.val_metrics.dice.compute(), torch.tensor([0.0, 0.0]))
 
 
 def test_loss_choices_and_kernel_only_weight_decay():

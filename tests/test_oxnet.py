@@ -24,7 +24,7 @@ def tiny_oxnet(num_classes: int = 3, **kwargs) -> OXnet:
 
 
 # --------------------------------------------------------------------------------------------- DAA (g.2)
-def test_daa_is_ln2_at_init_and_attention_normalised():
+def test_daa_is_ln2_at_init_and_attention_normalized():
     net = tiny_oxnet()
     out = net(torch.randn(2, 1, 64, 64))
     labels = torch.tensor([[1.0, 0, 1], [0, 0, 0]])
@@ -81,8 +81,8 @@ def test_inter_hinge_values(distance, expected):
     class_mean = torch.zeros(2, d)
     prototypes = torch.stack([torch.zeros(d), torch.full((d,), distance)])  # mean squared difference = D²
     present = torch.tensor([True, False])
-    initialised = torch.tensor([True, True])
-    intra, inter = gpa_losses(class_mean, present, prototypes, initialised, margin=1.0)
+    initialized = torch.tensor([True, True])
+    intra, inter = gpa_losses(class_mean, present, prototypes, initialized, margin=1.0)
     assert float(intra) == 0.0  # identical mean and own prototype
     assert float(inter) == pytest.approx(expected, abs=1e-6)
 
@@ -204,7 +204,7 @@ def test_loss_weights_by_term_name_default_to_one():
         OXnetModule(tiny_oxnet(), loss_weights={"sfl_weight": 1.0})
 
 
-def test_stage1_checkpoint_initialises_student_and_teacher(tmp_path):
+def test_stage1_checkpoint_initializes_student_and_teacher(tmp_path):
     from lightning_modules.oxnet import OXnetModule
     from lightning_modules.retinanet import RetinaNetModule
 

@@ -101,7 +101,7 @@ def test_heatmaps_at_input_zero_the_letterbox_padding():
     assert out[1].eq(1).all()
 
 
-def test_test_step_feeds_localisation_metrics():
+def test_test_step_feeds_localization_metrics():
     module = PCAMModule(BrightRegionNet(20.0, -20.0), class_names=["a", "b"])  # a perfect localiser
     batch = two_box_batch()
     image = batch["image"]
@@ -228,7 +228,7 @@ def _toy_batch(n: int, generator: torch.Generator) -> dict:
             "box_labels": box_labels, "has_boxes": labels.any(1)}
 
 
-def test_pcam_learns_to_classify_and_localise_a_toy_task():
+def test_pcam_learns_to_classify_and_localize_a_toy_task():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     # pointing tolerance = one feature cell (4 px): an 8×8 map cannot point more finely than that
@@ -246,8 +246,8 @@ def test_pcam_learns_to_classify_and_localise_a_toy_task():
     test = _toy_batch(64, g)
     with torch.no_grad():
         logits, maps = module.forward_with_maps(test["image"])
-    module.test_auroc.update(logits, test["labels"])
-    assert module.test_auroc.compute()["auroc"] > 0.95
+    module.test_metrics.update(logits, test["labels"])
+    assert module.test_metrics.compute()["auroc"] > 0.95
     heat = module.net.maps_to_heatmaps(maps)
     module.update_localization(test, heat)
     assert module.test_localization.compute()["test/loc/pointing"] > 0.85

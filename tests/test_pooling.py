@@ -185,7 +185,7 @@ def test_pcam_heatmap_bounds_the_image_probability():
     assert (heat.flatten(2).amax(-1) >= torch.sigmoid(z) - 1e-6).all()
 
 
-def test_cam_style_heatmaps_are_minmax_normalised():
+def test_cam_style_heatmaps_are_minmax_normalized():
     net = PoolingClassifier("test_resnet", num_classes=2, pool="avg", in_chans=1).eval()
     heat = net.attention_maps(torch.randn(2, 1, 96, 96))
     flat = heat.flatten(2)

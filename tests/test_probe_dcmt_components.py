@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.mean_teacher import MeanTeacherModule
-from networks.aggregation import BiGRUAggregator
-from networks.dcmt import DCMTNet, FABlock, FAModule, bound_loss, normalised_mse, select_class, softmax_mse
+from lightning_modules.dcmt import MeanTeacherModule
+from networks.dcmt_subject import BiGRUAggregator
+from networks.dcmt import DCMTNet, FABlock, FAModule, bound_loss, normalized_mse, select_class, softmax_mse
 
 SIZE = 32
 
@@ -109,11 +109,11 @@ def test_attention_supervision_uses_labeled_slices_and_their_true_class():
         cams = module.student.cams(out.feature_map[:2])
         attention = module.student.refine(select_class(cams, true), (SIZE, SIZE))
         mask = batch["attention_mask"][:2]
-        want_mse, want_bound = normalised_mse(mask, attention), bound_loss(mask, attention, 5)
+        want_mse, want_bound = normalized_mse(mask, attention), bound_loss(mask, attention, 5)
         wrong = module.student.refine(select_class(cams, out.logits[:2].argmax(1)), (SIZE, SIZE))
     torch.testing.assert_close(terms["mse"], want_mse, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(terms["bound"], want_bound, rtol=1e-5, atol=1e-7)
-    assert abs(float(normalised_mse(mask, wrong)) - float(want_mse)) > 1e-4  # the class choice matters here
+    assert abs(float(normalized_mse(mask, wrong)) - float(want_mse)) > 1e-4  # the class choice matters here
     # the masks of unlabeled slices train nothing (DC-MT supervises attention on labeled slices only)
     poisoned = {k: v.clone() for k, v in batch.items()}
     poisoned["attention_mask"][2:] = 1.0 - poisoned["attention_mask"][2:]
@@ -163,7 +163,7 @@ def test_subject_logits_depend_on_skip_both_gru_directions_and_recurrent_readout
 
 
 def test_teacher_predicts_from_the_meanpool_prior_like_the_student():
-    from lightning_modules.subject_aggregation import SubjectAggregationModule
+    from lightning_modules.dcmt_subject import SubjectAggregationModule
 
     module = SubjectAggregationModule(_aggregator(), meanpool_prior=True).eval()
     features = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(4))

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.mean_teacher import MeanTeacherModule
+from lightning_modules.dcmt import MeanTeacherModule
 from networks.dcmt import DCMTNet
 
 START, T = 2, 4
@@ -109,7 +109,7 @@ def test_epoch_ramp_uses_the_one_based_epoch():
     assert logged == [pytest.approx(_omega(e), abs=1e-5) for e in (1, 2)]
 
 
-def test_step_ramp_uses_the_optimiser_step():
+def test_step_ramp_uses_the_optimizer_step():
     seen, _ = _fit("step", epochs=2)
     assert [t for _, t, _ in seen] == [0, 1, 2, 3]
     for _, step, terms in seen:

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from lightning_modules.retinanet import DetectionEvaluation
+from lightning_modules.stage_metrics import log_stage_metrics
 
 AP0 = {"map": 406 / 1010, "map_50": 56 / 101, "map_75": 34 / 101, "map_40": 84.25 / 101}
 AP1 = 1 / 3
@@ -62,7 +63,7 @@ def _batches() -> list[tuple[list[dict], dict]]:
 
 
 class _Recorder:
-    """Stands in for the LightningModule: keeps what ``DetectionEvaluation.log`` logs."""
+    """Stands in for the LightningModule: keeps what ``log_stage_metrics`` logs."""
 
     def __init__(self) -> None:
         self.logged: dict[str, float] = {}
@@ -72,11 +73,11 @@ class _Recorder:
 
 
 def test_map_values_match_the_hand_computed_case():
-    evaluation = DetectionEvaluation(num_classes=2)
+    evaluation = DetectionEvaluation(num_classes=2, class_names=["lesion", "nodule"])
     for detections, batch in _batches():  # two update calls: mAP is over the union of every batch
         evaluation.update(detections, batch, local_scores=torch.rand(len(detections), 2))
     module = _Recorder()
-    evaluation.log(module, "val", ["lesion", "nodule"])
+    log_stage_metrics(module, "val", evaluation)
     got = module.logged
     for key, ap0 in AP0.items():
         assert got[f"val/{key}"] == pytest.approx((ap0 + AP1) / 2, abs=1e-4), key

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from datamodules.manifest import DataError
-from datamodules.readers.slices import H5SliceReader, NiftiSliceReader, normalise_intensity
+from datamodules.readers.slices import H5SliceReader, NiftiSliceReader, normalize_intensity
 from datamodules.slice_dataset import SliceTransform
 from datamodules.slices import SliceStackDataModule
 from datamodules.subject_splits import split_subjects
@@ -68,12 +68,12 @@ def test_h5_and_nifti_layouts_agree(root):
         assert set(f) == {"image", "masks", "label"}
 
 
-def test_intensity_normalisation_clips_percentiles():
+def test_intensity_normalization_clips_percentiles():
     image = np.arange(10000, dtype=np.float32)
     image[0] = -1e6  # an outlier far below the 0.1 percentile
-    out = normalise_intensity(image)
+    out = normalize_intensity(image)
     assert out.min() == 0.0 and out.max() == 1.0 and out[5000] == pytest.approx(0.5, abs=0.01)
-    assert normalise_intensity(np.full((4, 4), 7.0)).max() == 0.0
+    assert normalize_intensity(np.full((4, 4), 7.0)).max() == 0.0
 
 
 def test_split_subjects_by_subject_and_label_ratio():

@@ -46,7 +46,7 @@ def _stage1_data(tmp_path: Path, fold_column: bool, **kwargs) -> SliceStackDataM
 
 
 def _export(tmp_path: Path, data: SliceStackDataModule) -> Path:
-    from lightning_modules.mean_teacher import MeanTeacherModule
+    from lightning_modules.dcmt import MeanTeacherModule
     from networks.dcmt import DCMTNet
 
     module = MeanTeacherModule(DCMTNet("test_resnet", num_classes=3, fa_channels=8, head_channels=8))
@@ -116,7 +116,7 @@ def test_val_fraction_zero_needs_the_explicit_flag(tmp_path):
 def test_no_validation_split_runs_without_validation_and_tests_the_last_epoch(tmp_path, capsys):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_modules.mean_teacher import MeanTeacherModule
+    from lightning_modules.dcmt import MeanTeacherModule
     from networks.dcmt import DCMTNet
 
     data = _stage1_data(tmp_path, fold_column=False, val_fraction=0.0, no_validation_split=True)
@@ -139,7 +139,7 @@ def test_no_validation_split_runs_without_validation_and_tests_the_last_epoch(tm
 
 def test_checkpoint_of_another_split_is_refused(tmp_path):
     """Predicting (exporting stage-2 roles) or testing with other split arguments than training is an error."""
-    from lightning_modules.mean_teacher import MeanTeacherModule
+    from lightning_modules.dcmt import MeanTeacherModule
     from networks.dcmt import DCMTNet
 
     module = MeanTeacherModule(DCMTNet("test_resnet", num_classes=3, fa_channels=8, head_channels=8))

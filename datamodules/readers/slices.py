@@ -77,10 +77,10 @@ class SliceTable:
         if not np.isfinite(image).all():  # NaN/inf would turn the percentile scaling into NaN everywhere
             raise DataError(f"{row['path']}: slice {row['image_id']} holds {int((~np.isfinite(image)).sum())} NaN or "
                             "infinite pixel(s); fix the file (medattn does not guess a fill value)")
-        return normalise_intensity(image), seg
+        return normalize_intensity(image), seg
 
 
-def normalise_intensity(image: np.ndarray, low: float = 0.1, high: float = 99.9) -> np.ndarray:
+def normalize_intensity(image: np.ndarray, low: float = 0.1, high: float = 99.9) -> np.ndarray:
     """Clip to the [low, high] percentiles and scale to [0, 1] (a constant slice becomes 0)."""
     image = np.asarray(image, np.float32)
     lo, hi = np.percentile(image, [low, high])

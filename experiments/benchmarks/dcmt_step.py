@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from experiments.benchmarks.common import (SameBatch, bare_steps, compare_and_write, fit_steps, named_configuration,
                                            parse_step_args, step_parser)
-from lightning_modules.mean_teacher import MeanTeacherModule
+from lightning_modules.dcmt import MeanTeacherModule
 from networks.dcmt import DCMTNet
 from networks.ema import ema_alpha, ema_update_
 

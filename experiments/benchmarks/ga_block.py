@@ -120,7 +120,7 @@ def time_case(case: str, variants: list[str], args) -> dict:
     return result
 
 
-def summarise(values: list[float]) -> dict:
+def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         timed = [v for v in args.variants if memory[v]["ok"]]
         res = time_case(case, timed, args) if timed else {"samples": {}}
         res["memory"] = memory
-        res["time"] = {v: summarise([s["ms"] for s in res["samples"][v]]) for v in timed}
+        res["time"] = {v: summarize([s["ms"] for s in res["samples"][v]]) for v in timed}
         results[case] = res
         print(case, {v: (round(res["time"][v]["median"]) if v in res["time"] else "OOM") for v in args.variants},
               {v: (round(memory[v]["peak_mb"]) if memory[v]["ok"] else "OOM") for v in args.variants}, flush=True)

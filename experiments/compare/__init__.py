@@ -50,7 +50,7 @@ import argparse
 import fnmatch
 from pathlib import Path
 
-from experiments.compare.aggregate import (CI_SUFFIXES, CLASSIFICATION, HEADLINE, LOCALISATION, _ci_columns, _is_ci,
+from experiments.compare.aggregate import (CI_SUFFIXES, CLASSIFICATION, HEADLINE, LOCALIZATION, _ci_columns, _is_ci,
                                            _order, aggregate, select_metrics)
 from experiments.compare.render import (format_cell, markdown, pair_differences, plot_bars, plot_labels, to_markdown,
                                         update_readme_section)
@@ -58,7 +58,7 @@ from experiments.compare.runs import (SKIP_DIRS, Run, _as_float, _logger_args, _
                                       default_monitor, find_runs, identify, load_csv_run, load_wandb_offline,
                                       load_wandb_online, parse_leet_records, run_values, runs_table)
 
-__all__ = ["CI_SUFFIXES", "CLASSIFICATION", "HEADLINE", "LOCALISATION", "SKIP_DIRS", "Run", "aggregate", "compare",
+__all__ = ["CI_SUFFIXES", "CLASSIFICATION", "HEADLINE", "LOCALIZATION", "SKIP_DIRS", "Run", "aggregate", "compare",
            "default_monitor", "find_runs", "format_cell", "identify", "load_csv_run", "load_wandb_offline",
            "load_wandb_online", "main", "markdown", "pair_differences", "parse_leet_records", "plot_bars",
            "plot_labels", "run_values", "runs_table", "select_metrics", "to_markdown", "update_readme_section",
@@ -92,7 +92,7 @@ def compare(runs: list[Run], out: Path, name: str = "results", metrics: list[str
         plot_bars(summary, chosen, written["png"])
         if summary["labels"].nunique() > 1:
             curves = [next((m for m in group if m in table and table[m].notna().any()), None)
-                      for group in (CLASSIFICATION, LOCALISATION)]
+                      for group in (CLASSIFICATION, LOCALIZATION)]
             curves = [m for m in curves if m]
             if curves:
                 written["labels_png"] = out / f"{name}_labels.png"

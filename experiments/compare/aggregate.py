@@ -13,7 +13,7 @@ HEADLINE = ("test/auroc", "test/accuracy", "test/f1", "test/loc/iou@0.3", "test/
             "test/mtiou", "test/tiou@0.5", "test/map", "test/map_40", "test/auroc_local", "test/dice", "test/hd95",
             "time/fit_s")
 CLASSIFICATION = ("test/auroc", "test/auroc_local", "test/dice", "test/accuracy")
-LOCALISATION = ("test/loc/iou@0.3", "test/loc/maxboxacc_v2", "test/mtiou", "test/map_40", "test/map", "test/hd95")
+LOCALIZATION = ("test/loc/iou@0.3", "test/loc/maxboxacc_v2", "test/mtiou", "test/map_40", "test/map", "test/hd95")
 
 
 CI_SUFFIXES = ("_ci_low", "_ci_high", "_ci_resamples")

@@ -13,7 +13,7 @@ import pandas as pd
 
 def prediction_metrics(frame: pd.DataFrame) -> dict[str, float]:
     """``test/{accuracy, precision, recall, specificity, f1}`` (micro accuracy, macro rest, torchmetrics, as
-    ``lightning_modules.magsd.classification_metrics``) of a single-label ``test_predictions.csv``
+    ``lightning_modules.magsd.magsd_metrics``) of a single-label ``test_predictions.csv``
     (``label/<class>`` one-hot, ``score/<class>``); images without a label are left out. ``{}`` if multilabel."""
     import torch
     from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_f1_score,

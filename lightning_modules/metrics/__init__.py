@@ -2,7 +2,7 @@
 attention region) and a multilabel AUROC that honours label masks and skips undefined classes."""
 
 from lightning_modules.metrics.attention_region import AttentionRegionAccuracy
-from lightning_modules.metrics.classification import MaskedMultilabelAUROC
+from lightning_modules.metrics.auroc import MaskedMultilabelAUROC
 from lightning_modules.metrics.localization import (
     CAM_THRESHOLDS,
     IOBB_THRESHOLDS,

@@ -3,7 +3,7 @@
 A single run's test AUROC is one draw: which patients happened to be in the test split matters as much as the
 seed. :func:`bootstrap_macro_auroc` resamples **patients** with replacement (all images of a drawn patient come
 along, as often as the patient is drawn), recomputes the macro AUROC under the project policy (mean over classes
-with a positive and a negative in the resample, :mod:`lightning_modules.metrics.classification`), and returns
+with a positive and a negative in the resample, :mod:`lightning_modules.metrics.auroc`), and returns
 the percentile interval. Resampling images instead would treat correlated images of one patient as independent
 and give a too-narrow interval.
 

@@ -21,7 +21,7 @@ Fixes of the reference's defects (dossier e), each deliberate:
 * **EMA by step.** :class:`callbacks.ema_teacher.EMATeacher` (added by :meth:`configure_callbacks`) uses
   α_t = min(1 − 1/(t + 1), decay) with t the global step, not the epoch (e.6). The teacher runs in eval mode
   (EMA'd BN statistics, no dropout; ``teacher_train_mode=True`` restores the reference's behaviour).
-* **Per-slice TIoU/TIoR** (:class:`lightning_modules.dcmt_metrics.MaskLocalisationRate`, e.7).
+* **Per-slice TIoU/TIoR** (:class:`lightning_modules.dcmt_metrics.MaskLocalizationRate`, e.7).
 * **Shared localisation metrics** at test time, as every classification method
   (:func:`lightning_modules.weak_localization.update_localization`): the heatmap of class k is the min-max
   normalised CAM M̂_k (the map DC-MT refines, before the soft threshold), on the slices with boxes or a real
@@ -43,17 +43,18 @@ from torch import nn
 
 from callbacks.ema_teacher import eval_model_names
 from lightning_modules.base import EMATeacherHooks, EvaluationHooks, MedAttnModule, default_optimizer
-from lightning_modules.classification import (log_metric_collection, masked_ce, prediction_targets,
-                                              record_test_predictions)
+from lightning_modules.classification_metrics import prediction_targets, record_test_predictions
 from lightning_modules.metrics import localization_metrics
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import TIOR_THRESHOLDS, TIOU_THRESHOLDS, SliceMetrics
 from lightning_modules.registry import register_method
-from lightning_modules.weak_localization import has_localization_targets, set_class_names, update_localization
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
+from lightning_modules.weak_localization import has_localization_targets, update_localization
 from lightning_modules.data_check import check_data_classes
 # the losses and ramps live with the network (networks.dcmt); the other names stay importable from here too
-from networks.dcmt import bound_loss, consistency_weights, normalise_cams, normalised_mse, select_class, softmax_mse
+from networks.dcmt import bound_loss, consistency_weights, normalize_cams, normalized_mse, select_class, softmax_mse
 from networks.ema import make_teacher
+from networks.masked_loss import masked_ce
 
 __all__ = ["MeanTeacherModule"]
 
@@ -106,8 +107,10 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
         self.teacher = make_teacher(net, train_mode=teacher_train_mode)
         k = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
-        self.metrics = nn.ModuleDict({f"{stage}_{name}": SliceMetrics(k, tiou_thresholds, tior_thresholds)
-                                      for stage in ("val", "test") for name in self.eval_names})
+        self.val_metrics, self.test_metrics = for_stages(lambda stage: nn.ModuleDict({  # one per evaluated network
+            name: SliceMetrics(k, tiou_thresholds, tior_thresholds, class_names=self.class_names,
+                               suffix="" if i == 0 else f"_{name}")
+            for i, name in enumerate(self.eval_names)}), "val", "test")
         self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
                                  for i, name in enumerate(self.eval_names)}
         self.test_localization = nn.ModuleDict({
@@ -118,8 +121,7 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_data_classes(self, self.student.num_classes)
-        for collection in self.test_localization.values():
-            set_class_names(collection, self.class_names)
+        set_class_names([self.val_metrics, self.test_metrics, self.test_localization], self.class_names)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.student(self.prepare_image(image))
@@ -158,7 +160,7 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
             sup = labeled & batch.get("has_attention_mask", torch.ones_like(labeled))
             attention = self.student.refine(select_class(cams_s[sup], target[sup]), size)
             mask = batch["attention_mask"][sup]
-            terms["mse"] = normalised_mse(mask, attention)
+            terms["mse"] = normalized_mse(mask, attention)
             terms["bound"] = bound_loss(mask, attention, len(labeled))
             total = total + hp.mse_weight * terms["mse"] + hp.bound_weight * terms["bound"]
         w_cls, w_att = self.consistency_weights()
@@ -174,7 +176,7 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
                 with torch.no_grad():
                     cams_t = self.teacher.cams(out_t.feature_map[unlabeled])
                     a_t = self.teacher.refine(select_class(cams_t, predicted), size)
-                terms["cons_att"] = normalised_mse(a_s, a_t)
+                terms["cons_att"] = normalized_mse(a_s, a_t)
                 total = total + w_att * terms["cons_att"]
         terms["total"] = total
         return terms
@@ -208,29 +210,27 @@ class MeanTeacherModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
                          batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
             if not bool(known.any()):
                 continue
-            metrics = self.metrics[f"{stage}_{name}"]
+            metrics = getattr(self, f"{stage}_metrics")[name]
             metrics.classification.update(out.logits[known].float().softmax(-1), target[known])
             if stage == "test":
                 record_test_predictions(self.test_predictions[name], batch, out.logits.detach().float().softmax(-1),
                                         prediction_targets("multiclass", batch["labels"], batch["label_mask"]))
                 if self.hparams.localization and has_localization_targets(batch):
-                    update_localization(self.test_localization[name], batch, normalise_cams(net.cams(out.feature_map)))
+                    update_localization(self.test_localization[name], batch, normalize_cams(net.cams(out.feature_map)))
             has_mask = known & batch.get("has_attention_mask", torch.ones_like(known))
             if bool(has_mask.any()):
                 cams = net.cams(out.feature_map[has_mask])
                 attention = net.refine(select_class(cams, target[has_mask]), image.shape[-2:])
-                metrics.localisation.update(attention >= self.hparams.cam_threshold,
+                metrics.localization.update(attention >= self.hparams.cam_threshold,
                                             batch["attention_mask"][has_mask] > 0.5, target[has_mask])
 
     def _log_metrics(self, stage: str) -> None:
-        for i, name in enumerate(self.eval_names):
-            suffix = "" if i == 0 else f"_{name}"
-            values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
-            self.log_dict(values, sync_dist=False)  # torchmetrics synchronised the states already
+        for name in self.eval_names:
+            log_stage_metrics(self, stage, getattr(self, f"{stage}_metrics")[name])
             if stage == "test":
                 self.test_predictions[name].finish(self, self.class_names)
                 if self.hparams.localization:  # NaN (nothing to score) is left out of the log
-                    log_metric_collection(self, self.test_localization[name], self.class_names, "test")
+                    log_stage_metrics(self, "test", self.test_localization[name], drop_nan=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """One pooled feature and the class probabilities per slice, with names (for stage 2)."""

@@ -28,13 +28,15 @@ from torch import nn
 
 from callbacks.ema_teacher import eval_model_names
 from lightning_modules.base import EMATeacherHooks, EvaluationHooks, MedAttnModule, default_optimizer
-from lightning_modules.classification import masked_ce, prediction_targets, record_test_predictions
+from lightning_modules.classification_metrics import prediction_targets, record_test_predictions
 from lightning_modules.metrics.bootstrap import TestPredictions
 from lightning_modules.dcmt_metrics import SubjectMetrics
 from lightning_modules.registry import register_method
+from lightning_modules.stage_metrics import for_stages, log_stage_metrics, set_class_names
 from lightning_modules.data_check import check_data_classes
 from networks.dcmt import softmax_mse, subject_consistency_weight  # the maths of both DC-MT stages
 from networks.ema import make_teacher
+from networks.masked_loss import masked_ce
 
 __all__ = ["SubjectAggregationModule"]
 
@@ -43,11 +45,11 @@ class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     """Mean-teacher subject classifier on :class:`datamodules.subject_features.SubjectFeatureDataModule` batches.
 
     Args:
-        net: the student aggregator, e.g. :class:`networks.aggregation.BiGRUAggregator`.
+        net: the student aggregator, e.g. :class:`networks.dcmt_subject.BiGRUAggregator`.
         class_names: per-class log keys (replaced by the DataModule's).
         consistency, consistency_start, consistency_rampup, ramp: ω(t) (1, 20, 100, ``"reference"``).
         ramp_unit: ``"epoch"`` (1-based, the reference) or ``"step"``.
-        ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.mean_teacher.MeanTeacherModule`.
+        ema_decay, teacher_train_mode, eval_model: as :class:`lightning_modules.dcmt.MeanTeacherModule`.
         meanpool_prior: add the log mean slice probability to the logits (see above); needs a ``classifier``
             layer on ``net`` (zero-initialised here) and ``mean_probabilities`` in the batches.
         optimizer, scheduler: see :class:`lightning_modules.base.MedAttnModule`.
@@ -70,14 +72,18 @@ class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
         self.teacher = make_teacher(net, train_mode=teacher_train_mode)
         k = net.num_classes
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(k)]
-        self.metrics = nn.ModuleDict({f"{stage}_{name}": SubjectMetrics(k)
-                                      for stage in ("val", "test") for name in (*self.eval_names, "meanpool")})
+        def subject_metrics(stage: str) -> nn.ModuleDict:  # one per evaluated network, and the mean-pooling baseline
+            nets = {name: SubjectMetrics(k, class_names=self.class_names, suffix="" if i == 0 else f"_{name}")
+                    for i, name in enumerate(self.eval_names)}
+            return nn.ModuleDict({**nets, "meanpool": SubjectMetrics(k, class_names=self.class_names, prefix="meanpool_")})
+        self.val_metrics, self.test_metrics = for_stages(subject_metrics, "val", "test")
         self.test_predictions = {name: TestPredictions(suffix="" if i == 0 else f"_{name}")
                                  for i, name in enumerate(self.eval_names)}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = check_data_classes(self, self.student.num_classes, what="aggregator")
+        set_class_names([self.val_metrics, self.test_metrics], self.class_names)
         if dm is not None:
             expected = getattr(self.student, "in_features", None)
             if hasattr(dm, "num_features") and expected is not None and dm.num_features != expected:
@@ -127,29 +133,25 @@ class SubjectAggregationModule(EMATeacherHooks, EvaluationHooks, MedAttnModule):
     def _evaluate(self, batch: dict, stage: str) -> None:
         known = batch["label_mask"].any(1)
         target = batch["labels"].argmax(1)
+        metrics = getattr(self, f"{stage}_metrics")
         for i, name in enumerate(self.eval_names):
             logits = self._logits(getattr(self, name), batch["features"], batch.get("mean_probabilities"))
             if i == 0:
                 self.log(f"{stage}/loss", masked_ce(logits, batch["labels"], batch["label_mask"]),
                          batch_size=int(known.sum().clamp_min(1)), sync_dist=True)
             if bool(known.any()):
-                self.metrics[f"{stage}_{name}"].update(logits[known].float().softmax(-1), target[known])
+                metrics[name].update(logits[known].float().softmax(-1), target[known])
             if stage == "test":
                 record_test_predictions(self.test_predictions[name], batch, logits.detach().float().softmax(-1),
                                         prediction_targets("multiclass", batch["labels"], batch["label_mask"]))
         if bool(known.any()):
-            self.metrics[f"{stage}_meanpool"].update(batch["mean_probabilities"][known].float(), target[known])
+            metrics["meanpool"].update(batch["mean_probabilities"][known].float(), target[known])
 
     def _log_metrics(self, stage: str) -> None:
-        for i, name in enumerate((*self.eval_names, "meanpool")):
-            if name == "meanpool":
-                values = self.metrics[f"{stage}_meanpool"].compute(f"{stage}/meanpool_", self.class_names)
-            else:
-                suffix = "" if i == 0 else f"_{name}"
-                values = self.metrics[f"{stage}_{name}"].compute(f"{stage}/", self.class_names, suffix)
-                if stage == "test":
-                    self.test_predictions[name].finish(self, self.class_names)
-            self.log_dict(values, sync_dist=False)
+        for name, metrics in getattr(self, f"{stage}_metrics").items():
+            log_stage_metrics(self, stage, metrics)
+            if stage == "test" and name in self.test_predictions:
+                self.test_predictions[name].finish(self, self.class_names)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         net = getattr(self, self.eval_names[-1])

@@ -1,38 +1,21 @@
-"""Shared image-classification logic: masked losses and per-stage AUROC metrics.
+"""Per-stage classification metrics of the image classifiers: the metric collection, its targets (unknown
+labels become ``IGNORE``), the scores it is fed, and the rows of ``test_predictions.csv``.
 
-AUROC follows the project policy (:mod:`lightning_modules.metrics.classification`): the macro mean over classes
+AUROC follows the project policy (:mod:`lightning_modules.metrics.auroc`): the macro mean over classes
 with both positives and negatives in the evaluated set; ``<stage>/auroc_classes`` says how many entered it.
 
-Multilabel: binary cross-entropy over the known entries only (``label_mask``), so CheXpert U-Ignore entries
-and unlabeled images contribute nothing. Multiclass: cross-entropy over images whose label is known.
+The masked losses that go with these targets are maths: :mod:`networks.masked_loss`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.metrics.classification import DefinedMulticlassAUROC, MaskedMultilabelAUROC
+from lightning_modules.metrics.auroc import DefinedMulticlassAUROC, MaskedMultilabelAUROC
 
 IGNORE = -1
-
-
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean BCE over known entries; exactly 0 (with a gradient path) when nothing is known."""
-    losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight, reduction="none")
-    mask = label_mask.float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over images with a known one-hot label; 0 when none is known."""
-    known = label_mask.any(dim=1)
-    if not bool(known.any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits[known].float(), labels[known].argmax(dim=1))
 
 
 def classification_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> MetricCollection:
@@ -74,30 +57,3 @@ def record_test_predictions(recorder, batch: dict, scores: torch.Tensor, targets
 
 def metric_scores(task: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float()) if task == "multilabel" else torch.softmax(logits.float(), dim=1)
-
-
-def stage_metrics(task: str, num_classes: int, class_names: list[str] | None = None) -> dict[str, MetricCollection]:
-    """``{"train": ..., "val": ..., "test": ...}`` collections whose keys read ``val/auroc``; assign them to
-    ``self.train_metrics`` / ``self.val_metrics`` / ``self.test_metrics`` (lightning-hydra-template style)."""
-    base = classification_metrics(task, num_classes, class_names)
-    return {stage: base.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
-
-
-def log_metric_collection(module, collection, class_names: list[str], stage: str) -> None:
-    """Compute, log and reset a metric (collection).
-
-    Keys are prefixed ``stage/`` unless they already are; vector values are logged per class as
-    ``<key>/<class>``; NaN scalars (e.g. a metric with nothing to evaluate) are dropped. torchmetrics has already
-    synchronised the states across ranks in ``compute()``, so no further ``sync_dist`` is needed.
-    """
-    flat = {}
-    for key, value in collection.compute().items():
-        key = key if key.startswith(f"{stage}/") else f"{stage}/{key}"
-        if value.numel() == 1:
-            if not torch.isnan(value):
-                flat[key] = value
-        else:
-            for name, item in zip(class_names, value):
-                flat[f"{key}/{name}"] = item
-    module.log_dict(flat, sync_dist=False)
-    collection.reset()

@@ -12,9 +12,9 @@ from callbacks.feature_export import SliceFeatureWriter
 from datamodules.manifest import DataError
 from datamodules.subject_features import SubjectFeatureDataModule, read_slice_features
 from lightning_modules.dcmt_metrics import SubjectMetrics
-from lightning_modules.subject_aggregation import SubjectAggregationModule
+from lightning_modules.dcmt_subject import SubjectAggregationModule
 from lightning_modules.tiny import write_tiny_features
-from networks.aggregation import BiGRUAggregator, center_crop_or_pad
+from networks.dcmt_subject import BiGRUAggregator, center_crop_or_pad
 from networks.dcmt import subject_consistency_weight
 
 
@@ -60,16 +60,16 @@ def test_stage2_ramp_oracles():
 
 
 def test_subject_metrics_oracle():
-    metric = SubjectMetrics(3)
+    metric = SubjectMetrics(3, class_names=["a", "b", "c"])
     target = torch.tensor([0, 0, 1, 2])
     pred = torch.tensor([0, 1, 1, 2])
     metric.update(torch.eye(3)[pred] * 0.9 + 0.1 / 3, target)
-    out = metric.compute("val/", ["a", "b", "c"])
+    out = metric.compute()
     # class a: TP1 FN1 TN2 FP0; class b: TP1 FP1 TN2 FN0; class c: perfect
-    assert out["val/sensitivity/a"] == pytest.approx(0.5) and out["val/specificity/b"] == pytest.approx(2 / 3)
-    assert out["val/accuracy/a"] == pytest.approx(0.75) and out["val/f1/b"] == pytest.approx(2 / 3)
-    assert out["val/sensitivity"] == pytest.approx((0.5 + 1 + 1) / 3)
-    assert out["val/auroc/c"] == pytest.approx(1.0)
+    assert out["sensitivity/a"] == pytest.approx(0.5) and out["specificity/b"] == pytest.approx(2 / 3)
+    assert out["accuracy/a"] == pytest.approx(0.75) and out["f1/b"] == pytest.approx(2 / 3)
+    assert out["sensitivity"] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert out["auroc/c"] == pytest.approx(1.0)
 
 
 def test_feature_export_roundtrip(tmp_path):

@@ -40,7 +40,7 @@ def two_peaks() -> torch.Tensor:
     return hm
 
 
-def test_maxboxacc_normalised_vs_raw_hand_case():
+def test_maxboxacc_normalized_vs_raw_hand_case():
     labels = [torch.tensor([0]), torch.tensor([0])]
     norm, raw = MaxBoxAccV2(1), MaxBoxAccV2(1, normalize=False)
     norm.update(two_peaks(), GT, labels)
@@ -57,7 +57,7 @@ def test_maxboxacc_normalised_vs_raw_hand_case():
     assert "maxboxacc_v2_raw" not in n and "maxboxacc_v2" not in r
 
 
-def test_normalisation_uses_the_valid_region_and_zeroes_constant_maps():
+def test_normalization_uses_the_valid_region_and_zeroes_constant_maps():
     from lightning_modules.metrics import normalize_heatmaps
 
     hm = torch.tensor([[[[0.2, 0.4, 0.0], [0.3, 0.9, 0.0]]], [[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]]])
@@ -78,7 +78,7 @@ def pxap_case() -> tuple[torch.Tensor, torch.Tensor]:
     return hm, mask
 
 
-def test_pxap_normalised_vs_raw_hand_case():
+def test_pxap_normalized_vs_raw_hand_case():
     hm, mask = pxap_case()
     norm, raw = PixelAP(), PixelAP(normalize=False)
     norm.update(hm, mask)
@@ -122,7 +122,7 @@ def test_pxap_scores_only_the_region_and_images_with_a_class():
     assert float(m.compute()) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_pxap_normalises_each_class_before_the_max():
+def test_pxap_normalizes_each_class_before_the_max():
     """Lesion = pixel 0; class 0 map [0.2, 0, 0.1, 0], class 1 map [0, 0.9, 0, 0.3], both classes positive.
     Each class normalised, then the max: [1, 1, 0.5, 0.33]; at τ = 1 the lesion ties with one negative: AP ½.
     The max of the raw maps, [0.2, 0.9, 0.1, 0.3], ranks two negatives above the lesion: AP ⅓ (the raw reading,
@@ -178,7 +178,7 @@ class _CAMStub(_PCAMStub):
         return self.maps
 
 
-def test_pcam_and_cam_baseline_share_the_normalisation():
+def test_pcam_and_cam_baseline_share_the_normalization():
     hm = two_peaks()
     outs = []
     names = ["x", "y"]
@@ -194,7 +194,7 @@ def test_pcam_and_cam_baseline_share_the_normalisation():
     assert out["test/loc/iou@0.1"] == 0.0 and out["test/loc/iobb@0.9"] == 0.5
 
 
-def test_update_localization_normalises_over_the_letterbox_region():
+def test_update_localization_normalizes_over_the_letterbox_region():
     """The letterbox padding (right half, zero) must not enter the min: a map 0.5 on the left half except a
     0.9 square on the GT box normalises to 0 / 1, so the box is found at every τ; taking the min over the
     padding (0) would leave 0.5/0.9 = 0.56 on the left half and lose the box for τ < 0.56."""
