@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.batch_augment import BatchAugment
 from datamodules.cxr import CXRDataModule
 from datamodules.manifest import DataError, Manifest
 from datamodules.prepared import META_NAME, PreparedCXRDataset, prepare, read_meta, stored_settings
 from datamodules.synthetic import SyntheticCXR
+from datamodules.transforms import CXRTransform
 from experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +129,8 @@ def test_train_masks_false_and_unnormalised_samples_for_the_batch_augmentation(p
     raw = PreparedCXRDataset(prepared, fast.splits["train"], fast.manifest.records["image_id"].iloc[fast.splits["train"]],
                              1, fast._transform(train=False), raw=True)[0]
     normalised = fast.train_dataloader().dataset[0]
-    assert "image_teacher" not in raw and 0 <= raw["image"].min() and raw["image"].max() <= 1
-    assert torch.allclose((raw["image"] - 0.5) / 0.25, normalised["image"])  # CXRTransform's default mean, std
+    assert "image_teacher" not in raw and raw["image"].dtype == raw["mask"].dtype == torch.uint8
+    assert torch.allclose((raw["image"] / 255 - 0.5) / 0.25, normalised["image"])  # CXRTransform's default mean, std
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -138,9 +140,18 @@ def test_batch_path_gets_the_same_unnormalised_samples_prepared_or_not(prepared,
     also with augmentation off (it once yielded normalised samples there, which the hook normalised a second time)."""
     plain = _module(reader, augment=augment, augment_on="batch")
     fast = _module(reader, augment=augment, augment_on="batch", prepared=str(prepared))
-    assert _assert_same_batches(plain.train_dataloader(), fast.train_dataloader()) > 0
     batch = next(iter(fast.train_dataloader()))
-    assert 0 <= batch["image"].min() and batch["image"].max() <= 1 and batch["image"].max() > 0.5
+    # the prepared folder ships uint8 (a quarter of the bytes between worker processes); BatchAugment converts
+    assert batch["image"].dtype == batch["mask"].dtype == torch.uint8 and batch["image"].max() > 128
+    as_unit = ({k: (v.float() / 255 if k == "image" else v.float()) if k in ("image", "mask", "attention_mask") else v
+                for k, v in b.items()} for b in fast.train_dataloader())
+    assert _assert_same_batches(plain.train_dataloader(), as_unit) > 0
+    # and the device-side hook gives the same augmented batch from either
+    plain_batch, fast_batch = next(iter(plain.train_dataloader())), batch
+    augment_ = BatchAugment.from_transform(CXRTransform(SIZE, train=augment, two_views=True))
+    a = augment_(plain_batch, torch.Generator().manual_seed(0))
+    b = augment_(fast_batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
 def test_training_augmentation_needs_the_batch_path(prepared, reader):
