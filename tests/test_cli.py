@@ -49,7 +49,9 @@ def test_every_fragment_composes_with_an_experiment(path, capsys):
 
 
 def test_fragments_compose_to_the_complete_cam_baseline(capsys):
-    fragments = [EXPERIMENTS / "configs" / f for f in ("trainer/cpu.yaml", "model/cam_baseline.yaml", "data/synthetic.yaml")]
+    # the complete config runs the CPU preset, an overlay that goes after the model it sets channels_last on
+    fragments = [EXPERIMENTS / "configs" / f
+                 for f in ("trainer/cpu.yaml", "model/cam_baseline.yaml", "data/synthetic.yaml", "trainer/cpu_fast.yaml")]
     composed = _print_config(["fit"] + sum((["-c", str(f)] for f in fragments), []), capsys)
     complete = _print_config(["fit", "-c", str(BASE)], capsys)
     assert composed["model"] == complete["model"] and composed["data"] == complete["data"]
