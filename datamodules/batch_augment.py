@@ -48,12 +48,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.apps.detection.transforms.dictionary import ClipBoxToImaged, RandFlipBoxd, RandZoomBoxd
 from monai.transforms import RandAdjustContrast, RandGaussianNoise, RandScaleIntensity
 
+from datamodules.dataset import hashed_seed
 from datamodules.transforms import MASK_KEYS, CXRTransform, column_standardize
 
 # The application probabilities of CXRTransform's photometric transforms (from_transform checks they still are).
@@ -67,8 +67,7 @@ def batch_seed(base: Sequence[int], epoch: int, batch_index: int) -> int:
     seed, rank) and the batch's ``(epoch, index in the epoch)``. The batch-path analogue of
     ``datamodules.dataset.sample_seed``: ranks draw different parameters, a resumed run draws the uninterrupted
     run's, and neither depends on loader workers."""
-    entropy = [int(v) % (2**32) for v in (*base, epoch, batch_index)] + [_SEED_TAG]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return hashed_seed(*base, epoch, batch_index, _SEED_TAG)
 
 
 class BatchAugment(torch.nn.Module):

@@ -59,12 +59,16 @@ def run_seed() -> int:
         return 0
 
 
+def hashed_seed(*values: int) -> int:
+    """A 32-bit seed hashed (``numpy.random.SeedSequence``) from integers: different tuples give independent streams."""
+    return int(np.random.SeedSequence([int(v) % (2**32) for v in values]).generate_state(1)[0])
+
+
 def sample_seed(base: Sequence[int], item) -> int:
-    """Seed of one sample's augmentation: a hash (``numpy.random.SeedSequence``) of ``base`` (data seed, run seed,
-    rank) and the sample's ``(epoch, position, index)``; independent streams for different keys."""
+    """Seed of one sample's augmentation: a hash of ``base`` (data seed, run seed, rank) and the sample's
+    ``(epoch, position, index)``; independent streams for different keys."""
     index, epoch, position = split_key(item)
-    entropy = [int(v) % (2**32) for v in (*base, epoch, position, index)]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return hashed_seed(*base, epoch, position, index)
 
 
 class CXRDataset(Dataset):
